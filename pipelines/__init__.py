@@ -1,0 +1,1 @@
+"""The jobs. Each runs as `python -m pipelines.<job>`, also under `ray job submit --working-dir .`."""
