@@ -1,0 +1,86 @@
+import random
+
+import pytest
+import torch
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Replaces every floating tensor of `module` with seeded random values, so that no zero-initialised
+    gate (GRN, Stage A gammas, output heads) hides a difference. Output heads get a smaller std to keep
+    the (x - a) / b parameterisation well conditioned, BatchNorm variances stay positive."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if key.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
+            elif key.startswith(("out.", "clf.")):
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+    return module
+
+
+def random_stage_c_kwargs(seed: int) -> dict:
+    rng = random.Random(seed)
+    nhead = rng.choice([1, 2, 3, 4])
+    return dict(
+        c_in=rng.choice([4, 8, 16]),
+        c=nhead * rng.choice([8, 12, 16]),
+        c_cond=rng.choice([12, 24, 40]),
+        c_r=rng.choice([32, 63, 64]),  # 63: the odd width is zero-padded
+        depth=rng.randint(1, 3),
+        nhead=nhead,
+        dropout=rng.choice([0.0, 0.1, 0.3]),
+    )
+
+
+def random_stage_b_kwargs(seed: int) -> dict:
+    rng = random.Random(seed)
+    levels = rng.randint(2, 4)
+    c_hidden, nhead, level_config = [], [], []
+    for i in range(levels):
+        heads = rng.choice([1, 2, 4])
+        c_hidden.append(heads * rng.choice([4, 8]) * (i + 1))
+        config = rng.choice(["CT", "CTA", "CA", "CAT"]) if i > 0 else rng.choice(["C", "CT"])
+        level_config.append(config)
+        nhead.append(heads if "A" in config else -1)
+    inject = [False] + [rng.random() < 0.7 for _ in range(levels - 1)]
+    return dict(
+        c_in=4,
+        c_out=4,  # the head computes (x - a) / b, so c_out must equal c_in
+        c_r=rng.choice([32, 64]),
+        patch_size=rng.choice([1, 2]),
+        c_cond=rng.choice([16, 24]),
+        c_hidden=c_hidden,
+        nhead=nhead,
+        blocks=[rng.randint(1, 2) for _ in range(levels)],
+        level_config=level_config,
+        inject_effnet=inject,
+        effnet_embd=rng.choice([8, 16]),
+        clip_embd=rng.choice([12, 20]),
+        kernel_size=rng.choice([3, 5]),
+        dropout=0.1,
+    )
+
+
+def random_stage_a_kwargs(seed: int) -> dict:
+    rng = random.Random(seed)
+    levels = rng.randint(1, 3)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        up_down_scale_factor=rng.choice([1, 2]),
+        levels=levels,
+        bottleneck_blocks=rng.randint(1, 3),
+        embed_dim=rng.choice([16, 24, 32]) * 2**levels // 2,
+        latent_channels=rng.choice([4, 6]),
+        num_vq_embeddings=rng.choice([32, 100]),
+        scale_factor=rng.choice([0.3764, 0.5]),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
