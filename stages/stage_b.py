@@ -153,6 +153,29 @@ class StageB(PretrainedModel):
             nn.PixelShuffle(cfg.patch_size),
         )
         self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The original training's init (as diffusers' class does it): xavier-uniform with zero bias,
+        conditioning mappers N(0, 0.02), a zero output conv, each ResBlock's last Linear scaled by
+        sqrt(1 / sum(blocks)), zero TimestepBlocks. Loaded checkpoints overwrite all of it."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for mapper in self.effnet_mappers:
+            if mapper is not None:
+                nn.init.normal_(mapper.weight, std=0.02)
+        nn.init.normal_(self.clip_mapper.weight, std=0.02)
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
+        nn.init.zeros_(self.clf[1].weight)
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            for block in level:
+                if isinstance(block, ResBlockStageB):
+                    block.channelwise[-1].weight.data *= (1 / sum(self.config.blocks)) ** 0.5
+                elif isinstance(block, TimestepBlock):
+                    nn.init.zeros_(block.mapper.weight)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward instead of keeping them."""

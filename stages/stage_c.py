@@ -51,6 +51,28 @@ class StageC(PretrainedModel):
             self.blocks.append(AttnBlock(c, c, config.nhead, self_attn=True, dropout=config.dropout))
         self.out = nn.Sequential(LayerNorm2d(c), nn.Conv2d(c, config.c_in * 2, kernel_size=1))
         self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        self._init_output_and_gates()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _init_output_and_gates(self) -> None:
+        """The original training's init: conditioning mappers N(0, 0.02), a zero output conv (so the
+        untrained model predicts eps = x), each ResBlock's last Linear scaled by sqrt(1 / depth), and
+        zero TimestepBlocks. Loaded checkpoints overwrite all of it."""
+        nn.init.normal_(self.cond_mapper[0].weight, std=0.02)
+        nn.init.normal_(self.cond_mapper[-1].weight, std=0.02)
+        nn.init.zeros_(self.out[-1].weight)
+        for block in self.blocks:
+            if isinstance(block, ResBlock):
+                block.channelwise[-1].weight.data *= (1 / self.config.depth) ** 0.5
+            elif isinstance(block, TimestepBlock):
+                nn.init.zeros_(block.mapper.weight)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward instead of keeping them."""
