@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.blocks import LAYER_NORM_EPS
+from stages.latents import STAGE_A_SCALE_FACTOR
 from stages.pretrained import PretrainedModel
 
 # Commitment weight of the quantizer loss (diffusers VectorQuantizer beta, original Paella VQGAN).
@@ -28,7 +29,7 @@ class StageAConfig:
     embed_dim: int = 384
     latent_channels: int = 4
     num_vq_embeddings: int = 8192
-    scale_factor: float = 0.3764  # Stage B space = encoder output / scale_factor
+    scale_factor: float = STAGE_A_SCALE_FACTOR  # Stage B space = encoder output / scale_factor
 
 
 class MixingResidualBlock(nn.Module):

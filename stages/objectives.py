@@ -1,0 +1,132 @@
+"""The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents.
+
+Each takes the model and a batch of cached tensors and returns the scalar loss. Pass `t` and `noise`
+to evaluate deterministically (validation on a fixed grid of t with fixed noise): conditioning
+dropout is then off.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from stages.diffusion import add_noise, p2_loss_weight, sample_t
+from stages.latents import STAGE_A_SCALE_FACTOR, semantic_to_stage_c, stage_a_to_stage_b
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCObjective:
+    # Caption dropout to the encoded empty prompt, for classifier-free guidance. The original drops
+    # the whole batch's captions with p = 0.05 ("batch"); StableCascade drops each sample ("sample").
+    caption_dropout: float = 0.05
+    caption_dropout_mode: str = "batch"
+    t_sampling: str = "original"  # or "uniform"
+    p2_weighting: bool = True
+
+    def __post_init__(self):
+        _check_probability("caption_dropout", self.caption_dropout)
+        if self.caption_dropout_mode not in ("batch", "sample"):
+            raise ValueError(f"caption_dropout_mode must be 'batch' or 'sample', got {self.caption_dropout_mode!r}")
+        sample_t(1, self.t_sampling)  # validates the mode
+
+
+@dataclasses.dataclass(frozen=True)
+class StageBObjective:
+    # Semantic-condition dropout to zeros (the decoder pipeline's unconditional input is zeros).
+    effnet_dropout: float = 0.1
+    t_sampling: str = "original"
+    p2_weighting: bool = True
+    scale_factor: float = STAGE_A_SCALE_FACTOR
+
+    def __post_init__(self):
+        _check_probability("effnet_dropout", self.effnet_dropout)
+        sample_t(1, self.t_sampling)
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def _noise_and_t(x0: torch.Tensor, mode: str, t, noise, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if t is None:
+        t = sample_t(x0.shape[0], mode, generator=generator, device="cpu").to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
+    return t.to(x0.device), noise.to(x0.device, x0.dtype)
+
+
+def weighted_mse(eps_pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, p2_weighting: bool) -> torch.Tensor:
+    """Per-sample MSE over (C, H, W), times the p2 weight 1 - alpha_bar(t), averaged over the batch."""
+    per_sample = (eps_pred.float() - noise.float()).pow(2).mean(dim=tuple(range(1, noise.ndim)))
+    if p2_weighting:
+        per_sample = per_sample * p2_loss_weight(t).to(per_sample.device)
+    return per_sample.mean()
+
+
+def drop_captions(
+    text: torch.Tensor, empty_text: torch.Tensor, rate: float, mode: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replaces captions by the encoded empty prompt: all of them with probability `rate` ("batch"),
+    or each one with probability `rate` ("sample")."""
+    if rate <= 0.0:
+        return text
+    b = text.shape[0]
+    if mode == "batch":
+        drop = (torch.rand(1, generator=generator) < rate).expand(b)
+    else:
+        drop = torch.rand(b, generator=generator) < rate
+    drop = drop.to(text.device).view(b, *([1] * (text.ndim - 1)))
+    return torch.where(drop, empty_text.to(text.dtype).expand_as(text), text)
+
+
+def stage_c_loss(
+    model: nn.Module,
+    semantic: torch.Tensor,
+    text: torch.Tensor,
+    empty_text: torch.Tensor | None = None,
+    objective: StageCObjective = StageCObjective(),
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage C: predict the noise on z_C = (e + 1) / 42 given the text tokens.
+
+    semantic: the semantic compressor's output e (B, 16, h, w); text: (B, 77, c_cond);
+    empty_text: the encoded "" prompt (1, 77, c_cond), needed when captions are dropped.
+    """
+    deterministic = t is not None or noise is not None
+    z_c = semantic_to_stage_c(semantic.float())
+    t, noise = _noise_and_t(z_c, objective.t_sampling, t, noise, generator)
+    if not deterministic and objective.caption_dropout > 0:
+        if empty_text is None:
+            raise ValueError("caption dropout needs the encoded empty prompt (empty_text)")
+        text = drop_captions(text, empty_text, objective.caption_dropout, objective.caption_dropout_mode, generator)
+    eps = model(add_noise(z_c, noise, t), t, text)
+    return weighted_mse(eps, noise, t, objective.p2_weighting)
+
+
+def stage_b_loss(
+    model: nn.Module,
+    stage_a_latents: torch.Tensor,
+    semantic: torch.Tensor,
+    text: torch.Tensor,
+    objective: StageBObjective = StageBObjective(),
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage B: predict the noise on z_B = h / 0.3764 given e and the text tokens.
+
+    stage_a_latents: Stage A's encoder output h (B, 4, H, W), unquantized; semantic: e (B, 16, h, w);
+    text: (B, 77, clip_embd).
+    """
+    deterministic = t is not None or noise is not None
+    z_b = stage_a_to_stage_b(stage_a_latents.float(), objective.scale_factor)
+    t, noise = _noise_and_t(z_b, objective.t_sampling, t, noise, generator)
+    semantic = semantic.float()
+    if not deterministic and objective.effnet_dropout > 0:
+        keep = torch.rand(semantic.shape[0], generator=generator) >= objective.effnet_dropout
+        semantic = semantic * keep.to(semantic.device, semantic.dtype).view(-1, 1, 1, 1)
+    eps = model(add_noise(z_b, noise, t), t, semantic, text)
+    return weighted_mse(eps, noise, t, objective.p2_weighting)
