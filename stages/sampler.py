@@ -1,0 +1,241 @@
+"""Text -> image: prompts -> Stage C latents -> Stage B latents -> Stage A image in [0, 1].
+
+The same computation, random draws included, as diffusers' Würstchen prior, decoder and combined
+pipelines: given the same generator, both produce the same images.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.diffusion import (
+    DEFAULT_STAGE_C_TIMESTEPS,
+    check_timesteps,
+    classifier_free_guidance,
+    ddpm_step,
+    uniform_timesteps,
+    uses_guidance,
+)
+from stages.latents import (
+    LATENT_DIM_SCALE,
+    RESOLUTION_MULTIPLE,
+    check_image_size,
+    stage_b_latent_size,
+    stage_b_to_stage_a,
+    stage_c_latent_size,
+    stage_c_to_semantic,
+)
+from stages.stage_a import StageA
+from stages.stage_b import StageB
+from stages.stage_c import StageC
+from stages.text_encoders import ClipTextEncoder
+
+# Defaults of the public recipe (diffusers' docs): prior on DEFAULT_STAGE_C_TIMESTEPS with guidance 4,
+# decoder 12 uniform steps without guidance.
+PRIOR_GUIDANCE = 4.0
+DECODER_STEPS = 12
+DECODER_GUIDANCE = 0.0
+OUTPUTS = ("image", "semantic", "stage_b")
+
+
+def _grid(steps: int | None, timesteps: Sequence[float] | None, default: Sequence[float] | None) -> torch.Tensor:
+    if steps is not None and timesteps is not None:
+        raise ValueError("give either a number of steps or explicit timesteps, not both")
+    if timesteps is not None:
+        grid = check_timesteps(timesteps)
+    elif steps is not None:
+        grid = uniform_timesteps(steps)
+    else:
+        grid = list(default)
+    return torch.tensor(grid, dtype=torch.float32)
+
+
+def _generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    if isinstance(generator, int):
+        return torch.Generator(device="cpu").manual_seed(generator)
+    return generator
+
+
+def _randn(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Drawn on the generator's device (CPU for a seed), then moved: the same numbers on every device.
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class WuerstchenSampler:
+    """Holds the stages and their text encoders; Stage B, Stage A and the decoder's text encoder are
+    optional when only Stage C latents are wanted."""
+
+    def __init__(
+        self,
+        stage_c: StageC,
+        text_encoder_c: ClipTextEncoder,
+        stage_b: StageB | None = None,
+        text_encoder_b: ClipTextEncoder | None = None,
+        stage_a: StageA | None = None,
+        resolution_multiple: float = RESOLUTION_MULTIPLE,
+        latent_dim_scale: float = LATENT_DIM_SCALE,
+    ):
+        if text_encoder_c.width != stage_c.config.c_cond:
+            raise ValueError(
+                f"Stage C takes text tokens of width c_cond={stage_c.config.c_cond}; its text encoder gives {text_encoder_c.width}"
+            )
+        if stage_b is not None and text_encoder_b is not None and text_encoder_b.width != stage_b.config.clip_embd:
+            raise ValueError(
+                f"Stage B takes text tokens of width clip_embd={stage_b.config.clip_embd}; its text encoder gives {text_encoder_b.width}"
+            )
+        self.stage_c, self.text_encoder_c = stage_c, text_encoder_c
+        self.stage_b, self.text_encoder_b, self.stage_a = stage_b, text_encoder_b, stage_a
+        self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
+
+    @property
+    def has_decoder(self) -> bool:
+        return None not in (self.stage_b, self.text_encoder_b, self.stage_a)
+
+    def _text(self, encoder: ClipTextEncoder, prompts: list[str], negative: list[str] | None, guided: bool):
+        cond = encoder.encode(prompts)
+        if not guided:
+            return cond
+        uncond = encoder.encode(negative if negative is not None else [""] * len(prompts))
+        return torch.cat([cond, uncond])
+
+    def _denoise(self, model_call, latents, grid, guidance, generator, progress, desc):
+        guided = uses_guidance(guidance)
+        for t, t_prev in tqdm(list(zip(grid[:-1], grid[1:])), desc=desc, disable=not progress, leave=False):
+            r = t.expand(latents.shape[0]).to(latents.device, latents.dtype)
+            eps = model_call(torch.cat([latents] * 2) if guided else latents, torch.cat([r] * 2) if guided else r)
+            if guided:
+                eps_cond, eps_uncond = eps.chunk(2)
+                eps = classifier_free_guidance(eps_cond, eps_uncond, guidance)
+            noise = _randn(eps.shape, generator, eps.device, eps.dtype)  # drawn at every step, as diffusers does
+            latents = ddpm_step(eps, r, t_prev.expand(latents.shape[0]).to(r), latents, noise)
+        return latents
+
+    @torch.no_grad()
+    def sample_stage_c(
+        self,
+        prompts: list[str],
+        height: int = 1024,
+        width: int = 1024,
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance: float = PRIOR_GUIDANCE,
+        negative_prompts: list[str] | None = None,
+        generator: torch.Generator | int | None = None,
+        latents: torch.Tensor | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Semantic latents e = 42 z_C - 1 (B, 16, ceil(H/42.67), ceil(W/42.67)): what Stage B takes."""
+        prompts = _prompt_list(prompts)
+        check_image_size(height, width)
+        generator = _generator(generator)
+        device = next(self.stage_c.parameters()).device
+        guided = uses_guidance(guidance)
+        text = self._text(self.text_encoder_c, prompts, _prompt_list(negative_prompts, len(prompts)), guided)
+        text = text.to(device)
+        shape = (len(prompts), self.stage_c.config.c_in, *stage_c_latent_size(height, width, self.resolution_multiple))
+        latents = _initial(latents, shape, generator, device, text.dtype)
+        grid = _grid(steps, timesteps, DEFAULT_STAGE_C_TIMESTEPS).to(device)
+        z_c = self._denoise(lambda x, r: self.stage_c(x, r, text), latents, grid, guidance, generator, progress, "Stage C")
+        return stage_c_to_semantic(z_c)
+
+    @torch.no_grad()
+    def sample_stage_b(
+        self,
+        semantic: torch.Tensor,
+        prompts: list[str],
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance: float = DECODER_GUIDANCE,
+        negative_prompts: list[str] | None = None,
+        generator: torch.Generator | int | None = None,
+        latents: torch.Tensor | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Stage B latents z_B (B, 4, int(h 10.67), int(w 10.67)) for semantic latents e."""
+        if self.stage_b is None or self.text_encoder_b is None:
+            raise ValueError("this sampler has no Stage B (decoder) or no decoder text encoder")
+        prompts = _prompt_list(prompts)
+        if semantic.shape[0] != len(prompts):
+            raise ValueError(f"{semantic.shape[0]} semantic latents for {len(prompts)} prompts")
+        generator = _generator(generator)
+        device = next(self.stage_b.parameters()).device
+        dtype = next(self.stage_b.parameters()).dtype
+        guided = uses_guidance(guidance)
+        text = self._text(self.text_encoder_b, prompts, _prompt_list(negative_prompts, len(prompts)), guided).to(device)
+        semantic = semantic.to(device, dtype)
+        effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if guided else semantic
+        shape = (semantic.shape[0], self.stage_b.config.c_in, *stage_b_latent_size(*semantic.shape[-2:], self.latent_dim_scale))
+        latents = _initial(latents, shape, generator, device, dtype)
+        grid = _grid(steps, timesteps, uniform_timesteps(DECODER_STEPS))
+        return self._denoise(
+            lambda x, r: self.stage_b(x, r, effnet, text), latents, grid.to(device), guidance, generator, progress, "Stage B"
+        )
+
+    @torch.no_grad()
+    def decode(self, stage_b_latents: torch.Tensor) -> torch.Tensor:
+        """Stage B latents -> images (B, 3, H, W) in [0, 1] through Stage A, without quantization."""
+        if self.stage_a is None:
+            raise ValueError("this sampler has no Stage A (VQGAN)")
+        h = stage_b_to_stage_a(stage_b_latents, self.stage_a.config.scale_factor)
+        return self.stage_a.decode(h).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str] | str,
+        height: int = 1024,
+        width: int = 1024,
+        prior_steps: int | None = None,
+        prior_timesteps: Sequence[float] | None = None,
+        prior_guidance: float = PRIOR_GUIDANCE,
+        decoder_steps: int | None = None,
+        decoder_timesteps: Sequence[float] | None = None,
+        decoder_guidance: float = DECODER_GUIDANCE,
+        negative_prompts: list[str] | str | None = None,
+        generator: torch.Generator | int | None = None,
+        prior_latents: torch.Tensor | None = None,
+        output: str = "image",
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """`output`: "image" (B, 3, H, W) in [0, 1]; "semantic" stops after Stage C and returns e;
+        "stage_b" returns the Stage B latents. One generator (or seed) drives every random draw."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output != "semantic" and not self.has_decoder:
+            raise ValueError(f"output={output!r} needs Stage B, its text encoder and Stage A; this sampler has only Stage C")
+        prompts = _prompt_list(prompts)
+        generator = _generator(generator)
+        semantic = self.sample_stage_c(
+            prompts, height, width, prior_steps, prior_timesteps, prior_guidance, negative_prompts, generator,
+            prior_latents, progress,
+        )
+        if output == "semantic":
+            return semantic
+        z_b = self.sample_stage_b(
+            semantic, prompts, decoder_steps, decoder_timesteps, decoder_guidance, negative_prompts, generator,
+            progress=progress,
+        )
+        return z_b if output == "stage_b" else self.decode(z_b)
+
+
+def _prompt_list(prompts, expected: int | None = None) -> list[str] | None:
+    if prompts is None:
+        return None
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if expected is not None and len(prompts) != expected:
+        if len(prompts) == 1:
+            return prompts * expected
+        raise ValueError(f"{len(prompts)} negative prompts for {expected} prompts")
+    return prompts
+
+
+def _initial(latents, shape, generator, device, dtype) -> torch.Tensor:
+    if latents is None:
+        return _randn(shape, generator, device, dtype)
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+    return latents.to(device, dtype)
