@@ -1,0 +1,136 @@
+"""The C -> B -> A sampler against diffusers' pipelines loaded from folders our writer produced."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_
+from diffusers import WuerstchenCombinedPipeline, WuerstchenPriorPipeline
+
+from stages import StageA, StageB, StageC
+from stages.diffusers_pipeline import load_sampler, write_combined_pipeline, write_prior_pipeline
+from stages.sampler import WuerstchenSampler
+from stages.text_encoders import ClipTextEncoder
+
+
+@pytest.fixture(scope="module")
+def sampler() -> WuerstchenSampler:
+    torch.manual_seed(0)
+    stage_a = randomize_(StageA.from_flavor("tiny"), seed=3, std=0.1).eval()
+    with torch.no_grad():  # centre the random decoder's output in [0, 1], so that few pixels are clamped
+        stage_a.out_block[0].weight.mul_(0.2)
+        stage_a.out_block[0].bias.fill_(0.5)
+    return WuerstchenSampler(
+        randomize_(StageC.from_flavor("tiny"), seed=1, std=0.1).eval(),
+        ClipTextEncoder.tiny(width=32, seed=1),
+        randomize_(StageB.from_flavor("tiny", clip_embd=24), seed=2, std=0.1).eval(),
+        ClipTextEncoder.tiny(width=24, seed=2),  # a different width, as bigG (1280) and ViT-H (1024) differ
+        stage_a,
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(sampler, tmp_path_factory):
+    root = tmp_path_factory.mktemp("combined")
+    write_combined_pipeline(
+        root, sampler.stage_c, sampler.text_encoder_c, sampler.stage_b, sampler.text_encoder_b, sampler.stage_a
+    )
+    return root
+
+
+def test_combined_pipeline_layout(exported):
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["_class_name"] == "WuerstchenCombinedPipeline"
+    expected = {"prior_prior", "prior_text_encoder", "prior_tokenizer", "prior_scheduler", "decoder", "vqgan",
+                "text_encoder", "tokenizer", "scheduler"}
+    assert expected <= set(index) and expected == {p.name for p in exported.iterdir() if p.is_dir()}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(height=128, width=256, prior_steps=5, decoder_steps=4, prior_guidance=3.0, decoder_guidance=2.0),
+        dict(height=256, width=128, prior_guidance=4.0, decoder_steps=3),  # DEFAULT_STAGE_C_TIMESTEPS, no decoder CFG
+        dict(height=128, width=128, prior_timesteps=[1.0, 0.7, 0.3, 0.0], decoder_timesteps=[1.0, 0.5, 0.0], prior_guidance=1.0),
+    ],
+    ids=["cfg-both", "default-prior-grid", "explicit-timesteps-no-cfg"],
+)
+def test_images_equal_diffusers_combined_pipeline(sampler, exported, kwargs):
+    pipe = WuerstchenCombinedPipeline.from_pretrained(exported)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        "a red apple on a wooden table",
+        height=kwargs["height"],
+        width=kwargs["width"],
+        prior_num_inference_steps=kwargs.get("prior_steps") or 60,
+        prior_timesteps=kwargs.get("prior_timesteps") or (None if kwargs.get("prior_steps") else _default_prior_grid()),
+        prior_guidance_scale=kwargs["prior_guidance"],
+        num_inference_steps=kwargs.get("decoder_steps") or 12,
+        decoder_timesteps=kwargs.get("decoder_timesteps"),
+        decoder_guidance_scale=kwargs.get("decoder_guidance", 0.0),
+        generator=torch.Generator().manual_seed(11),
+        output_type="pt",
+    ).images
+    ours = sampler(["a red apple on a wooden table"], generator=11, progress=False, **kwargs)
+    assert ours.shape == theirs.shape == (1, 3, kwargs["height"], kwargs["width"])
+    inside = ((ours > 0) & (ours < 1)).float().mean().item()
+    assert inside > 0.5, f"only {inside:.0%} of the pixels are unclamped: the comparison would be weak"
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def _default_prior_grid():
+    from stages.diffusion import DEFAULT_STAGE_C_TIMESTEPS
+
+    return DEFAULT_STAGE_C_TIMESTEPS
+
+
+def test_prior_latents_equal_diffusers_prior_pipeline(sampler, tmp_path):
+    write_prior_pipeline(tmp_path, sampler.stage_c, sampler.text_encoder_c)
+    pipe = WuerstchenPriorPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        ["a cat", "a dog"], height=256, width=384, num_inference_steps=6, guidance_scale=5.0,
+        negative_prompt=["blurry", "blurry"], generator=torch.Generator().manual_seed(3), output_type="pt",
+    ).image_embeddings
+    ours = sampler(
+        ["a cat", "a dog"], height=256, width=384, prior_steps=6, prior_guidance=5.0, negative_prompts=["blurry"],
+        generator=3, output="semantic", progress=False,
+    )
+    assert ours.shape == (2, 16, 6, 9)
+    # e = 42 z - 1 of a random prior is large (~10^2): compare at fp32 rounding relative to that scale.
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_a_sampler_loads_back_from_the_exported_folder(sampler, exported):
+    loaded = load_sampler(exported)
+    kwargs = dict(height=128, width=128, prior_steps=3, decoder_steps=2, generator=5, progress=False)
+    torch.testing.assert_close(loaded(["a boat"], **kwargs), sampler(["a boat"], **kwargs), atol=1e-5, rtol=0)
+
+
+def test_batches_seeds_and_outputs(sampler):
+    kwargs = dict(height=128, width=128, prior_steps=3, decoder_steps=2, progress=False)
+    images = sampler(["a boat", "a tree", "a house"], generator=1, **kwargs)
+    assert images.shape == (3, 3, 128, 128) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, sampler(["a boat", "a tree", "a house"], generator=1, **kwargs))
+    assert not torch.equal(images, sampler(["a boat", "a tree", "a house"], generator=2, **kwargs))
+    assert sampler(["a boat"], generator=1, output="stage_b", **kwargs).shape == (1, 4, 32, 32)
+    assert sampler(["a boat"], generator=1, output="semantic", **kwargs).shape == (1, 16, 3, 3)
+
+
+def test_prior_only_sampler_returns_latents_and_refuses_images(sampler):
+    prior_only = WuerstchenSampler(sampler.stage_c, sampler.text_encoder_c)
+    out = prior_only("a boat", height=128, width=128, prior_steps=2, output="semantic", progress=False)
+    assert out.shape == (1, 16, 3, 3)
+    with pytest.raises(ValueError, match="needs Stage B"):
+        prior_only("a boat", height=128, width=128, prior_steps=2, progress=False)
+
+
+def test_bad_arguments_are_named(sampler):
+    with pytest.raises(ValueError, match="multiple of 128 px, got 100"):
+        sampler(["x"], height=100, width=128, progress=False)
+    with pytest.raises(ValueError, match="either a number of steps or explicit timesteps"):
+        sampler(["x"], height=128, width=128, prior_steps=3, prior_timesteps=[1.0, 0.0], progress=False)
+    with pytest.raises(ValueError, match="output must be one of"):
+        sampler(["x"], height=128, width=128, output="png", progress=False)
+    with pytest.raises(ValueError, match="width c_cond=32; its text encoder gives 24"):
+        WuerstchenSampler(sampler.stage_c, sampler.text_encoder_b)
