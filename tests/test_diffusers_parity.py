@@ -36,52 +36,38 @@ def _stage_b_inputs(kwargs: dict, gen: torch.Generator):
     return x, r, effnet, clip
 
 
+# (our class, our config, diffusers' class, random kwargs, inputs) for the two denoisers
+DENOISERS = {
+    "stage_c": (StageC, StageCConfig, WuerstchenPrior, random_stage_c_kwargs, _stage_c_inputs),
+    "stage_b": (StageB, StageBConfig, WuerstchenDiffNeXt, random_stage_b_kwargs, _stage_b_inputs),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(DENOISERS))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_stage_c_loads_diffusers_weights_and_matches_outputs(seed, tmp_path):
-    kwargs = random_stage_c_kwargs(seed)
-    theirs = randomize_(WuerstchenPrior(**kwargs), seed).eval()
+def test_loads_diffusers_weights_and_matches_outputs(stage, seed, tmp_path):
+    ours_cls, config_cls, theirs_cls, random_kwargs, make_inputs = DENOISERS[stage]
+    kwargs = random_kwargs(seed)
+    theirs = randomize_(theirs_cls(**kwargs), seed).eval()
     theirs.save_pretrained(tmp_path)
-    ours = StageC.from_pretrained(tmp_path)
-    assert ours.config == StageCConfig(**kwargs)
+    ours = ours_cls.from_pretrained(tmp_path)
+    assert ours.config == config_cls(**kwargs)
     _assert_same_keys(ours, theirs)
-    inputs = _stage_c_inputs(kwargs, torch.Generator().manual_seed(seed))
+    inputs = make_inputs(kwargs, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         torch.testing.assert_close(ours(*inputs), theirs(*inputs), **TOL)
 
 
+@pytest.mark.parametrize("stage", sorted(DENOISERS))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_stage_c_saved_by_us_loads_into_diffusers(seed, tmp_path):
-    kwargs = random_stage_c_kwargs(seed + 100)
-    ours = randomize_(StageC(StageCConfig(**kwargs)), seed).eval()
+def test_saved_by_us_loads_into_diffusers(stage, seed, tmp_path):
+    ours_cls, config_cls, theirs_cls, random_kwargs, make_inputs = DENOISERS[stage]
+    kwargs = random_kwargs(seed + 100)
+    ours = randomize_(ours_cls(config_cls(**kwargs)), seed).eval()
     ours.save_pretrained(tmp_path)
-    theirs = WuerstchenPrior.from_pretrained(tmp_path).eval()
+    theirs = theirs_cls.from_pretrained(tmp_path).eval()
     assert {k: theirs.config[k] for k in kwargs} == kwargs
-    inputs = _stage_c_inputs(kwargs, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(*inputs), theirs(*inputs), **TOL)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_stage_b_loads_diffusers_weights_and_matches_outputs(seed, tmp_path):
-    kwargs = random_stage_b_kwargs(seed)
-    theirs = randomize_(WuerstchenDiffNeXt(**kwargs), seed).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = StageB.from_pretrained(tmp_path)
-    assert ours.config == StageBConfig(**kwargs)
-    _assert_same_keys(ours, theirs)
-    inputs = _stage_b_inputs(kwargs, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(*inputs), theirs(*inputs), **TOL)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_stage_b_saved_by_us_loads_into_diffusers(seed, tmp_path):
-    kwargs = random_stage_b_kwargs(seed + 100)
-    ours = randomize_(StageB(StageBConfig(**kwargs)), seed).eval()
-    ours.save_pretrained(tmp_path)
-    theirs = WuerstchenDiffNeXt.from_pretrained(tmp_path).eval()
-    assert {k: theirs.config[k] for k in kwargs} == kwargs
-    inputs = _stage_b_inputs(kwargs, torch.Generator().manual_seed(seed))
+    inputs = make_inputs(kwargs, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         torch.testing.assert_close(ours(*inputs), theirs(*inputs), **TOL)
 
