@@ -6,6 +6,7 @@ import sys
 # subcommand -> (module under pipelines/, one-line help)
 COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
+    "prep": ("prep", "filter image-text pairs and encode them into the latent cache"),
     "convert": ("convert", "convert an original .pt checkpoint into a diffusers-format folder"),
     "flavors": ("flavors", "list the named model sizes and their parameter counts"),
 }

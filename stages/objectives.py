@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stages.diffusion import add_noise, p2_loss_weight, sample_t
-from stages.latents import STAGE_A_SCALE_FACTOR, semantic_to_stage_c, stage_a_to_stage_b
+from stages.latents import STAGE_A_SCALE_FACTOR, stage_a_to_stage_b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def drop_captions(
 
 def stage_c_loss(
     model: nn.Module,
-    semantic: torch.Tensor,
+    z_c: torch.Tensor,
     text: torch.Tensor,
     empty_text: torch.Tensor | None = None,
     objective: StageCObjective = StageCObjective(),
@@ -90,13 +90,13 @@ def stage_c_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage C: predict the noise on z_C = (e + 1) / 42 given the text tokens.
+    """Stage C: predict the noise on z_C = (e + 1) / 42 (as the cache holds it) given the text tokens.
 
-    semantic: the semantic compressor's output e (B, 16, h, w); text: (B, 77, c_cond);
-    empty_text: the encoded "" prompt (1, 77, c_cond), needed when captions are dropped.
+    z_c: (B, 16, h, w); text: (B, 77, c_cond); empty_text: the encoded "" prompt (1, 77, c_cond),
+    needed when captions are dropped.
     """
     deterministic = t is not None or noise is not None
-    z_c = semantic_to_stage_c(semantic.float())
+    z_c = z_c.float()
     t, noise = _noise_and_t(z_c, objective.t_sampling, t, noise, generator)
     if not deterministic and objective.caption_dropout > 0:
         if empty_text is None:

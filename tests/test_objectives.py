@@ -6,6 +6,7 @@ from conftest import randomize_
 
 from stages import StageB, StageC
 from stages.diffusion import add_noise, cosine_alpha_cumprod
+from stages.latents import semantic_to_stage_c
 from stages.objectives import StageBObjective, StageCObjective, drop_captions, stage_b_loss, stage_c_loss
 from stages.sampler import WuerstchenSampler
 from stages.text_encoders import ClipTextEncoder
@@ -23,19 +24,19 @@ class Recorder(torch.nn.Module):
         return self.model(*inputs)
 
 
-def test_stage_c_loss_is_the_p2_weighted_noise_mse_on_scaled_latents():
+def test_stage_c_loss_is_the_p2_weighted_noise_mse():
     model = Recorder(randomize_(StageC.from_flavor("tiny"), seed=1, std=0.05).eval())
-    e, text = torch.randn(4, 16, 3, 3), torch.randn(4, 77, 32)
+    z_c, text = (torch.randn(4, 16, 3, 3) + 1) / 42, torch.randn(4, 77, 32)
     t, noise = torch.tensor([0.1, 0.4, 0.8, 1.0]), torch.randn(4, 16, 3, 3)
-    loss = stage_c_loss(model, e, text, t=t, noise=noise)
+    loss = stage_c_loss(model, z_c, text, t=t, noise=noise)
     x_t, r, c = model.inputs
-    torch.testing.assert_close(x_t, add_noise((e + 1) / 42, noise, t))
+    torch.testing.assert_close(x_t, add_noise(z_c, noise, t))
     assert torch.equal(r, t) and torch.equal(c, text)  # no caption dropout when t and noise are fixed
     with torch.no_grad():
         eps = model.model(x_t, t, text)
     expected = ((eps - noise) ** 2).mean(dim=(1, 2, 3)) * (1 - cosine_alpha_cumprod(t))
     torch.testing.assert_close(loss, expected.mean())
-    unweighted = stage_c_loss(model, e, text, objective=StageCObjective(p2_weighting=False), t=t, noise=noise)
+    unweighted = stage_c_loss(model, z_c, text, objective=StageCObjective(p2_weighting=False), t=t, noise=noise)
     torch.testing.assert_close(unweighted, ((eps - noise) ** 2).mean())
 
 
@@ -108,7 +109,7 @@ def test_a_tiny_stage_c_learns_and_guidance_steers_towards_the_conditioned_targe
     encoder = ClipTextEncoder.tiny(width=32, seed=0)
     prompts = ["a red apple", "a blue car", "a green tree", "a yellow sun"]
     text, empty = encoder.encode(prompts), encoder.encode([""])
-    targets = torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0)) * 1.5
+    targets = torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0)) * 1.5  # semantic latents e
     model = StageC.from_flavor("tiny", c=64, nhead=4, dropout=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     objective = StageCObjective(caption_dropout=0.2, caption_dropout_mode="sample")
@@ -116,7 +117,7 @@ def test_a_tiny_stage_c_learns_and_guidance_steers_towards_the_conditioned_targe
     losses = []
     for _ in range(500):
         idx = torch.randint(0, 4, (32,), generator=gen)
-        loss = stage_c_loss(model, targets[idx], text[idx], empty, objective, generator=gen)
+        loss = stage_c_loss(model, semantic_to_stage_c(targets[idx]), text[idx], empty, objective, generator=gen)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,135 @@
+"""What a data-prep run is told: where the data is, how it is filtered, how it is encoded, where the
+cache goes. The job reads it from YAML (`pipelines/config.py`); every field has a working default."""
+
+import dataclasses
+
+# The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
+# 512 <= original side <= 4096, pwatermark <= 0.5, aesthetic >= 5.0, punsafe <= 0.99.
+PRESETS = {
+    "wuerstchen_original": dict(
+        min_side=512,
+        max_side=4096,
+        metadata={
+            "pwatermark": {"max": 0.5},
+            "aesthetic|AESTHETIC_SCORE": {"min": 5.0},
+            "punsafe": {"max": 0.99},
+        },
+    ),
+}
+SOURCE_FORMATS = ("webdataset", "parquet", "folder", "twemoji")
+TEXT_MODES = ("embeddings", "tokens")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    url: str = "twemoji://"  # /path, file://, s3://bucket/prefix, a glob in the last part, or twemoji://
+    format: str = "twemoji"
+    image_column: str | None = None  # parquet sources: the image bytes column (auto-detected when None)
+    caption_column: str = "caption"
+    shard_size: int = 256  # twemoji:// only: emoji per shard
+    render_size: int = 256  # twemoji:// only: the SVGs are rendered at this size
+
+    def __post_init__(self):
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"source.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+
+
+@dataclasses.dataclass
+class Threshold:
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclasses.dataclass
+class ClipScoreConfig:
+    """LAION-style: cosine similarity of the open_clip image and text embeddings, kept when >= min."""
+
+    model: str = "ViT-B-32"  # an open_clip model name, or a path to an open_clip model config JSON
+    pretrained: str | None = None  # a tag of open_clip's or a local weights file; None = random (tests only)
+    min: float = 0.28
+    batch_size: int = 64
+
+
+@dataclasses.dataclass
+class DedupConfig:
+    exact: bool = True  # the same image bytes
+    near_max_distance: int | None = None  # pHash Hamming distance; None = off
+
+
+@dataclasses.dataclass
+class FilterConfig:
+    preset: str | None = None  # a named set of the fields below, which the fields below then override
+    min_side: int = 0
+    max_side: int | None = None
+    max_aspect: float | None = None
+    min_caption_words: int = 0
+    min_caption_chars: int = 1
+    max_caption_chars: int | None = None
+    # metadata key -> threshold; "a|b" takes whichever key the sample has (LAION's aesthetic columns)
+    metadata: dict[str, Threshold] = dataclasses.field(default_factory=dict)
+    max_pixels: int = 89_478_485  # decompression-bomb bound (PIL's default)
+    clip_score: ClipScoreConfig | None = None
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+
+    def __post_init__(self):
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        preset = PRESETS[self.preset]
+        defaults = FilterConfig()
+        for name, value in preset.items():
+            if getattr(self, name) == getattr(defaults, name):  # explicit settings win over the preset
+                if name == "metadata":
+                    value = {k: Threshold(**v) for k, v in value.items()}
+                setattr(self, name, value)
+
+
+@dataclasses.dataclass
+class EncoderWeights:
+    """A checkpoint for one encoder; None means random init with `seed` (for tiny/small demos), which
+    the manifest records."""
+
+    path: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EncodeConfig:
+    flavor: str = "small"  # the semantic compressor / Stage A / text encoder flavor
+    resolution: int = 256  # training image side (square center crop)
+    semantic: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
+    stage_a: EncoderWeights | None = None  # Stage A latents (for Stage B training); None = not encoded
+    text_mode: str = "embeddings"  # "embeddings" (fp16 last_hidden_state) or "tokens" (ids + mask)
+    text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
+    text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
+    batch_size: int = 32
+    num_encoders: int = 1  # encoder actors
+    use_gpu: bool = False
+    precision: str = "fp16"  # on GPU: fp16 or bf16 autocast
+
+    def __post_init__(self):
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"encode.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.resolution % 32:
+            raise ValueError(f"encode.resolution must be a multiple of 32, got {self.resolution}")
+        if self.precision not in ("fp16", "bf16"):
+            raise ValueError(f"encode.precision must be fp16 or bf16, got {self.precision!r}")
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    url: str = "runs/cache/twemoji"  # local path or s3://bucket/prefix
+    max_rows_per_file: int = 2048
+    shards_per_wave: int = 4  # source shards committed together; a killed run redoes at most one wave
+
+
+@dataclasses.dataclass
+class PrepConfig:
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    ray_address: str | None = None  # None: the cluster of `ray job submit`, or a local one
+    num_cpus: int | None = None  # for a local cluster only
+    limit_shards: int | None = None  # process at most this many new shards (smoke runs)

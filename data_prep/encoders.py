@@ -1,0 +1,96 @@
+"""The frozen encoders of data prep, built the same way wherever they run (prep actors, the trainer
+in `tokens` mode), and their fingerprints: a hash of config and weights that the cache records so a
+trainer can refuse latents made by other encoders."""
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from data_prep.config import EncodeConfig, EncoderWeights
+from stages import SemanticCompressor, StageA, StageC
+from stages.original_format import load_original, load_original_semantic_compressor
+from stages.text_encoders import ClipTextEncoder
+
+
+class EncoderConfigError(ValueError):
+    """Encoder settings that cannot produce a cache (e.g. v2 sizes without weights)."""
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _needs_weights(flavor: str, what: str, weights: EncoderWeights) -> None:
+    if weights.path is None and flavor == "v2":
+        raise EncoderConfigError(
+            f"the v2 {what} needs its checkpoint: set its `path` (random init is only for the tiny and small flavors)"
+        )
+
+
+def build_semantic_compressor(flavor: str, weights: EncoderWeights) -> SemanticCompressor:
+    """From a diffusers-style folder, an original Stage B `.pt` (its effnet_state_dict), or seeded random init."""
+    _needs_weights(flavor, "semantic compressor", weights)
+    if weights.path is None:
+        return _seeded(weights.seed, lambda: SemanticCompressor.from_flavor(flavor)).eval()
+    if weights.path.endswith((".pt", ".pth", ".ckpt")):
+        return load_original_semantic_compressor(weights.path, flavor=flavor)
+    return SemanticCompressor.from_pretrained(weights.path)
+
+
+def build_stage_a(flavor: str, weights: EncoderWeights) -> StageA:
+    """From a diffusers folder or hub id (its vqgan/ subfolder is found), an original `.pt`, or seeded random init."""
+    _needs_weights(flavor, "Stage A", weights)
+    if weights.path is None:
+        return _seeded(weights.seed, lambda: StageA.from_flavor(flavor)).eval()
+    if weights.path.endswith((".pt", ".pth", ".ckpt")):
+        return load_original(StageA, weights.path, flavor=flavor)
+    return StageA.from_pretrained(weights.path)
+
+
+def text_width(cfg: EncodeConfig) -> int:
+    return cfg.text_width or StageC.flavor_config(cfg.flavor).c_cond
+
+
+def build_text_encoder(cfg: EncodeConfig) -> ClipTextEncoder:
+    """Stage C's text encoder: a transformers CLIP folder / hub id, or a seeded random tiny tower of
+    the flavor's width with the real CLIP tokenizer."""
+    weights = cfg.text_encoder
+    _needs_weights(cfg.flavor, "text encoder", weights)
+    if weights.path is not None:
+        return ClipTextEncoder.from_pretrained(weights.path)
+    width = text_width(cfg)
+    heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
+    return ClipTextEncoder.tiny(width=width, layers=2, heads=heads, seed=weights.seed)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict, in key order (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _fingerprint(kind: str, config: dict, weights_hash: str) -> dict:
+    body = json.dumps({"kind": kind, "config": config, "weights": weights_hash}, sort_keys=True)
+    return {"kind": kind, "config": config, "fingerprint": hashlib.sha256(body.encode()).hexdigest()[:32]}
+
+
+def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
+    info = _fingerprint(kind, dataclasses.asdict(model.config), weights_digest(model))
+    info["weights"] = weights.path or f"random init (seed {weights.seed})"
+    return info
+
+
+def text_fingerprint(encoder: ClipTextEncoder, weights: EncoderWeights) -> dict:
+    vocab = json.dumps(encoder.tokenizer.get_vocab(), sort_keys=True)
+    config = {"backend": encoder.backend, "width": encoder.width, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}
+    info = _fingerprint("text_encoder", config, weights_digest(encoder.model))
+    info["weights"] = weights.path or f"random init (seed {weights.seed})"
+    return info

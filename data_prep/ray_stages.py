@@ -1,0 +1,251 @@
+"""The steps of data prep as Ray Data operators: read -> decode + filter -> (CLIP score) ->
+deduplicate -> encode -> finalize.
+
+A dropped sample is not removed until `finalize`: it flows on with its `drop_reason` set and no
+pixels, so that every drop is counted exactly once, from the data itself (no side counters that
+retried tasks could double). An empty `drop_reason` means the sample is kept.
+"""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from data_prep.cache import TENSOR_DTYPES, tensor_column
+from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
+from data_prep.decode import DecodeError, decode_image
+from data_prep.filters import check_rules
+from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
+from data_prep.transforms import training_pixels
+from stages.latents import semantic_to_stage_c
+
+KEEP = ""  # the drop_reason of a kept sample
+# Columns that only travel between steps and never reach the cache.
+TRANSIENT = ("drop_reason", "pixels", "semantic_pixels")
+
+
+# -- read -------------------------------------------------------------------------------------
+
+def read_shard(row: dict, source: SourceConfig) -> list[dict]:
+    """One source shard -> its raw samples (dropped ones included, with their reason)."""
+    if source.format == "twemoji":
+        from data_prep.twemoji import iter_twemoji_shard
+
+        samples = iter_twemoji_shard(row["shard_url"], source.render_size, source.shard_size)
+    else:
+        from data_prep.cache import resolve
+        from data_prep.readers import iter_shard
+
+        fs, _ = resolve(row["shard_url"])
+        options = {}
+        if source.format == "parquet":
+            options = {"caption_column": source.caption_column}
+            if source.image_column:
+                options["image_column"] = source.image_column
+        samples = iter_shard(row["shard_url"], fs, row["path"], source.format, **options)
+    out = []
+    for sample in samples:
+        sample = dict(sample)
+        sample["caption"] = sample.get("caption") or ""
+        sample["drop_reason"] = sample.get("drop_reason") or KEEP
+        out.append(sample)
+    return out
+
+
+# -- decode and filter -------------------------------------------------------------------------
+
+def _decode_one(sample: dict, filters: FilterConfig, resolution: int) -> dict:
+    out = {
+        "key": sample["key"], "caption": sample["caption"], "source_shard": sample["source_shard"],
+        "metadata": sample.get("metadata") or "{}", "width": 0, "height": 0, "content_hash": "", "phash": 0,
+        "clip_score": float("nan"), "drop_reason": sample["drop_reason"], "pixels": b"", "semantic_pixels": b"",
+    }
+    if out["drop_reason"] != KEEP:
+        return out
+    data = sample["image_bytes"]
+    out["content_hash"] = content_hash(data)
+    try:
+        image = decode_image(data, max_pixels=filters.max_pixels)
+    except DecodeError as err:
+        out["drop_reason"] = err.reason
+        return out
+    out["width"], out["height"] = image.size
+    try:
+        metadata = json.loads(out["metadata"])
+    except ValueError:
+        metadata = {}
+    reason = check_rules(image.width, image.height, out["caption"], metadata, filters)
+    if reason is not None:
+        out["drop_reason"] = reason
+        return out
+    out["phash"] = perceptual_hash(image)
+    pixels, semantic = training_pixels(image, resolution)
+    out["pixels"], out["semantic_pixels"] = pixels.tobytes(), semantic.tobytes()
+    return out
+
+
+def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int) -> dict:
+    """Decodes every kept sample, applies the size / aspect / caption / metadata rules, hashes it
+    and cuts it to the training resolution."""
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    rows = [_decode_one({k: batch[k][i] for k in keys}, filters, resolution) for i in range(n)]
+    out = {name: [r[name] for r in rows] for name in (rows[0] if rows else {})}
+    if rows:
+        out["width"] = np.asarray(out["width"], dtype=np.int32)
+        out["height"] = np.asarray(out["height"], dtype=np.int32)
+        out["phash"] = np.asarray(out["phash"], dtype=np.uint64)
+        out["clip_score"] = np.asarray(out["clip_score"], dtype=np.float32)
+    return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+# -- CLIP score ----------------------------------------------------------------------------------
+
+def _load_open_clip(cfg: ClipScoreConfig):
+    import open_clip
+
+    model_name = cfg.model
+    if cfg.model.endswith(".json"):  # a model config of one's own, registered under its file stem
+        from pathlib import Path
+
+        open_clip.add_model_config(Path(cfg.model))
+        model_name = Path(cfg.model).stem
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=cfg.pretrained)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model.eval(), preprocess, tokenizer
+
+
+class ClipScoreFilter:
+    """LAION-style CLIP filter: cosine similarity of the normalised image and caption embeddings."""
+
+    def __init__(self, cfg: ClipScoreConfig, resolution: int):
+        self.cfg, self.resolution = cfg, resolution
+        self.model, self.preprocess, self.tokenizer = _load_open_clip(cfg)
+
+    @torch.no_grad()
+    def scores(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
+        from PIL import Image
+
+        pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images])
+        image_emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        text_emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(captions)).float(), dim=-1)
+        return (image_emb * text_emb).sum(-1).numpy()
+
+    def __call__(self, batch: dict) -> dict:
+        kept = [i for i, reason in enumerate(batch["drop_reason"]) if reason == KEEP]
+        if kept:
+            side = self.resolution
+            images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(side, side, 3) for i in kept]
+            scores = self.scores(images, [str(batch["caption"][i]) for i in kept])
+            batch["clip_score"] = np.array(batch["clip_score"], dtype=np.float32)
+            for i, score in zip(kept, scores):
+                batch["clip_score"][i] = score
+                if score < self.cfg.min:
+                    batch["drop_reason"][i] = "clip_score"
+                    batch["pixels"][i] = batch["semantic_pixels"][i] = b""
+        return batch
+
+
+# -- deduplicate ---------------------------------------------------------------------------------
+
+class DeduplicateStage:
+    """Drops exact and near duplicates, within the run and against the cache. One actor sees every
+    sample in order, so the first of a group of duplicates is the one kept, run after run."""
+
+    def __init__(self, cfg: DedupConfig, known: list[tuple[str, int | None]]):
+        self.enabled = cfg.exact or cfg.near_max_distance is not None
+        self.dedup = Deduplicator(cfg.near_max_distance) if self.enabled else None
+        self.exact = cfg.exact
+        if self.enabled:
+            self.dedup.preload((h if self.exact else None, p) for h, p in known)
+
+    def __call__(self, batch: dict) -> dict:
+        if not self.enabled:
+            return batch
+        for i, reason in enumerate(batch["drop_reason"]):
+            if reason != KEEP:
+                continue
+            content = batch["content_hash"][i] if self.exact else None
+            verdict = self.dedup.check(content, int(batch["phash"][i]), batch["key"][i])
+            if verdict is not None:
+                batch["drop_reason"][i] = verdict
+                batch["pixels"][i] = batch["semantic_pixels"][i] = b""
+        return batch
+
+
+# -- encode ------------------------------------------------------------------------------------
+
+class EncodeStage:
+    """The frozen encoders on one device: semantic compressor (-> z_C), optionally Stage A, and the
+    text conditioning (embeddings or tokens)."""
+
+    def __init__(self, cfg: EncodeConfig):
+        from data_prep.encoders import build_semantic_compressor, build_stage_a, build_text_encoder
+
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
+        self.semantic = build_semantic_compressor(cfg.flavor, cfg.semantic).to(self.device)
+        self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None
+        self.text = build_text_encoder(cfg).to(self.device)
+
+    def _images(self, column, kept: list[int], side: int) -> torch.Tensor:
+        arrays = np.stack([np.frombuffer(column[i], np.uint8).reshape(side, side, 3) for i in kept])
+        tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
+        return tensor.float().div_(255.0)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        kept = [i for i, reason in enumerate(batch["drop_reason"]) if reason == KEEP]
+        outputs = {"stage_c_latents": [b""] * n}
+        if self.stage_a is not None:
+            outputs["stage_a_latents"] = [b""] * n
+        text_columns = ["text_embeddings"] if self.cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
+        outputs.update({name: [b""] * n for name in text_columns})
+        if kept:
+            autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+            side = self.cfg.resolution
+            semantic_side = int(np.sqrt(len(batch["semantic_pixels"][kept[0]]) // 3))
+            with autocast:
+                e = self.semantic(self._images(batch["semantic_pixels"], kept, semantic_side))
+                latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
+                if self.stage_a is not None:
+                    latents["stage_a_latents"] = self.stage_a.encode(self._images(batch["pixels"], kept, side)).float()
+                ids, mask = self.text.tokenize([str(batch["caption"][i]) for i in kept])
+                if self.cfg.text_mode == "embeddings":
+                    latents["text_embeddings"] = self.text(ids, mask).float()
+                else:
+                    latents["text_tokens"], latents["text_mask"] = ids, mask
+            for name, values in latents.items():
+                array = values.cpu().numpy().astype(TENSOR_DTYPES[name])
+                for j, i in enumerate(kept):
+                    outputs[name][i] = array[j].tobytes()
+        for name, values in outputs.items():
+            batch[name] = np.asarray(values, dtype=object)
+        batch["pixels"] = batch["semantic_pixels"] = np.asarray([b""] * n, dtype=object)
+        return batch
+
+
+# -- finalize ----------------------------------------------------------------------------------
+
+def finalize(batch: pa.Table, shapes: dict[str, list[int]], bucket: str) -> pa.Table:
+    """Keeps the kept samples, turns the latent bytes into fixed-shape tensor columns."""
+    kept = batch.filter(pc.equal(batch.column("drop_reason"), KEEP))
+    columns = {
+        "key": kept.column("key").cast(pa.string()),
+        "caption": kept.column("caption").cast(pa.string()),
+        "source_shard": kept.column("source_shard").cast(pa.string()),
+        "width": kept.column("width").cast(pa.int32()),
+        "height": kept.column("height").cast(pa.int32()),
+        "metadata": kept.column("metadata").cast(pa.string()),
+        "content_hash": kept.column("content_hash").cast(pa.string()),
+        "phash": kept.column("phash").cast(pa.uint64()),
+        "clip_score": kept.column("clip_score").cast(pa.float32()),
+        "bucket": pa.array([bucket] * kept.num_rows, pa.string()),
+    }
+    for name, shape in shapes.items():
+        columns[name] = tensor_column(kept.column(name).to_pylist(), tuple(shape), TENSOR_DTYPES[name])
+    return pa.table(columns)

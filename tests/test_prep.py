@@ -1,0 +1,200 @@
+"""Data prep end to end on a real local Ray cluster, against local disk and moto's S3 server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_bucket
+from prep_factory import broken_shards, plain_shards
+
+from data_prep.cache import Cache, CacheMismatchError
+from data_prep.config import PrepConfig
+from data_prep.runner import format_summary, run_prep
+from pipelines.config import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(source: str, output: str, **overrides) -> PrepConfig:
+    sets = [
+        f"source.url={source}", "source.format=webdataset", f"output.url={output}",
+        "encode.flavor=tiny", "encode.resolution=128", "encode.batch_size=8", "encode.stage_a={}",
+        "filters.min_side=64", "filters.max_pixels=1000000", "output.shards_per_wave=1",
+    ] + [f"{k}={v}" for k, v in overrides.items()]
+    return load(PrepConfig, None, sets)
+
+
+def read_rows(url: str) -> dict[str, dict[str, np.ndarray]]:
+    """key -> {tensor column -> array}, asserting that no key appears twice."""
+    table = Cache(url).read_table()
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "duplicate keys in the cache"
+    tensors = {
+        name: np.concatenate([c.to_numpy_ndarray() for c in table.column(name).chunks])
+        for name in ("stage_c_latents", "stage_a_latents", "text_embeddings")
+        if name in table.column_names
+    }
+    return {key: {name: values[i] for name, values in tensors.items()} for i, key in enumerate(keys)}
+
+
+@pytest.fixture(scope="module")
+def broken_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken")
+    kept, dropped = broken_shards(folder)
+    return folder, kept, dropped
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_cluster, broken_source, tmp_path_factory):
+    folder, _, _ = broken_source
+    output = tmp_path_factory.mktemp("cache") / "local"
+    summary = run_prep(tiny_config(str(folder), str(output)))
+    return output, summary
+
+
+def test_the_cache_holds_exactly_the_good_rows_and_counts_every_bad_one(local_run, broken_source):
+    output, summary = local_run
+    _, kept, dropped = broken_source
+    cache = Cache(str(output))
+    assert sorted(cache.read_table(columns=["key"]).column("key").to_pylist()) == sorted(kept)
+    manifest = cache.manifest
+    assert manifest["dropped"] == dropped
+    assert manifest["rows_written"] == len(kept) and manifest["rows_in"] == len(kept) + sum(dropped.values())
+    assert len(manifest["shards"]) == 2 and all(s.startswith("file://") for s in manifest["shards"])
+    assert manifest["encoders"]["semantic_compressor"]["weights"] == "random init (seed 0)"
+    text = format_summary(summary)
+    assert "unsafe_member_name" in text and f"rows in / out    {manifest['rows_in']} / {len(kept)}" in text
+
+
+def test_cache_tensors_have_the_expected_shapes_and_values(local_run):
+    output, _ = local_run
+    table = Cache(str(output)).read_table()
+    shapes = {name: table.schema.field(name).type.shape for name in ("stage_c_latents", "stage_a_latents", "text_embeddings")}
+    assert shapes == {"stage_c_latents": [16, 3, 3], "stage_a_latents": [4, 32, 32], "text_embeddings": [77, 32]}
+    z_c = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks])
+    assert z_c.dtype == np.float16 and np.isfinite(z_c).all()
+    # z_C = (e + 1) / 42 with e a BatchNorm output: centred near 1/42 (random compressor, eval-mode BN)
+    assert 0.0 < float(z_c.astype(np.float32).mean()) < 0.1
+    assert set(table.column("bucket").to_pylist()) == {"128x128"}
+
+
+def test_plain_pyarrow_reads_a_shard_with_its_tensor_shapes(local_run):
+    output, _ = local_run
+    shard = Cache(str(output)).files[0]
+    code = (
+        "import sys, pyarrow.parquet as pq\n"
+        f"t = pq.read_table({shard!r})\n"
+        "a = t.column('stage_c_latents').chunk(0).to_numpy_ndarray()\n"
+        "print(a.shape, a.dtype, 'ray' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(")")[0].endswith("16, 3, 3") and "float16 False" in result.stdout
+
+
+def test_rerun_is_a_no_op_and_new_shards_are_appended(ray_cluster, local_run, broken_source, tmp_path):
+    output, _ = local_run
+    folder, kept, _ = broken_source
+    before = Cache(str(output)).manifest
+    again = run_prep(tiny_config(str(folder), str(output)))
+    assert again["shards_new"] == 0 and Cache(str(output)).manifest["files"] == before["files"]
+
+    extra = tmp_path / "more"
+    plain_shards(extra, shards=1, per_shard=3, seed0=500)
+    (folder / "shard-002.tar").write_bytes((extra / "shard-000.tar").read_bytes())
+    try:
+        added = run_prep(tiny_config(str(folder), str(output)))
+    finally:
+        (folder / "shard-002.tar").unlink()
+    assert added["shards_new"] == 1 and added["rows_written"] == 3
+    assert Cache(str(output)).rows == len(kept) + 3
+
+
+def test_a_cache_of_other_encoders_is_refused_with_both_fingerprints(local_run, broken_source):
+    output, _ = local_run
+    folder, _, _ = broken_source
+    cache = Cache(str(output))
+    ours = cache.fingerprints()["text_encoder"]
+    with pytest.raises(CacheMismatchError, match=rf"text_encoder of fingerprint {ours}.*has fingerprint abc123"):
+        cache.check_fingerprints({"text_encoder": "abc123"})
+    other_seed = tiny_config(str(folder), str(output), **{"encode.text_encoder.seed": 7})
+    with pytest.raises(CacheMismatchError, match="appending would mix latents of different encoders"):
+        run_prep(other_seed)
+
+
+def test_a_threshold_on_a_column_the_source_lacks_is_a_configuration_error(ray_cluster, broken_source, tmp_path):
+    folder, _, _ = broken_source
+    cfg = tiny_config(str(folder), str(tmp_path / "c"), **{"filters.metadata": "{pwatermark: {max: 0.5}}"})
+    with pytest.raises(ValueError, match=r"threshold on 'pwatermark'.*have no such metadata \(they have: \['aesthetic', 'height', 'width'\]\)"):
+        run_prep(cfg)
+
+
+def test_the_same_against_s3(ray_cluster, broken_source, local_run):
+    import boto3
+
+    folder, kept, dropped = broken_source
+    bucket = make_bucket("prep-source")
+    s3 = boto3.client("s3")
+    for shard in sorted(folder.glob("*.tar")):
+        s3.upload_file(str(shard), bucket, f"shards/{shard.name}")
+    make_bucket("prep-cache")
+    summary = run_prep(tiny_config(f"s3://{bucket}/shards/", "s3://prep-cache/tiny"))
+    assert summary["rows_written"] == len(kept)
+    cache = Cache("s3://prep-cache/tiny")
+    assert cache.manifest["dropped"] == dropped
+    assert all(s.startswith("s3://prep-source/shards/") for s in cache.manifest["shards"])
+    listed = s3.list_objects_v2(Bucket="prep-cache", Prefix="tiny/")["Contents"]
+    assert any(o["Key"] == "tiny/manifest.json" for o in listed)
+    # The same encoders on the same images: the same latents as the local run.
+    local, remote = read_rows(str(local_run[0])), read_rows("s3://prep-cache/tiny")
+    assert set(remote) == set(kept)
+    for key in kept:
+        for name, value in remote[key].items():
+            np.testing.assert_array_equal(value, local[key][name], err_msg=f"{key} {name}")
+
+
+def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
+    source = plain_shards(tmp_path / "src", shards=5, per_shard=6)
+    reference = tmp_path / "reference"
+    run_prep(tiny_config(str(source), str(reference)))
+
+    output = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "pipelines.prep",
+        *[arg for kv in _as_sets(tiny_config(str(source), str(output))) for arg in ("--set", kv)],
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = output / "manifest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    committed = json.loads(manifest.read_text())
+    assert 1 <= len(committed["shards"]) < 5, "the kill must land between the first and the last commit"
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    resumed, expected = read_rows(str(output)), read_rows(str(reference))
+    assert sorted(resumed) == sorted(expected) and len(resumed) == 30
+    for key, tensors in expected.items():
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(resumed[key][name], value, err_msg=f"{key} {name}")
+
+
+def _as_sets(cfg: PrepConfig) -> list[str]:
+    return [
+        f"source.url={cfg.source.url}", "source.format=webdataset", f"output.url={cfg.output.url}",
+        "encode.flavor=tiny", "encode.resolution=128", "encode.batch_size=8", "encode.stage_a={}",
+        "filters.min_side=64", "filters.max_pixels=1000000", "output.shards_per_wave=1",
+    ]
