@@ -72,17 +72,16 @@ class FilterConfig:
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
 
     def __post_init__(self):
-        if self.preset is None:
-            return
-        if self.preset not in PRESETS:
-            raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        preset = PRESETS[self.preset]
-        defaults = FilterConfig()
-        for name, value in preset.items():
-            if getattr(self, name) == getattr(defaults, name):  # explicit settings win over the preset
-                if name == "metadata":
-                    value = {k: Threshold(**v) for k, v in value.items()}
-                setattr(self, name, value)
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+            defaults = FilterConfig()
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == getattr(defaults, name):  # explicit settings win over the preset
+                    setattr(self, name, value)
+        self.metadata = {k: Threshold(**v) if isinstance(v, dict) else v for k, v in self.metadata.items()}
+        if isinstance(self.dedup, dict):
+            self.dedup = DedupConfig(**self.dedup)
 
 
 @dataclasses.dataclass
@@ -105,6 +104,7 @@ class EncodeConfig:
     text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
     batch_size: int = 32
     num_encoders: int = 1  # encoder actors
+    cpus_per_encoder: int = 1  # CPUs each encoder actor reserves; on CPU also its torch threads
     use_gpu: bool = False
     precision: str = "fp16"  # on GPU: fp16 or bf16 autocast
 

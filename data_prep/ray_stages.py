@@ -186,6 +186,8 @@ class EncodeStage:
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpus_per_encoder)  # as many threads as the CPUs the actor reserved
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
         self.semantic = build_semantic_compressor(cfg.flavor, cfg.semantic).to(self.device)
         self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None

@@ -203,7 +203,7 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         )
         ds = ds.map_batches(
             EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),
-            batch_size=cfg.encode.batch_size, num_gpus=1 if use_gpu else 0, num_cpus=1,
+            batch_size=cfg.encode.batch_size, num_gpus=1 if use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
         )
         done = ds.materialize()
         stats = done.select_columns(["source_shard", "drop_reason", "content_hash", "phash"]).to_pandas()

@@ -1,9 +1,12 @@
-"""`wuerstchen demo` / `python -m pipelines.demo`: the smallest real run of what exists so far.
+"""`wuerstchen demo` / `python -m pipelines.demo`: the main job as far as it exists, on embedded defaults.
 
-The main job (prepare the bundled data, train the small Stage C, register and consume it) is built
-in later steps of the project. Until then this demo builds the `small` flavor of every stage, runs a
-real forward and backward pass through each on the CPU, and round-trips each through the diffusers
-folder format, printing what it did. It trains nothing and its weights are random.
+1. Data prep on a local Ray cluster: the bundled Twemoji set (1,903 image-caption pairs) is filtered
+   and encoded into the latent cache under runs/cache/twemoji (a rerun finds it done and skips it).
+2. The `small` flavor of every stage: a real forward and backward pass on the CPU, and a round trip
+   through the diffusers folder format.
+
+Training, evaluation, registration and consumption through MLflow are not built yet; this demo
+trains nothing and its model weights are random.
 """
 
 import argparse
@@ -69,8 +72,19 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
             if not same:
                 raise RuntimeError(f"{name} did not round-trip through {folder}")
         print(f"  saved and reloaded prior/, decoder/, vqgan/ in the diffusers layout ({folder}): identical")
-    print("Done. Not yet part of this demo: data prep, training, MLflow registration (they come next).")
+    print("Done. Not yet part of this demo: training, evaluation, MLflow registration and consumption (they come next).")
     return losses
+
+
+def prepare_data(config: Path, cache_url: str | None) -> None:
+    from data_prep.config import PrepConfig
+    from data_prep.runner import format_summary, run_prep
+    from pipelines.config import load
+
+    overrides = [f"output.url={cache_url}"] if cache_url else []
+    cfg = load(PrepConfig, config, overrides)
+    print(f"Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
+    print(format_summary(run_prep(cfg)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavor", default="small", choices=["tiny", "small"])
     parser.add_argument("--image-size", type=int, default=256, help="multiple of 128")
     parser.add_argument("--out", type=Path, default=None, help="keep the saved model folders here")
+    parser.add_argument("--prep-config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "prep_twemoji.yaml")
+    parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the config's output.url)")
+    parser.add_argument("--skip-prep", action="store_true", help="only the stage check")
     args = parser.parse_args(argv)
     if args.image_size % 128:
         parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
+    if not args.skip_prep:
+        prepare_data(args.prep_config, args.cache)
     run(args.flavor, args.image_size, args.out)
     return 0
 

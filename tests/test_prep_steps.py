@@ -1,0 +1,139 @@
+"""The data-prep steps one at a time: CLIP-score filter, deduplication, finalize, configs."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig
+from data_prep.filters import check_rules, funnel
+from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize
+from pipelines.config import ConfigError, load
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _batch(n: int, side: int = 64) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "caption": np.array([f"caption {i}" for i in range(n)], dtype=object),
+        "drop_reason": np.array([KEEP] * n, dtype=object),
+        "pixels": np.array([rng.integers(0, 256, (side, side, 3), dtype=np.uint8).tobytes() for _ in range(n)], dtype=object),
+        "semantic_pixels": np.array([b"x"] * n, dtype=object),
+        "clip_score": np.full(n, np.nan, dtype=np.float32),
+        "content_hash": np.array([f"h{i}" for i in range(n)], dtype=object),
+        "phash": rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1),  # far apart
+    }
+
+
+def test_clip_score_filter_keeps_laion_semantics(tmp_path):
+    """Scores are cosine similarities of the normalised image and text embeddings; below `min` drops."""
+    (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    probe = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json")), resolution=64)
+    batch = _batch(6)
+    batch["drop_reason"][5] = "too_small"
+    images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(64, 64, 3) for i in range(5)]
+    expected = probe.scores(images, [f"caption {i}" for i in range(5)])
+    threshold = float(np.median(expected))  # a random model's scores: split them at their median
+    stage = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), min=threshold), resolution=64)
+    stage.model = probe.model
+    out = stage(batch)
+    np.testing.assert_allclose(out["clip_score"][:5], expected, rtol=1e-5)
+    from PIL import Image
+
+    with torch.no_grad():  # LAION's definition, written out: cosine similarity of the two embeddings
+        image_emb = probe.model.encode_image(torch.stack([probe.preprocess(Image.fromarray(im)) for im in images]))
+        text_emb = probe.model.encode_text(probe.tokenizer([f"caption {i}" for i in range(5)]))
+        reference = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1).numpy()
+    np.testing.assert_allclose(expected, reference, rtol=1e-4, atol=1e-6)
+    assert np.isnan(out["clip_score"][5]) and out["drop_reason"][5] == "too_small"
+    for i in range(5):
+        assert (out["drop_reason"][i] == "clip_score") == (expected[i] < threshold)
+        assert (out["pixels"][i] == b"") == (expected[i] < threshold)
+    assert np.all(np.abs(expected) <= 1.0 + 1e-6)
+    assert sum(out["drop_reason"][i] == "clip_score" for i in range(5)) == 2
+
+
+def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
+    batch = _batch(5)
+    batch["content_hash"][3] = "h0"  # the same bytes as row 0
+    batch["phash"][4] = batch["phash"][2] ^ np.uint64(0b101)  # 2 bits from row 2
+    known = [("cached", int(batch["phash"][1]) ^ 1)]  # one bit from row 1, already in the cache
+    out = DeduplicateStage(DedupConfig(exact=True, near_max_distance=2), known)(batch)
+    assert list(out["drop_reason"]) == [KEEP, "duplicate_near", KEEP, "duplicate_exact", "duplicate_near"]
+    assert out["pixels"][3] == b"" and out["pixels"][0] != b""
+    off = DeduplicateStage(DedupConfig(exact=False, near_max_distance=None), [])(_batch(3))
+    assert list(off["drop_reason"]) == [KEEP] * 3
+
+
+def test_finalize_keeps_only_kept_rows_as_fixed_shape_tensors():
+    n = 3
+    table = pa.table({
+        "key": ["a", "b", "c"], "caption": ["x", "y", "z"], "source_shard": ["s"] * n, "width": [1, 2, 3],
+        "height": [1, 2, 3], "metadata": ["{}"] * n, "content_hash": ["1", "2", "3"], "phash": pa.array([1, 2, 3], pa.uint64()),
+        "clip_score": [0.1, 0.2, 0.3], "drop_reason": [KEEP, "too_small", KEEP],
+        "stage_c_latents": [np.full((16, 2, 2), i, np.float16).tobytes() if i != 1 else b"" for i in range(n)],
+    })
+    out = finalize(table, {"stage_c_latents": [16, 2, 2]}, "64x64")
+    assert out.column("key").to_pylist() == ["a", "c"] and "drop_reason" not in out.column_names
+    tensors = out.column("stage_c_latents").chunk(0).to_numpy_ndarray()
+    assert tensors.shape == (2, 16, 2, 2) and tensors[1].max() == 2
+
+
+def test_rules_and_the_funnel():
+    cfg = FilterConfig(min_side=64, max_side=1000, max_aspect=2.0, min_caption_words=2, max_caption_chars=30,
+                       metadata={"aesthetic|AESTHETIC_SCORE": {"min": 5.0}})
+    ok = {"AESTHETIC_SCORE": 5.5}
+    assert check_rules(100, 100, "a cat", ok, cfg) is None
+    assert check_rules(50, 100, "a cat", ok, cfg) == "too_small"
+    assert check_rules(100, 1100, "a cat", ok, cfg) == "too_large"
+    assert check_rules(100, 300, "a cat", ok, cfg) == "aspect_ratio"
+    assert check_rules(100, 100, "cat", ok, cfg) == "caption_too_short"
+    assert check_rules(100, 100, "a " * 20, ok, cfg) == "caption_too_long"
+    assert check_rules(100, 100, "a cat", {}, cfg) == "metadata_missing"
+    assert check_rules(100, 100, "a cat", {"aesthetic": 4.0}, cfg) == "metadata_threshold"
+    rows = funnel({"too_small": 3, "not_an_image": 2, "duplicate_exact": 1}, 20)
+    assert rows == [
+        {"reason": "not_an_image", "seen": 20, "dropped": 2},
+        {"reason": "too_small", "seen": 18, "dropped": 3},
+        {"reason": "duplicate_exact", "seen": 15, "dropped": 1},
+    ]
+
+
+def test_the_original_wuerstchen_preset():
+    cfg = FilterConfig(preset="wuerstchen_original")
+    assert (cfg.min_side, cfg.max_side) == (512, 4096)
+    assert {k: (t.min, t.max) for k, t in cfg.metadata.items()} == {
+        "pwatermark": (None, 0.5), "aesthetic|AESTHETIC_SCORE": (5.0, None), "punsafe": (None, 0.99)
+    }
+    assert FilterConfig(preset="wuerstchen_original", min_side=256).min_side == 256  # explicit settings win
+    with pytest.raises(ValueError, match="filters.preset must be one of"):
+        FilterConfig(preset="laion_safe")
+
+
+def test_configs_name_unknown_keys_and_wrong_types(tmp_path):
+    path = tmp_path / "prep.yaml"
+    path.write_text("encode:\n  resolutoin: 512\n")
+    with pytest.raises(ConfigError, match=r"encode: unknown keys \['resolutoin'\]"):
+        load(PrepConfig, path)
+    with pytest.raises(ConfigError, match="encode.batch_size must be a int, got 'many'"):
+        load(PrepConfig, None, ["encode.batch_size=many"])
+    with pytest.raises(ConfigError, match="encode.text_mode must be one of"):
+        load(PrepConfig, None, ["encode.text_mode=pixels"])
+    cfg = load(PrepConfig, None, ["encode.resolution=512", "output.url=s3://b/c", "filters.dedup.near_max_distance=3"])
+    assert (cfg.encode.resolution, cfg.output.url, cfg.filters.dedup.near_max_distance) == (512, "s3://b/c", 3)
+
+
+def test_the_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("prep_*.yaml")):
+        load(PrepConfig, path)
