@@ -175,7 +175,8 @@ class Cache:
 
         if not self.files:
             raise ValueError(f"the cache at {self.url} has no rows yet")
-        return ray.data.read_parquet(self.files, filesystem=self.fs, columns=columns, **kwargs)
+        ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
+        return ds.select_columns(columns) if columns else ds
 
 
 def existing_hashes(cache: Cache) -> list[tuple[str, int | None]]:

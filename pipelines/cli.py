@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
     "prep": ("prep", "filter image-text pairs and encode them into the latent cache"),
+    "train": ("train", "train Stage C on the latent cache with Ray Train, tracked in MLflow"),
     "convert": ("convert", "convert an original .pt checkpoint into a diffusers-format folder"),
     "flavors": ("flavors", "list the named model sizes and their parameter counts"),
 }

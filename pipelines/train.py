@@ -1,0 +1,188 @@
+"""`python -m pipelines.train --config FILE [--set key=value ...]` / `wuerstchen train ...`: train
+Stage C on the latent cache with Ray Train (DDP or FSDP2), checkpointing to local disk or S3 and
+tracking in MLflow.
+
+Rerunning the same command (same checkpoint.run_name and storage_path) resumes from the newest
+checkpoint, with more steps if `steps` was raised; a worker failure is retried from the newest
+checkpoint up to `max_failures` times. Exit codes: 0 done, 2 bad configuration (including a cache
+made by other encoders), 1 training failed.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from pipelines.config import ConfigError, load
+from pipelines.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def expected_fingerprints(cfg: TrainConfig, text_mode: str):
+    """The fingerprints of the encoders this model goes with, and the text encoder (to encode "")."""
+    from data_prep.config import EncodeConfig
+    from data_prep.encoders import build_semantic_compressor, build_text_encoder, model_fingerprint, text_fingerprint
+
+    enc = EncodeConfig(flavor=cfg.model.flavor, semantic=cfg.encoders.semantic, text_encoder=cfg.encoders.text_encoder,
+                       text_width=cfg.encoders.text_width, text_mode=text_mode)
+    text = build_text_encoder(enc)
+    semantic = build_semantic_compressor(enc.flavor, enc.semantic)
+    return {
+        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"],
+        "text_encoder": text_fingerprint(text, enc.text_encoder)["fingerprint"],
+    }, text
+
+
+def initial_weights(cfg: TrainConfig):
+    """The state dict to start from (None: from scratch)."""
+    init = cfg.model.init
+    if not init:
+        return None
+    if init.startswith("models:/"):
+        from pipelines.registry import load_stage_c
+
+        return load_stage_c(init).state_dict()
+    from stages import StageC
+
+    return StageC.from_pretrained(init).state_dict()
+
+
+def _init_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray_address or os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def run_training(cfg: TrainConfig):
+    """Trains; returns (ray.train.Result, the MLflow run id)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from data_prep.cache import Cache, resolve
+    from pipelines.training import checkpoint as ckpt_io
+    from pipelines.training.data import datasets
+    from pipelines.training.loop import train_func
+    from pipelines.training.tracking import flatten, start_or_resume_run, tracking_uri
+    from stages import StageC
+
+    cache = Cache(cfg.data.cache)
+    expected, text_encoder = expected_fingerprints(cfg, cache.manifest["text_mode"])
+    cache.check_fingerprints(expected)  # refused here, before any worker starts
+    c_cond = {**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}["c_cond"]
+    if text_encoder.width != c_cond:
+        raise ValueError(f"the model takes text tokens of width c_cond={c_cond}; the text encoder gives {text_encoder.width}")
+    per_worker = cache.rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
+    if per_worker < cfg.data.batch_size:
+        raise ValueError(
+            f"each of {cfg.parallel.num_workers} workers would get about {per_worker:.0f} training rows of {cfg.data.cache}, "
+            f"fewer than data.batch_size={cfg.data.batch_size}"
+        )
+    empty_text = text_encoder.encode([""])[0].cpu().numpy()
+
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    config_dict = dataclasses.asdict(cfg)
+    run_id = start_or_resume_run(
+        uri, cfg.tracking.experiment, cfg.checkpoint.run_name, flatten(config_dict),
+        tags={"cache": cfg.data.cache, **{f"fingerprint.{k}": v for k, v in expected.items()}},
+    )
+    _log_manifest(uri, run_id, cache)
+
+    _init_ray(cfg)
+    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction)
+    fs, root = resolve(cfg.checkpoint.storage_path)
+    resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    if resume is not None:
+        log.info("resuming %s from %s", cfg.checkpoint.run_name, resume.path)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "train": config_dict,
+            "init_state": initial_weights(cfg) if resume is None else None,
+            "text_mode": cache.manifest["text_mode"],
+            "empty_text": empty_text.tolist(),
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "cache_fingerprints": cache.fingerprints(),
+            # Ray Train V2 restores a run it is still tracking by itself (get_checkpoint); a finished or
+            # killed run rerun as a new trainer starts from here instead (resume_from_checkpoint is gone).
+            "resume_checkpoint": resume.path if resume is not None else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.parallel.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.parallel.num_workers, use_gpu=cfg.parallel.use_gpu,
+            resources_per_worker={"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if cfg.parallel.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.checkpoint.run_name,
+            storage_path=root,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        _end_run(uri, run_id, "FAILED")
+        raise
+    _end_run(uri, run_id, "FINISHED")
+    return result, run_id
+
+
+def _log_manifest(uri: str, run_id: str, cache) -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cache_manifest.json"
+        path.write_text(json.dumps(cache.manifest, indent=2))
+        MlflowClient(uri).log_artifact(run_id, str(path))
+
+
+def _end_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).set_terminated(run_id, status=status)
+    except Exception as err:  # the result of training matters more than the run's status
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wuerstchen train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file (see configs/); defaults: small Stage C on the Twemoji cache")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set steps=500 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load(TrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"wuerstchen train: {err}", file=sys.stderr)
+        return 2
+    from data_prep.cache import CacheMismatchError
+
+    try:
+        result, run_id = run_training(cfg)
+    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"wuerstchen train: {err}", file=sys.stderr)
+        return 2
+    print(f"trained {cfg.checkpoint.run_name}: {result.metrics}")
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}; MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""An exponential moving average of the weights, kept in the same layout as the parameters (plain
+tensors for DDP, sharded DTensors for FSDP2), with the original Würstchen schedule as an option."""
+
+import torch
+from torch import nn
+
+from pipelines.training.config import EmaConfig
+from pipelines.training.parallel import full_tensor, shard_like, unwrap
+
+
+class Ema:
+    def __init__(self, model: nn.Module, cfg: EmaConfig):
+        self.cfg = cfg
+        self.shadow = {name: p.detach().clone() for name, p in unwrap(model).named_parameters()} if cfg.mode != "none" else {}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer step `step` (1-based)."""
+        cfg = self.cfg
+        if cfg.mode == "none":
+            return
+        if cfg.mode == "every_step":
+            weight = 1.0 - cfg.decay
+        elif step % cfg.every != 0:
+            return
+        else:  # original: copy during the first `copy_until` steps, then a sparse average
+            weight = 1.0 if step <= cfg.copy_until else 1.0 - cfg.beta
+        for name, p in unwrap(model).named_parameters():
+            self.shadow[name].lerp_(p.detach(), weight)
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The EMA weights as a full state dict (buffers from the model); every rank must call it."""
+        state = {k: full_tensor(v).detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        for name, value in self.shadow.items():
+            state[name] = full_tensor(value).detach().cpu()
+        return state
+
+    def restore(self, full_state: dict[str, torch.Tensor]) -> None:
+        """Takes the EMA weights of a checkpoint (full tensors), before `place_like`."""
+        for name in self.shadow:
+            self.shadow[name] = full_state[name].detach().clone()
+
+    def place_like(self, model: nn.Module) -> None:
+        """Lays the EMA out as the (now parallelized) parameters: same device, same sharding."""
+        for name, p in unwrap(model).named_parameters():
+            if name in self.shadow:
+                self.shadow[name] = shard_like(self.shadow[name], p.detach())

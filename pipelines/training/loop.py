@@ -1,0 +1,225 @@
+"""The per-worker training loop of Stage C (the `train_loop_per_worker` of Ray Train's TorchTrainer).
+
+Every rank builds the same model, applies the parallelism, reads its shard of the cache, and runs
+exactly `steps` optimizer steps; rank 0 logs to MLflow and writes the checkpoints, which every rank
+reports to Ray Train (a barrier) so that a failed run restarts from the newest one.
+"""
+
+import contextlib
+import dataclasses
+import math
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.config import from_dict
+from pipelines.training import checkpoint as ckpt_io
+from pipelines.training.config import TrainConfig
+from pipelines.training.data import EqualStepBatches, to_tensors
+from pipelines.training.ema import Ema
+from pipelines.training.parallel import (
+    full_model_state,
+    grad_norm_and_clip,
+    load_optimizer_state,
+    optimizer_state,
+    parallelize,
+    unwrap,
+)
+from pipelines.training.tracking import MetricLogger
+from stages import StageC, StageCConfig
+from stages.diffusion import add_noise
+from stages.objectives import stage_c_loss, weighted_mse
+
+
+def build_model(cfg: TrainConfig, init_state: dict | None) -> StageC:
+    model = StageC(StageCConfig(**{**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}))
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    return model
+
+
+def stage_c_from(state: dict, config: StageCConfig) -> StageC:
+    with torch.device("meta"):
+        model = StageC(config)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _text(batch: dict, text_encoder) -> torch.Tensor:
+    if "text_embeddings" in batch:
+        return batch["text_embeddings"]
+    with torch.no_grad():
+        return text_encoder(batch["text_tokens"], batch["text_mask"]).float()
+
+
+def _noise_for(keys: list[str], shape, seed: int, t_index: int) -> torch.Tensor:
+    """Fixed noise per (key, t): the same numbers whatever the batching or the number of workers."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{t_index}:{k}".encode())))
+            for k in keys]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def validation_loss(model, val_shard, cfg: TrainConfig, device, text_encoder) -> float:
+    """The p2-weighted noise MSE on every held-out row at each t of the grid, with fixed noise:
+    deterministic, so two checkpoints are comparable. Every rank runs it (FSDP2 needs them all)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for raw in val_shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy"):
+        batch = to_tensors(raw, device)
+        z_c, text = batch["stage_c_latents"], _text(batch, text_encoder)
+        for i, t_value in enumerate(cfg.validation.t_grid):
+            t = torch.full((z_c.shape[0],), float(t_value), device=device)
+            noise = _noise_for(batch["key"], z_c.shape[1:], cfg.validation.seed, i).to(device)
+            eps = model(add_noise(z_c, noise, t), t, text)
+            total += float(weighted_mse(eps, noise, t, cfg.objective.p2_weighting)) * z_c.shape[0]
+            count += z_c.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
+    fault = cfg.fault
+    if fault.fail_at_step is None or step != fault.fail_at_step or rank != fault.rank:
+        return
+    marker = Path(fault.marker) if fault.marker else None
+    if marker is not None and marker.exists():
+        return
+    if marker is not None:
+        marker.write_text(f"failed once at step {step}\n")
+    raise RuntimeError(f"injected test fault at step {step} on rank {rank}")
+
+
+def train_func(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed + rank)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_checkpoint"):
+        from data_prep.cache import resolve
+
+        fs, _ = resolve(cfg.checkpoint.storage_path)
+        checkpoint = ray.train.Checkpoint(path=config["resume_checkpoint"], filesystem=fs)
+    restored = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = ckpt_io.read(Path(folder))
+    init_state = restored["model"] if restored else config.get("init_state")
+    model = build_model(cfg, init_state)
+    ema = Ema(model, cfg.ema)
+    if restored and "ema" in restored and ema.shadow:
+        ema.restore(restored["ema"])
+    model = parallelize(model, cfg.parallel.strategy, device)
+    ema.place_like(model)
+    model.train()
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
+    step = 0
+    position = {"epoch": 0, "batch_in_epoch": 0}
+    if restored:
+        load_optimizer_state(model, optimizer, restored["optimizer"], cfg.parallel.strategy)
+        step = restored["train_state"]["step"]
+        position = restored["train_state"]["data_position"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps), last_epoch=step - 1)
+
+    text_encoder = None
+    if config["text_mode"] == "tokens":
+        from data_prep.config import EncodeConfig
+        from data_prep.encoders import build_text_encoder
+
+        enc = cfg.encoders
+        text_encoder = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width)).to(device)
+    empty_text = torch.tensor(np.asarray(config["empty_text"], dtype=np.float32), device=device)[None]
+
+    train_batches = EqualStepBatches(
+        ray.train.get_dataset_shard("train"), cfg.data.batch_size, device,
+        skip_batches=position["batch_in_epoch"], epoch=position["epoch"],
+    )
+    val_shard = ray.train.get_dataset_shard("val")
+    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger is not None and restored:
+        from data_prep.encoders import weights_digest
+
+        # What the resumed run starts from, for anyone checking that a resume loses nothing.
+        logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(restored["model"], unwrap(model).config)))
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + rank * 7919 + step)
+    samples_per_step = cfg.data.batch_size * o.grad_accum * world
+
+    while step < cfg.steps:
+        step_start = time.perf_counter()
+        wait_before = train_batches.wait_seconds
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(o.grad_accum):
+            batch = train_batches.next()
+            sync = micro == o.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            context_manager = model.no_sync() if not sync else contextlib.nullcontext()
+            with context_manager, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = stage_c_loss(model, batch["stage_c_latents"], _text(batch, text_encoder), empty_text, cfg.objective, generator)
+                (loss / o.grad_accum).backward()
+            loss_sum += float(loss) / o.grad_accum
+        grad_norm = grad_norm_and_clip(model, o.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        ema.update(model, step)
+        _maybe_fail(cfg, step, rank)
+        seconds = time.perf_counter() - step_start
+        metrics = {
+            "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "samples_per_s": samples_per_step / seconds,
+            "data_wait_fraction": (train_batches.wait_seconds - wait_before) / seconds,
+        }
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"the loss is {loss_sum} at step {step}: stopping before the weights are ruined")
+        if step % cfg.validation.every_steps == 0 or step == cfg.steps:
+            metrics["val_loss"] = validation_loss(model, val_shard, cfg, device, text_encoder)
+        if logger is not None and (step % cfg.tracking.log_every == 0 or "val_loss" in metrics or step == cfg.steps):
+            logger.log(metrics, step)
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps:
+            _save_and_report(model, ema, optimizer, cfg, config, step, train_batches, metrics, rank)
+    if logger is not None and not logger.flush():
+        logger.flush()
+
+
+def _save_and_report(model, ema, optimizer, cfg, config, step, batches, metrics, rank) -> None:
+    import ray.train
+
+    # Every rank joins the gathers (FSDP2), only rank 0 writes; every rank reports (a barrier).
+    model_state = full_model_state(model)
+    ema_state = ema.full_state(model) if ema.shadow else None
+    opt_state = optimizer_state(model, optimizer, cfg.parallel.strategy)
+    report = {**metrics, "step": step}
+    name = ckpt_io.checkpoint_name(step)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_state = {
+                "step": step,
+                "data_position": {"epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch},
+                "mlflow_run_id": config["mlflow_run_id"],
+                "cache_fingerprints": config["cache_fingerprints"],
+                "config": config["train"],
+            }
+            ckpt_io.write(Path(tmp), unwrap(model).config, model_state, ema_state, opt_state, train_state)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    else:
+        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)

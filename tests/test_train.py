@@ -1,0 +1,124 @@
+"""Stage C training on Ray Train with 2 CPU workers, against real parts: a local Ray cluster, moto's
+S3 server for checkpoints, an MLflow server over HTTP."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_bucket
+from mlflow.tracking import MlflowClient
+from prep_factory import plain_shards
+
+from data_prep.cache import CacheMismatchError, resolve
+from data_prep.config import PrepConfig
+from data_prep.runner import run_prep
+from pipelines.config import load
+from pipelines.train import run_training
+from pipelines.training import checkpoint as ckpt_io
+from pipelines.training.config import TrainConfig
+from stages import StageC
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(ray_cluster, tmp_path_factory):
+    """37 rows (an odd number: the workers' shares are uneven), tiny encoders at 128 px."""
+    root = tmp_path_factory.mktemp("train-data")
+    source = plain_shards(root / "src", shards=2, per_shard=19)
+    output = root / "cache"
+    cfg = load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={output}", "encode.flavor=tiny",
+        "encode.resolution=128", "encode.batch_size=16", "output.shards_per_wave=2",
+    ])
+    summary = run_prep(cfg)
+    assert summary["rows_written"] == 38
+    return str(output)
+
+
+def train_config(cache: str, storage: str, uri: str, run_name: str, **sets) -> TrainConfig:
+    base = {
+        "model.flavor": "tiny", "data.cache": cache, "data.batch_size": 4, "data.validation_fraction": 0.2,
+        "steps": 6, "checkpoint.every_steps": 3, "checkpoint.storage_path": storage, "checkpoint.run_name": run_name,
+        "validation.every_steps": 3, "tracking.tracking_uri": uri, "tracking.log_every": 1, "tracking.experiment": "tests",
+        "parallel.num_workers": 2, "parallel.cpus_per_worker": 0.5, "ema.decay": 0.9, "optim.lr": 1e-3,
+    }
+    base.update(sets)
+    return load(TrainConfig, None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_workers_train_checkpoint_to_s3_and_track_in_mlflow(tiny_cache, mlflow_server, strategy):
+    bucket = make_bucket(f"train-{strategy}")
+    cfg = train_config(tiny_cache, f"s3://{bucket}/runs", mlflow_server, f"run-{strategy}", **{"parallel.strategy": strategy})
+    result, run_id = run_training(cfg)
+    assert result.metrics["step"] == 6
+    steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    val = _history(mlflow_server, run_id, "val_loss")
+    assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val)
+    for key in ("lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
+        assert len(_history(mlflow_server, run_id, key)) == 6, key
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["parallel.strategy"] == strategy
+    artifacts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)]
+    assert "cache_manifest.json" in artifacts
+
+    latest = ckpt_io.latest(f"s3://{bucket}/runs", f"run-{strategy}")
+    assert latest is not None and latest.path.endswith("checkpoint_00000006")
+    fs, root = resolve(f"s3://{bucket}/runs")
+    with latest.as_directory() as folder:
+        state = ckpt_io.read(folder)
+        ema = StageC.from_pretrained(f"{folder}/ema")
+    assert state["train_state"]["step"] == 6 and state["train_state"]["mlflow_run_id"] == run_id
+    assert ema.config == StageC.flavor_config("tiny")
+    # EMA (decay 0.9 over 6 steps) lies between the start and the trained weights: not equal to either
+    assert any(not torch.equal(ema.state_dict()[k], state["model"][k]) for k in state["model"])
+
+
+def test_resume_continues_from_the_checkpoint_with_the_saved_weights(tiny_cache, mlflow_server, tmp_path):
+    storage = str(tmp_path / "runs")
+    _, first_run = run_training(train_config(tiny_cache, storage, mlflow_server, "resume", steps=3))
+    saved = ckpt_io.read(tmp_path / "runs" / "resume" / "checkpoint_00000003")
+
+    result, second_run = run_training(train_config(tiny_cache, storage, mlflow_server, "resume", steps=6))
+    assert second_run == first_run, "a resumed run continues its MLflow run"
+    assert [s for s, _ in _history(mlflow_server, first_run, "loss")] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert result.metrics["step"] == 6
+    tags = MlflowClient(mlflow_server).get_run(first_run).data.tags
+    assert tags["resume.step_3.weights_sha256"] == weights_digest_of(saved["model"])
+
+
+def weights_digest_of(state: dict) -> str:
+    from data_prep.encoders import weights_digest
+
+    model = StageC.from_flavor("tiny")
+    model.load_state_dict(state)
+    return weights_digest(model)
+
+
+def test_a_worker_failure_is_recovered_from_the_latest_checkpoint(tiny_cache, mlflow_server, tmp_path):
+    cfg = train_config(tiny_cache, str(tmp_path / "runs"), mlflow_server, "faulty", max_failures=1,
+                       **{"fault.fail_at_step": 5, "fault.rank": 1, "fault.marker": str(tmp_path / "failed-once")})
+    result, run_id = run_training(cfg)
+    assert (tmp_path / "failed-once").exists()
+    assert result.metrics["step"] == 6
+    steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
+    # Steps after the last checkpoint (3) ran before the failure and again after the restart from
+    # it; nothing before it repeats and nothing is missing.
+    restart = max(i for i, s in enumerate(steps) if s == 4)
+    assert steps[restart:] == [4, 5, 6]
+    assert steps[:restart] in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
+    runs = MlflowClient(mlflow_server).search_runs(
+        [MlflowClient(mlflow_server).get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`wuerstchen.run_name` = 'faulty'",
+    )
+    assert len(runs) == 1
+
+
+def test_a_cache_of_other_encoders_is_refused_before_any_worker_starts(tiny_cache, mlflow_server, tmp_path):
+    cfg = train_config(tiny_cache, str(tmp_path / "runs"), mlflow_server, "mismatch", **{"encoders.text_encoder.seed": 3})
+    with pytest.raises(CacheMismatchError, match="text_encoder of fingerprint"):
+        run_training(cfg)
+    assert not (tmp_path / "runs").exists()
