@@ -1,0 +1,126 @@
+"""Training pieces on their own: equal steps per rank with uneven shards, EMA schedules, the
+metric logger across an MLflow outage."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port, wait_for_port
+
+from pipelines.training.config import EmaConfig
+from pipelines.training.data import EqualStepBatches, is_validation
+from pipelines.training.ema import Ema
+from pipelines.training.tracking import MetricLogger
+
+
+class FakeShard:
+    """A dataset shard with a fixed number of batches per epoch (what uneven Ray blocks give)."""
+
+    def __init__(self, batches: int, rank: int):
+        self.batches, self.rank, self.epochs = batches, rank, 0
+
+    def iter_batches(self, batch_size, batch_format, drop_last):
+        self.epochs += 1
+        for i in range(self.batches):
+            yield {"key": np.array([f"r{self.rank}e{self.epochs}b{i}"] * batch_size, dtype=object),
+                   "stage_c_latents": np.zeros((batch_size, 16, 2, 2), np.float32)}
+
+
+def _worker(rank: int, port: int, per_rank_batches: list[int], steps: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    batches = EqualStepBatches(FakeShard(per_rank_batches[rank], rank), 2, torch.device("cpu"))
+    keys = []
+    for _ in range(steps):
+        keys.append(batches.next()["key"][0])
+        dist.all_reduce(torch.ones(1))  # what the gradient sync does every step
+    Path(out, f"rank{rank}.txt").write_text("\n".join(keys))
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_the_same_number_of_steps_on_uneven_shards(tmp_path):
+    """Rank 0 has 5 batches per epoch, rank 1 only 3: both run 10 steps and start each epoch together."""
+    mp.start_processes(_worker, args=(free_port(), [5, 3], 10, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    rank0 = (tmp_path / "rank0.txt").read_text().split()
+    rank1 = (tmp_path / "rank1.txt").read_text().split()
+    assert len(rank0) == len(rank1) == 10
+    # epochs advance together: at most 3 batches each per epoch, both ranks in the same epoch at each step
+    assert [k.split("b")[0][2:] for k in rank0] == [k.split("b")[0][2:] for k in rank1]
+    assert rank0[:4] == ["r0e1b0", "r0e1b1", "r0e1b2", "r0e2b0"]
+
+
+def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="fewer than batch_size=2 rows"):
+        EqualStepBatches(FakeShard(0, 0), 2, torch.device("cpu")).next()
+
+
+def test_the_validation_split_depends_on_the_key_only():
+    keys = [f"img{i}" for i in range(20_000)]
+    held_out = [k for k in keys if is_validation(k, 0.05)]
+    assert abs(len(held_out) / len(keys) - 0.05) < 0.01
+    assert held_out == [k for k in reversed(keys) if is_validation(k, 0.05)][::-1]
+
+
+def test_ema_schedules():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    every = Ema(model, EmaConfig(mode="every_step", decay=0.9))
+    original = Ema(model, EmaConfig(mode="original", every=2, beta=0.5, copy_until=4))
+    for step in range(1, 9):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        every.update(model, step)
+        original.update(model, step)
+        if step == 1:
+            assert every.shadow["weight"][0, 0].item() == pytest.approx(0.1)
+            assert original.shadow["weight"][0, 0].item() == 0.0  # not an update step
+        if step == 4:
+            assert original.shadow["weight"][0, 0].item() == 4.0  # a plain copy until copy_until
+    assert original.shadow["weight"][0, 0].item() == pytest.approx(0.5 * (0.5 * 4 + 0.5 * 6) + 0.5 * 8)
+    assert Ema(model, EmaConfig(mode="none")).shadow == {}
+
+
+def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    wait_for_port(port, timeout=120, process=process)
+    return process
+
+
+def test_metrics_survive_a_tracking_server_outage(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow(tmp_path, port)
+    try:
+        run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("outage")).info.run_id
+        logger = MetricLogger(uri, run_id)
+        logger.log({"loss": 1.0}, step=1)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    start = time.monotonic()
+    for step in (2, 3, 4):
+        logger.log({"loss": float(step)}, step=step)  # the server is gone: kept, warned, no exception
+    assert time.monotonic() - start < 30, "logging must not stall training while the server is away"
+    assert len(logger.pending) == 3 and "MLflow is unreachable" in caplog.text
+    server = _start_mlflow(tmp_path, port)
+    try:
+        logger.log({"loss": 5.0}, step=5)
+        assert logger.pending == []
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
