@@ -31,11 +31,45 @@ def _needs_weights(flavor: str, what: str, weights: EncoderWeights) -> None:
         )
 
 
+def calibration_images(seed: int, count: int = 64, side: int = 128) -> torch.Tensor:
+    """Seeded synthetic pictures in [0, 1]: smooth colour fields at several scales, like photos' spectra."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.zeros(count, 3, side, side)
+    for cells in (2, 4, 8, 16, 32):
+        noise = torch.rand(count, 3, cells, cells, generator=gen)
+        images += torch.nn.functional.interpolate(noise, size=side, mode="bicubic", align_corners=False) / cells**0.5
+    images -= images.amin(dim=(1, 2, 3), keepdim=True)
+    return images / images.amax(dim=(1, 2, 3), keepdim=True)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: torch.nn.Module, forward, seed: int) -> torch.nn.Module:
+    """Sets every BatchNorm's running statistics from seeded synthetic images.
+
+    A randomly initialised network in eval mode uses BN statistics of mean 0 and variance 1, which do
+    not match its activations: a random EfficientNet's features then shrink towards zero layer after
+    layer, and every image gets the same latent. With calibrated statistics the outputs are
+    normalised as a trained encoder's are (the semantic latent e has about mean 0 and std 1)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.eval()  # stochastic depth and dropout stay off: the result must not depend on any RNG
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calibration batches
+        bn.train()
+    for batch in calibration_images(seed).split(16):
+        forward(model, batch)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
 def build_semantic_compressor(flavor: str, weights: EncoderWeights) -> SemanticCompressor:
-    """From a diffusers-style folder, an original Stage B `.pt` (its effnet_state_dict), or seeded random init."""
+    """From a diffusers-style folder, an original Stage B `.pt` (its effnet_state_dict), or seeded
+    random init with calibrated BatchNorm statistics (tiny / small flavors)."""
     _needs_weights(flavor, "semantic compressor", weights)
     if weights.path is None:
-        return _seeded(weights.seed, lambda: SemanticCompressor.from_flavor(flavor)).eval()
+        model = _seeded(weights.seed, lambda: SemanticCompressor.from_flavor(flavor))
+        return calibrate_batchnorm(model, lambda m, x: m(x), weights.seed)
     if weights.path.endswith((".pt", ".pth", ".ckpt")):
         return load_original_semantic_compressor(weights.path, flavor=flavor)
     return SemanticCompressor.from_pretrained(weights.path)
@@ -45,7 +79,8 @@ def build_stage_a(flavor: str, weights: EncoderWeights) -> StageA:
     """From a diffusers folder or hub id (its vqgan/ subfolder is found), an original `.pt`, or seeded random init."""
     _needs_weights(flavor, "Stage A", weights)
     if weights.path is None:
-        return _seeded(weights.seed, lambda: StageA.from_flavor(flavor)).eval()
+        model = _seeded(weights.seed, lambda: StageA.from_flavor(flavor))
+        return calibrate_batchnorm(model, lambda m, x: m.encode(x), weights.seed)
     if weights.path.endswith((".pt", ".pth", ".ckpt")):
         return load_original(StageA, weights.path, flavor=flavor)
     return StageA.from_pretrained(weights.path)
@@ -84,7 +119,7 @@ def _fingerprint(kind: str, config: dict, weights_hash: str) -> dict:
 
 def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
     info = _fingerprint(kind, dataclasses.asdict(model.config), weights_digest(model))
-    info["weights"] = weights.path or f"random init (seed {weights.seed})"
+    info["weights"] = weights.path or f"random init (seed {weights.seed}), BatchNorm calibrated on seeded synthetic images"
     return info
 
 

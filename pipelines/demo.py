@@ -1,12 +1,15 @@
-"""`wuerstchen demo` / `python -m pipelines.demo`: the main job as far as it exists, on embedded defaults.
+"""`wuerstchen demo` / `python -m pipelines.demo`: the main job as far as it exists, on embedded
+defaults: a local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji data.
 
-1. Data prep on a local Ray cluster: the bundled Twemoji set (1,903 image-caption pairs) is filtered
-   and encoded into the latent cache under runs/cache/twemoji (a rerun finds it done and skips it).
-2. The `small` flavor of every stage: a real forward and backward pass on the CPU, and a round trip
-   through the diffusers folder format.
+1. Data prep: the 1,903 Twemoji image-caption pairs are filtered and encoded into the latent cache
+   under runs/cache/twemoji (a rerun finds the cache complete and skips it).
+2. Training: the `small` Stage C on the cache with Ray Train (2 CPU workers, DDP), checkpoints under
+   runs/train, metrics in MLflow (a rerun resumes from the newest checkpoint).
+3. Sampling from the trained EMA weights: Stage C latents for a few cached captions, each compared
+   with the nearest latent in the cache.
 
-Training, evaluation, registration and consumption through MLflow are not built yet; this demo
-trains nothing and its model weights are random.
+Registration, the promotion gate and loading `models:/...@champion` come with the model registry
+(not built yet). `--stages-only` runs the older check of every stage's forward/backward instead.
 """
 
 import argparse
@@ -76,31 +79,93 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
     return losses
 
 
-def prepare_data(config: Path, cache_url: str | None) -> None:
+def prepare_data(config: Path, cache_url: str | None) -> str:
     from data_prep.config import PrepConfig
     from data_prep.runner import format_summary, run_prep
     from pipelines.config import load
 
-    overrides = [f"output.url={cache_url}"] if cache_url else []
-    cfg = load(PrepConfig, config, overrides)
-    print(f"Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
+    cfg = load(PrepConfig, config, [f"output.url={cache_url}"] if cache_url else [])
+    print(f"\n== 1. Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
     print(format_summary(run_prep(cfg)), flush=True)
+    return cfg.output.url
+
+
+def train(config: Path, cache_url: str, steps: int | None):
+    from pipelines.config import load
+    from pipelines.train import run_training
+    from pipelines.training.config import TrainConfig
+
+    overrides = [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps else [])
+    cfg = load(TrainConfig, config, overrides)
+    print(f"\n== 2. Training: {cfg.model.flavor} Stage C, {cfg.steps} steps, {cfg.parallel.num_workers} workers "
+          f"({cfg.parallel.strategy}); checkpoints in {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}", flush=True)
+    result, run_id = run_training(cfg)
+    metrics = result.metrics
+    print(f"   step {metrics['step']}: loss {metrics['loss']:.5f}, validation loss {metrics.get('val_loss', float('nan')):.5f}; "
+          f"MLflow run {run_id}", flush=True)
+    return cfg, result
+
+
+def sample(cfg, result, cache_url: str, prompts: int = 4) -> None:
+    """Samples Stage C latents for cached captions with the trained EMA weights and reports, for each,
+    the caption of the nearest cached latent."""
+    import numpy as np
+
+    from data_prep.cache import Cache
+    from data_prep.config import EncodeConfig
+    from data_prep.encoders import build_text_encoder
+    from stages.latents import semantic_to_stage_c
+    from stages.sampler import WuerstchenSampler
+
+    print("\n== 3. Sampling from the trained EMA weights (Stage C only)", flush=True)
+    with result.checkpoint.as_directory() as folder:
+        prior = StageC.from_pretrained(Path(folder) / "ema")
+    enc = cfg.encoders
+    text = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width))
+    table = Cache(cache_url).read_table(["caption", "stage_c_latents"])
+    captions = table.column("caption").to_pylist()
+    cached = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32)
+    side = 256  # the demo cache's resolution: 6x6 Stage C latents
+    picks = [captions[i] for i in np.linspace(0, len(captions) - 1, prompts).astype(int)]
+    semantic = WuerstchenSampler(prior, text)(picks, height=side, width=side, prior_steps=20, prior_guidance=4.0,
+                                              generator=0, output="semantic", progress=False)
+    z_c = semantic_to_stage_c(semantic).numpy().reshape(len(picks), -1)
+    distances = ((cached.reshape(len(cached), -1)[None] - z_c[:, None]) ** 2).mean(-1)
+    for prompt, row in zip(picks, distances):
+        nearest = int(row.argmin())
+        rank = int((row < row[captions.index(prompt)]).sum()) + 1
+        print(f"   {prompt!r:<32} nearest cached latent: {captions[nearest]!r} (its own latent ranks {rank} of {len(captions)})")
 
 
 def main(argv: list[str] | None = None) -> int:
+    root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(prog="wuerstchen demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--flavor", default="small", choices=["tiny", "small"])
-    parser.add_argument("--image-size", type=int, default=256, help="multiple of 128")
-    parser.add_argument("--out", type=Path, default=None, help="keep the saved model folders here")
-    parser.add_argument("--prep-config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "prep_twemoji.yaml")
-    parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the config's output.url)")
-    parser.add_argument("--skip-prep", action="store_true", help="only the stage check")
+    parser.add_argument("--prep-config", type=Path, default=root / "configs" / "prep_twemoji.yaml")
+    parser.add_argument("--train-config", type=Path, default=root / "configs" / "train_twemoji_small.yaml")
+    parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the prep config's output.url)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the train config's)")
+    parser.add_argument("--stages-only", action="store_true", help="only the forward/backward check of every stage")
+    parser.add_argument("--flavor", default="small", choices=["tiny", "small"], help="with --stages-only")
+    parser.add_argument("--image-size", type=int, default=256, help="with --stages-only; a multiple of 128")
+    parser.add_argument("--out", type=Path, default=None, help="with --stages-only: keep the saved model folders here")
     args = parser.parse_args(argv)
-    if args.image_size % 128:
-        parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
-    if not args.skip_prep:
-        prepare_data(args.prep_config, args.cache)
-    run(args.flavor, args.image_size, args.out)
+    if args.stages_only:
+        if args.image_size % 128:
+            parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
+        run(args.flavor, args.image_size, args.out)
+        return 0
+    start = time.perf_counter()
+    cache_url = prepare_data(args.prep_config, args.cache)
+    cfg, result = train(args.train_config, cache_url, args.steps)
+    sample(cfg, result, cache_url)
+    from pipelines.training.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
+    print(f"   latent cache:  {cache_url} (manifest.json holds the funnel and the encoder fingerprints)")
+    print(f"   checkpoints:   {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}")
+    print(f"   MLflow:        {uri}   ->   mlflow ui --backend-store-uri {uri}")
+    print("   Not yet part of the demo: registration, the promotion gate and loading models:/...@champion.")
     return 0
 
 

@@ -42,8 +42,9 @@ def initial_weights(cfg: TrainConfig):
         return None
     if init.startswith("models:/"):
         from pipelines.registry import load_stage_c
+        from pipelines.training.tracking import tracking_uri
 
-        return load_stage_c(init).state_dict()
+        return load_stage_c(init, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
     from stages import StageC
 
     return StageC.from_pretrained(init).state_dict()

@@ -43,7 +43,7 @@ def test_console_script_lists_its_commands():
 
 
 def test_demo_runs_every_stage_and_round_trips_them(tmp_path):
-    result = _run(sys.executable, "-m", "pipelines.demo", "--skip-prep", "--flavor", "tiny", "--image-size", "128", "--out", str(tmp_path))
+    result = _run(sys.executable, "-m", "pipelines.demo", "--stages-only", "--flavor", "tiny", "--image-size", "128", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "identical" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "prior", "vqgan"]

@@ -67,7 +67,7 @@ def test_the_cache_holds_exactly_the_good_rows_and_counts_every_bad_one(local_ru
     assert manifest["dropped"] == dropped
     assert manifest["rows_written"] == len(kept) and manifest["rows_in"] == len(kept) + sum(dropped.values())
     assert len(manifest["shards"]) == 2 and all(s.startswith("file://") for s in manifest["shards"])
-    assert manifest["encoders"]["semantic_compressor"]["weights"] == "random init (seed 0)"
+    assert manifest["encoders"]["semantic_compressor"]["weights"].startswith("random init (seed 0)")
     text = format_summary(summary)
     assert "unsafe_member_name" in text and f"rows in / out    {manifest['rows_in']} / {len(kept)}" in text
 
@@ -79,8 +79,11 @@ def test_cache_tensors_have_the_expected_shapes_and_values(local_run):
     assert shapes == {"stage_c_latents": [16, 3, 3], "stage_a_latents": [4, 32, 32], "text_embeddings": [77, 32]}
     z_c = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks])
     assert z_c.dtype == np.float16 and np.isfinite(z_c).all()
-    # z_C = (e + 1) / 42 with e a BatchNorm output: centred near 1/42 (random compressor, eval-mode BN)
-    assert 0.0 < float(z_c.astype(np.float32).mean()) < 0.1
+    # z_C = (e + 1) / 42 with e normalised by the compressor's BatchNorm (calibrated for random init):
+    # e has a mean near 0 and a spread of order 1, and different images get different latents.
+    e = 42.0 * z_c.astype(np.float32) - 1.0
+    assert abs(float(e.mean())) < 1.5 and 0.3 < float(e.std()) < 10.0  # calibrated on other pictures
+    assert float(np.abs(e[0] - e[1]).mean()) > 0.1
     assert set(table.column("bucket").to_pylist()) == {"128x128"}
 
 

@@ -137,3 +137,18 @@ def test_the_shipped_configs_load():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("prep_*.yaml")):
         load(PrepConfig, path)
+
+
+def test_random_init_encoders_are_the_same_whatever_the_global_rng_state():
+    """Prep and training build the encoders in different processes: their fingerprints must agree."""
+    from data_prep.config import EncoderWeights
+    from data_prep.encoders import build_semantic_compressor, build_stage_a, model_fingerprint
+
+    prints = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        torch.rand(global_seed)
+        w = EncoderWeights(seed=0)
+        prints.append((model_fingerprint("s", build_semantic_compressor("tiny", w), w)["fingerprint"],
+                       model_fingerprint("a", build_stage_a("tiny", w), w)["fingerprint"]))
+    assert prints[0] == prints[1]

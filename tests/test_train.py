@@ -122,3 +122,58 @@ def test_a_cache_of_other_encoders_is_refused_before_any_worker_starts(tiny_cach
     with pytest.raises(CacheMismatchError, match="text_encoder of fingerprint"):
         run_training(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_model_init_from_a_registered_mlflow_model(mlflow_server, tmp_path):
+    import mlflow
+    import mlflow.pyfunc
+
+    from pipelines.train import initial_weights
+
+    class Holder(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    prior = StageC.from_flavor("tiny")
+    prior.save_pretrained(tmp_path / "prior")
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("init-test")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="stage_c", python_model=Holder(), artifacts={"prior": str(tmp_path / "prior")},
+                                       registered_model_name="init-test-stage-c")
+    MlflowClient(mlflow_server).set_registered_model_alias("init-test-stage-c", "champion", info.registered_model_version)
+    cfg = train_config("unused", str(tmp_path), mlflow_server, "x", **{"model.init": "models:/init-test-stage-c@champion"})
+    state = initial_weights(cfg)
+    assert all(torch.equal(state[k], v) for k, v in prior.state_dict().items())
+
+
+def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(ray_cluster, mlflow_server, tmp_path):
+    source = plain_shards(tmp_path / "src", shards=1, per_shard=14, seed0=900)
+    prep = load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={tmp_path / 'cache'}", "encode.flavor=tiny",
+        "encode.resolution=128", "encode.batch_size=16", "encode.text_mode=tokens",
+    ])
+    run_prep(prep)
+    cfg = train_config(str(tmp_path / "cache"), str(tmp_path / "runs"), mlflow_server, "tokens", steps=2, **{
+        "parallel.num_workers": 1, "checkpoint.every_steps": 2, "validation.every_steps": 2, "data.batch_size": 4})
+    result, _ = run_training(cfg)
+    assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss"]) and np.isfinite(result.metrics["loss"])
+
+
+def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlflow_server, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    storage = str(tmp_path / "runs")
+    sets = {"parallel.strategy": "fsdp2", "checkpoint.fsdp_state_dict": "sharded"}
+    _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "sharded", steps=3, **sets))
+    folder = tmp_path / "runs" / "sharded" / "checkpoint_00000003"
+    assert sorted(p.name for p in (folder / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (folder / "model").exists() and (folder / "ema" / "config.json").is_file()
+    # The shards hold the full model: read them back in this (non-distributed) process.
+    state = {"model": StageC.from_flavor("tiny").state_dict()}
+    dcp.load(state, checkpoint_id=str(folder / "sharded"))
+    result, again = run_training(train_config(tiny_cache, storage, mlflow_server, "sharded", steps=6, **sets))
+    assert again == run_id and result.metrics["step"] == 6
+    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert tags["resume.step_3.weights_sha256"] == weights_digest_of(state["model"])

@@ -6,6 +6,9 @@ storage (local or S3) and keeps the newest `num_to_keep`.
         ema/     config.json + diffusion_pytorch_model.safetensors   the EMA weights (what gets registered)
         optimizer.pt         optimizer state (tensors and numbers only: read back with weights_only=True)
         train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config
+    or, with FSDP2 and fsdp_state_dict "sharded", instead of model/ and optimizer.pt:
+        sharded/             torch.distributed.checkpoint of model, optimizer and EMA, one file per rank
+                             (every rank reports its part; Ray Train merges them into one folder)
 """
 
 import json
@@ -17,6 +20,7 @@ from stages import StageC
 
 TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.pt"
+SHARDED = "sharded"
 
 
 def checkpoint_name(step: int) -> str:
@@ -26,12 +30,13 @@ def checkpoint_name(step: int) -> str:
 def write(
     directory: Path,
     model_config,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     ema_state: dict[str, torch.Tensor] | None,
-    optimizer_state: dict,
+    optimizer_state: dict | None,
     train_state: dict,
 ) -> Path:
-    """Writes one checkpoint folder (rank 0, with states already gathered)."""
+    """Writes one checkpoint folder (rank 0, with states already gathered; model and optimizer are
+    None when they went into the sharded part)."""
     directory = Path(directory)
     for name, state in (("model", model_state), ("ema", ema_state)):
         if state is None:
@@ -40,23 +45,62 @@ def write(
             holder = StageC(model_config)
         holder.load_state_dict(state, assign=True)
         holder.save_pretrained(directory / name)
-    torch.save(optimizer_state, directory / OPTIMIZER)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / OPTIMIZER)
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     (directory / TRAIN_STATE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")
     return directory
 
 
-def read(directory: Path) -> dict:
-    """What a checkpoint folder holds: train_state, and the model / ema / optimizer states."""
+def save_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
+    """Every rank writes its shard of model, optimizer and EMA (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer), "ema": ema_shadow}
+    dcp.save(state, checkpoint_id=str(Path(directory) / SHARDED))
+
+
+def load_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
+    """Loads a sharded checkpoint into the parallelized model, its optimizer and the EMA, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer), "ema": ema_shadow}
+    dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+
+
+def read_train_state(directory: Path) -> dict:
     directory = Path(directory)
     state = json.loads((directory / TRAIN_STATE).read_text())
     missing = [f for f in state["files"] if not (directory / f).is_file()]
+    if state.get("sharded_world_size"):
+        shards = list((directory / SHARDED).glob("*.distcp"))
+        if len(shards) < state["sharded_world_size"]:
+            missing.append(f"{SHARDED}/ ({len(shards)} of {state['sharded_world_size']} rank files)")
     if missing:
         raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {missing}")
-    out = {"train_state": state, "model": StageC.from_pretrained(directory / "model").state_dict()}
+    return state
+
+
+def read(directory: Path) -> dict:
+    """What a full checkpoint folder holds: train_state, and the model / ema / optimizer states
+    (a sharded one: train_state and ema; the rest is loaded with `load_sharded`)."""
+    directory = Path(directory)
+    out = {"train_state": read_train_state(directory)}
+    if (directory / "model").is_dir():
+        out["model"] = StageC.from_pretrained(directory / "model").state_dict()
     if (directory / "ema").is_dir():
         out["ema"] = StageC.from_pretrained(directory / "ema").state_dict()
-    out["optimizer"] = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+    if (directory / OPTIMIZER).is_file():
+        out["optimizer"] = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
     return out
 
 
@@ -79,7 +123,11 @@ def latest(storage_path: str, run_name: str):
         text = read_text(fs, join(path, TRAIN_STATE))
         if text is None:
             continue
-        listed = json.loads(text)["files"]
-        if all(fs.get_file_info(join(path, f)).type == pafs.FileType.File for f in listed):
+        state = json.loads(text)
+        complete = all(fs.get_file_info(join(path, f)).type == pafs.FileType.File for f in state["files"])
+        if state.get("sharded_world_size"):
+            shards = fs.get_file_info(pafs.FileSelector(join(path, SHARDED), allow_not_found=True))
+            complete &= sum(i.path.endswith(".distcp") for i in shards) >= state["sharded_world_size"]
+        if complete:
             return Checkpoint(path=path, filesystem=fs)
     return None

@@ -82,6 +82,14 @@ class CheckpointConfig:
     run_name: str = "stage-c-small"  # rerunning with the same name resumes from its latest checkpoint
     every_steps: int = 100
     num_to_keep: int = 2
+    # FSDP2 only: "full" gathers the model and optimizer state to rank 0; "sharded" has every rank
+    # write its own shard with torch.distributed.checkpoint (no gather; the EMA is still gathered,
+    # written in the diffusers layout for consumers).
+    fsdp_state_dict: str = "full"
+
+    def __post_init__(self):
+        if self.fsdp_state_dict not in ("full", "sharded"):
+            raise ValueError(f"checkpoint.fsdp_state_dict must be 'full' or 'sharded', got {self.fsdp_state_dict!r}")
 
 
 @dataclasses.dataclass

@@ -64,14 +64,27 @@ def _noise_for(keys: list[str], shape, seed: int, t_index: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+class ValidationSet:
+    """The held-out rows, read from the worker's dataset once and then kept in memory (a small
+    fraction of the cache), so that validating does not re-read the cache every time."""
+
+    def __init__(self, shard, batch_size: int):
+        self.shard, self.batch_size, self.batches = shard, batch_size, None
+
+    def __iter__(self):
+        if self.batches is None:
+            self.batches = list(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"))
+        return iter(self.batches)
+
+
 @torch.no_grad()
-def validation_loss(model, val_shard, cfg: TrainConfig, device, text_encoder) -> float:
+def validation_loss(model, val_set: ValidationSet, cfg: TrainConfig, device, text_encoder) -> float:
     """The p2-weighted noise MSE on every held-out row at each t of the grid, with fixed noise:
     deterministic, so two checkpoints are comparable. Every rank runs it (FSDP2 needs them all)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for raw in val_shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy"):
+    for raw in val_set:
         batch = to_tensors(raw, device)
         z_c, text = batch["stage_c_latents"], _text(batch, text_encoder)
         for i, t_value in enumerate(cfg.validation.t_grid):
@@ -101,10 +114,12 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
 
 
 def train_func(config: dict) -> None:
+    import ray.data
     import ray.train
     import ray.train.torch
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines below show progress
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -117,29 +132,32 @@ def train_func(config: dict) -> None:
 
         fs, _ = resolve(cfg.checkpoint.storage_path)
         checkpoint = ray.train.Checkpoint(path=config["resume_checkpoint"], filesystem=fs)
-    restored = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            restored = ckpt_io.read(Path(folder))
-    init_state = restored["model"] if restored else config.get("init_state")
-    model = build_model(cfg, init_state)
-    ema = Ema(model, cfg.ema)
-    if restored and "ema" in restored and ema.shadow:
-        ema.restore(restored["ema"])
-    model = parallelize(model, cfg.parallel.strategy, device)
-    ema.place_like(model)
-    model.train()
+    folder_context = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+    with folder_context as folder:  # kept open until a sharded checkpoint is loaded
+        restored = ckpt_io.read(Path(folder)) if folder else None
+        sharded = bool(restored and restored["train_state"].get("sharded_world_size"))
+        init_state = restored.get("model") if restored else config.get("init_state")
+        model = build_model(cfg, init_state)
+        ema = Ema(model, cfg.ema)
+        if restored and "ema" in restored and ema.shadow and not sharded:
+            ema.restore(restored["ema"])
+        model = parallelize(model, cfg.parallel.strategy, device)
+        ema.place_like(model)
+        model.train()
 
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
-    step = 0
-    position = {"epoch": 0, "batch_in_epoch": 0}
-    if restored:
-        load_optimizer_state(model, optimizer, restored["optimizer"], cfg.parallel.strategy)
-        step = restored["train_state"]["step"]
-        position = restored["train_state"]["data_position"]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps), last_epoch=step - 1)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
+        step = 0
+        position = {"epoch": 0, "batch_in_epoch": 0}
+        if restored:
+            if sharded:
+                ckpt_io.load_sharded(Path(folder), model, optimizer, ema.shadow)
+            else:
+                load_optimizer_state(model, optimizer, restored["optimizer"], cfg.parallel.strategy)
+            step = restored["train_state"]["step"]
+            position = restored["train_state"]["data_position"]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps), last_epoch=step - 1)
 
     text_encoder = None
     if config["text_mode"] == "tokens":
@@ -154,13 +172,16 @@ def train_func(config: dict) -> None:
         ray.train.get_dataset_shard("train"), cfg.data.batch_size, device,
         skip_batches=position["batch_in_epoch"], epoch=position["epoch"],
     )
-    val_shard = ray.train.get_dataset_shard("val")
+    val_set = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size)
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    if logger is not None and restored:
-        from data_prep.encoders import weights_digest
+    if restored:
+        # What the resumed run starts from, for anyone checking that a resume loses nothing (a
+        # gather every rank joins, once per resume).
+        resumed_state = full_model_state(model)
+        if logger is not None:
+            from data_prep.encoders import weights_digest
 
-        # What the resumed run starts from, for anyone checking that a resume loses nothing.
-        logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(restored["model"], unwrap(model).config)))
+            logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(resumed_state, unwrap(model).config)))
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + rank * 7919 + step)
     samples_per_step = cfg.data.batch_size * o.grad_accum * world
 
@@ -192,9 +213,11 @@ def train_func(config: dict) -> None:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the loss is {loss_sum} at step {step}: stopping before the weights are ruined")
         if step % cfg.validation.every_steps == 0 or step == cfg.steps:
-            metrics["val_loss"] = validation_loss(model, val_shard, cfg, device, text_encoder)
+            metrics["val_loss"] = validation_loss(model, val_set, cfg, device, text_encoder)
         if logger is not None and (step % cfg.tracking.log_every == 0 or "val_loss" in metrics or step == cfg.steps):
             logger.log(metrics, step)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"step {step}/{cfg.steps}: {shown}", flush=True)  # Ray forwards it to the driver
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps:
             _save_and_report(model, ema, optimizer, cfg, config, step, train_batches, metrics, rank)
     if logger is not None and not logger.flush():
@@ -205,21 +228,24 @@ def _save_and_report(model, ema, optimizer, cfg, config, step, batches, metrics,
     import ray.train
 
     # Every rank joins the gathers (FSDP2), only rank 0 writes; every rank reports (a barrier).
-    model_state = full_model_state(model)
+    sharded = cfg.parallel.strategy == "fsdp2" and cfg.checkpoint.fsdp_state_dict == "sharded"
+    model_state = None if sharded else full_model_state(model)
     ema_state = ema.full_state(model) if ema.shadow else None
-    opt_state = optimizer_state(model, optimizer, cfg.parallel.strategy)
+    opt_state = None if sharded else optimizer_state(model, optimizer, cfg.parallel.strategy)
     report = {**metrics, "step": step}
     name = ckpt_io.checkpoint_name(step)
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if sharded:
+            ckpt_io.save_sharded(Path(tmp), model, optimizer, ema.shadow)
+        if rank == 0:
             train_state = {
                 "step": step,
                 "data_position": {"epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch},
                 "mlflow_run_id": config["mlflow_run_id"],
                 "cache_fingerprints": config["cache_fingerprints"],
                 "config": config["train"],
+                "sharded_world_size": ray.train.get_context().get_world_size() if sharded else None,
             }
             ckpt_io.write(Path(tmp), unwrap(model).config, model_state, ema_state, opt_state, train_state)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-    else:
-        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        part = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or sharded) else None
+        ray.train.report(report, checkpoint=part, checkpoint_dir_name=name)
