@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 
@@ -24,6 +23,7 @@ from data_prep.encoders import (
     text_fingerprint,
 )
 from data_prep.filters import FilterConfigError, check_metadata_columns, funnel
+from data_prep.ray_cluster import connect
 from data_prep.ray_stages import (
     KEEP,
     ClipScoreFilter,
@@ -107,19 +107,6 @@ def _check_compatible(manifest: dict, settings: dict, encoders: dict, shapes: di
         raise cache_io.CacheMismatchError(f"the cache at {url} has tensor shapes {manifest['shapes']}, this run {shapes}")
 
 
-def _init_ray(cfg: PrepConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address or os.environ["RAY_ADDRESS"])
-    else:
-        # A local cluster: more logical CPUs than cores, so that the encoder and dedup actors never
-        # starve the read / decode tasks on a small machine.
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
-
-
 def _wave_id(shards: list[tuple[str, str]]) -> str:
     return hashlib.sha256("\n".join(url for url, _ in shards).encode()).hexdigest()[:16]
 
@@ -179,7 +166,7 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     if cfg.filters.metadata:
         check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
 
-    _init_ray(cfg)
+    connect(cfg.ray_address, cfg.num_cpus)
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # the same input gives the same cache, run after run
     known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest["files"] else []

@@ -11,7 +11,6 @@ made by other encoders), 1 training failed.
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 
 from pipelines.config import ConfigError, load
@@ -50,17 +49,6 @@ def initial_weights(cfg: TrainConfig):
     return StageC.from_pretrained(init).state_dict()
 
 
-def _init_ray(cfg: TrainConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address or os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
-
-
 def run_training(cfg: TrainConfig):
     """Trains; returns (ray.train.Result, the MLflow run id)."""
     import ray.train
@@ -95,7 +83,9 @@ def run_training(cfg: TrainConfig):
     )
     _log_manifest(uri, run_id, cache)
 
-    _init_ray(cfg)
+    from data_prep.ray_cluster import connect
+
+    connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, cfg.data.validation_fraction)
     fs, root = resolve(cfg.checkpoint.storage_path)
     resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
