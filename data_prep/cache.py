@@ -38,6 +38,10 @@ TENSOR_DTYPES = {
 }
 
 
+# The columns whose repeated values a parquet dictionary shrinks (the others are numbers and tensors).
+DICTIONARY_COLUMNS = ("key", "caption", "source_shard", "metadata", "bucket")
+
+
 class CacheMismatchError(ValueError):
     """A cache made by other encoders (or settings) than the ones it is used with."""
 

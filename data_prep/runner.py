@@ -197,7 +197,12 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         kept = stats[stats["drop_reason"] == KEEP]
         if len(kept):
             out = done.map_batches(finalize, fn_kwargs={"shapes": shapes, "bucket": settings["bucket"]}, batch_format="pyarrow", batch_size=None)
-            out.write_parquet(wave_dir, filesystem=fs, max_rows_per_file=cfg.output.max_rows_per_file)
+            out.write_parquet(
+                wave_dir, filesystem=fs, max_rows_per_file=cfg.output.max_rows_per_file,
+                # Dictionary pages only for the text columns: on latents (distinct fp16 values) a
+                # dictionary plus indices is larger than the raw tensor bytes.
+                use_dictionary=list(cache_io.DICTIONARY_COLUMNS), row_group_size=cfg.output.max_rows_per_file,
+            )
         files = _written_files(fs, root, wave_dir)
         if sum(f["rows"] for f in files) != len(kept):
             raise RuntimeError(f"wave {wave_dir} wrote {sum(f['rows'] for f in files)} rows, expected {len(kept)}")
