@@ -75,7 +75,7 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
             if not same:
                 raise RuntimeError(f"{name} did not round-trip through {folder}")
         print(f"  saved and reloaded prior/, decoder/, vqgan/ in the diffusers layout ({folder}): identical")
-    print("Done. Not yet part of this demo: training, evaluation, MLflow registration and consumption (they come next).")
+    print("Done: every stage builds, runs forward and backward, and round-trips through the diffusers layout.")
     return losses
 
 
@@ -100,9 +100,12 @@ def train(config: Path, cache_url: str, steps: int | None):
     print(f"\n== 2. Training: {cfg.model.flavor} Stage C, {cfg.steps} steps, {cfg.parallel.num_workers} workers "
           f"({cfg.parallel.strategy}); checkpoints in {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}", flush=True)
     result, run_id = run_training(cfg)
-    metrics = result.metrics
-    print(f"   step {metrics['step']}: loss {metrics['loss']:.5f}, validation loss {metrics.get('val_loss', float('nan')):.5f}; "
-          f"MLflow run {run_id}", flush=True)
+    metrics = result.metrics or {}
+    if "step" in metrics:
+        print(f"   step {metrics['step']}: loss {metrics['loss']:.5f}, validation loss {metrics.get('val_loss', float('nan')):.5f}; "
+              f"MLflow run {run_id}", flush=True)
+    else:
+        print(f"   already trained to step {cfg.steps} (raise --steps to train on); MLflow run {run_id}", flush=True)
     return cfg, result
 
 
@@ -118,7 +121,10 @@ def sample(cfg, result, cache_url: str, prompts: int = 4) -> None:
     from stages.sampler import WuerstchenSampler
 
     print("\n== 3. Sampling from the trained EMA weights (Stage C only)", flush=True)
-    with result.checkpoint.as_directory() as folder:
+    from pipelines.training import checkpoint as ckpt_io
+
+    checkpoint = result.checkpoint or ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    with checkpoint.as_directory() as folder:
         prior = StageC.from_pretrained(Path(folder) / "ema")
     enc = cfg.encoders
     text = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width))
