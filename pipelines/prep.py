@@ -6,26 +6,17 @@ shards of the source are appended. Exit codes: 0 done (also when there was nothi
 configuration, 1 any other failure.
 """
 
-import argparse
-import logging
 import sys
 
 from data_prep.config import PrepConfig
 from data_prep.runner import format_summary, run_prep
-from pipelines.config import ConfigError, load
+from pipelines.config import job_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen prep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file (see configs/); defaults: the bundled Twemoji set")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set output.url=s3://bucket/cache (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load(PrepConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"wuerstchen prep: {err}", file=sys.stderr)
+    cfg = job_config(PrepConfig, "wuerstchen prep", __doc__, argv,
+                     "YAML file (see configs/); defaults: the bundled Twemoji set", "output.url=s3://bucket/cache")
+    if cfg is None:
         return 2
     try:
         summary = run_prep(cfg, on_wave=lambda s: print(f"committed wave {s['waves']}: {s['rows_written']} rows so far", flush=True))

@@ -8,12 +8,11 @@ checkpoint up to `max_failures` times. Exit codes: 0 done, 2 bad configuration (
 made by other encoders), 1 training failed.
 """
 
-import argparse
 import dataclasses
 import logging
 import sys
 
-from pipelines.config import ConfigError, load
+from pipelines.config import job_config
 from pipelines.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -152,16 +151,9 @@ def _end_run(uri: str, run_id: str, status: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file (see configs/); defaults: small Stage C on the Twemoji cache")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set steps=500 (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load(TrainConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"wuerstchen train: {err}", file=sys.stderr)
+    cfg = job_config(TrainConfig, "wuerstchen train", __doc__, argv,
+                     "YAML file (see configs/); defaults: small Stage C on the Twemoji cache", "steps=500")
+    if cfg is None:
         return 2
     from data_prep.cache import CacheMismatchError
 
