@@ -6,7 +6,6 @@ without gradient checkpointing.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from stages import StageA, StageB, StageC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_  # noqa: E402
+
+from benchmarks.report import emit
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not args.only_stage_c_parity:
         results["gpu"] = torch.cuda.get_device_name(device)
         results["stage_c_memory"] = checkpointing_memory(args.flavor, device, args.batch)
-    text = json.dumps(results, indent=2)
-    print(text, flush=True)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 

@@ -9,13 +9,13 @@ reference, the paper's 24,602 A100-hours for ~1.18B samples is about 13 samples/
 """
 
 import argparse
-import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.report import emit
 from stages import StageC
 from stages.objectives import StageCObjective, stage_c_loss
 
@@ -93,11 +93,7 @@ def main(argv=None) -> int:
         "mfu": tflops / args.peak_tflops, "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "reference_samples_per_s_per_a100_paper": 13.0,
     }
-    text_out = json.dumps(results, indent=2)
-    print(text_out, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text_out + "\n")
+    emit(results, args.json)
     dist.destroy_process_group()
     return 0
 

@@ -13,12 +13,13 @@
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.report import emit
 
 
 def _source(folder: Path, images: int, per_shard: int) -> Path:
@@ -139,10 +140,7 @@ def main(argv=None) -> int:
     results["ratio_marginal_over_bound"] = marginal / bound
     results["cache"] = sizes
     results["v2_payload_kib_per_sample"] = v2_payload_kib()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 

@@ -11,12 +11,12 @@ AttnProcessor) and, for reference, with the scaled_dot_product_attention process
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
 import torch
 
+from benchmarks.report import emit
 from stages import StageB, StageC
 
 
@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                           "ratio_ours_over_diffusers": t["ours"] / t["diffusers"]}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    emit(results, args.json)
     return 0
 
 

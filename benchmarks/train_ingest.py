@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.report import emit
+
 
 def write_cache(root: Path, rows: int, flavor: str) -> str:
     from data_prep import cache as cache_io
@@ -118,10 +120,7 @@ def main(argv=None) -> int:
         "ratio_ray_over_bare": ray_sps / bare_sps, "data_wait_fraction_median": statistics.median(wait),
         "data_wait_fraction_mean": statistics.mean(wait),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 

@@ -3,6 +3,8 @@ cache goes. The job reads it from YAML (`pipelines/config.py`); every field has 
 
 import dataclasses
 
+from data_prep.decode import DEFAULT_MAX_PIXELS
+
 # The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
 # 512 <= original side <= 4096, pwatermark <= 0.5, aesthetic >= 5.0, punsafe <= 0.99.
 PRESETS = {
@@ -67,7 +69,7 @@ class FilterConfig:
     max_caption_chars: int | None = None
     # metadata key -> threshold; "a|b" takes whichever key the sample has (LAION's aesthetic columns)
     metadata: dict[str, Threshold] = dataclasses.field(default_factory=dict)
-    max_pixels: int = 89_478_485  # decompression-bomb bound (PIL's default)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb bound (PIL's default)
     clip_score: ClipScoreConfig | None = None
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
 

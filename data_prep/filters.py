@@ -8,17 +8,13 @@ import json
 from collections.abc import Iterable, Mapping
 
 from data_prep.config import FilterConfig
+from data_prep.decode import DropReason as R
 
-# Reasons in the order the pipeline applies them; reading and decoding come first.
+# Reasons in the order the pipeline applies them; reading and decoding (names from data_prep.decode) come first.
 READ_REASONS = (
-    "unreadable_shard",
-    "unsafe_member_name",
-    "truncated_member",
-    "missing_image",
-    "missing_caption",
-    "caption_not_utf8",
+    R.UNREADABLE_SHARD, R.UNSAFE_MEMBER_NAME, R.TRUNCATED_MEMBER, R.MISSING_IMAGE, R.MISSING_CAPTION, R.CAPTION_NOT_UTF8,
 )
-DECODE_REASONS = ("not_an_image", "truncated_image", "decompression_bomb")
+DECODE_REASONS = (R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE, R.DECOMPRESSION_BOMB)
 RULE_REASONS = (
     "too_small",
     "too_large",

@@ -22,8 +22,6 @@ from data_prep.transforms import training_pixels
 from stages.latents import semantic_to_stage_c
 
 KEEP = ""  # the drop_reason of a kept sample
-# Columns that only travel between steps and never reach the cache.
-TRANSIENT = ("drop_reason", "pixels", "semantic_pixels")
 
 
 # -- read -------------------------------------------------------------------------------------

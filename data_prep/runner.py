@@ -22,7 +22,7 @@ from data_prep.encoders import (
     model_fingerprint,
     text_fingerprint,
 )
-from data_prep.filters import FilterConfigError, check_metadata_columns, funnel
+from data_prep.filters import check_metadata_columns, funnel
 from data_prep.ray_cluster import connect
 from data_prep.ray_stages import (
     KEEP,
@@ -242,5 +242,3 @@ def format_summary(summary: dict) -> str:
         lines.append(f"cache holds      {manifest['rows_written']} rows from {len(manifest['shards'])} shards")
     return "\n".join(lines)
 
-
-__all__ = ["FilterConfigError", "format_summary", "run_prep"]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from data_prep.decode import DropReason
+
 TWEMOJI_URL = "twemoji://"
 LICENSE = "CC-BY-4.0"
 LICENSE_URL = "https://creativecommons.org/licenses/by/4.0/"
@@ -166,7 +168,7 @@ def iter_twemoji_shard(shard_url: str, size: int, shard_size: int = DEFAULT_SHAR
         try:
             image_bytes, drop_reason = render_png(entry["svg_path"], size), None
         except Exception:  # any renderer/decoder failure is a bad sample, not a failed shard
-            image_bytes, drop_reason = None, "not_an_image"
+            image_bytes, drop_reason = None, DropReason.NOT_AN_IMAGE
         yield {
             "key": f"twemoji/{entry['key']}",
             "source_shard": shard_url,

@@ -66,20 +66,20 @@ def test_a_folder_of_another_model_is_refused_by_name(tmp_path):
         StageC.from_pretrained(tmp_path)
 
 
+def _saved_tiny_prior_with(folder, **changes) -> None:
+    StageC.from_flavor("tiny").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def test_unknown_config_keys_are_named(tmp_path):
-    StageC.from_flavor("tiny").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["c_hiddden"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    _saved_tiny_prior_with(tmp_path, c_hiddden=3)
     with pytest.raises(ValueError, match=r"config keys StageC does not know: \['c_hiddden'\]"):
         StageC.from_pretrained(tmp_path)
 
 
 def test_weights_that_do_not_fit_the_config_name_the_file(tmp_path):
-    StageC.from_flavor("tiny").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["depth"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    _saved_tiny_prior_with(tmp_path, depth=3)
     with pytest.raises(CheckpointMismatchError, match=r"diffusion_pytorch_model\.safetensors does not match.*20 missing keys"):
         StageC.from_pretrained(tmp_path)
 
