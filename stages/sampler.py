@@ -65,19 +65,19 @@ def _randn(shape, generator: torch.Generator | None, device: torch.device, dtype
 
 class WuerstchenSampler:
     """Holds the stages and their text encoders; Stage B, Stage A and the decoder's text encoder are
-    optional when only Stage C latents are wanted."""
+    optional when only Stage C latents are wanted, Stage C and its text encoder when only decoding."""
 
     def __init__(
         self,
-        stage_c: StageC,
-        text_encoder_c: ClipTextEncoder,
+        stage_c: StageC | None,
+        text_encoder_c: ClipTextEncoder | None,
         stage_b: StageB | None = None,
         text_encoder_b: ClipTextEncoder | None = None,
         stage_a: StageA | None = None,
         resolution_multiple: float = RESOLUTION_MULTIPLE,
         latent_dim_scale: float = LATENT_DIM_SCALE,
     ):
-        if text_encoder_c.width != stage_c.config.c_cond:
+        if stage_c is not None and text_encoder_c.width != stage_c.config.c_cond:
             raise ValueError(
                 f"Stage C takes text tokens of width c_cond={stage_c.config.c_cond}; its text encoder gives {text_encoder_c.width}"
             )
@@ -127,6 +127,8 @@ class WuerstchenSampler:
         progress: bool = True,
     ) -> torch.Tensor:
         """Semantic latents e = 42 z_C - 1 (B, 16, ceil(H/42.67), ceil(W/42.67)): what Stage B takes."""
+        if self.stage_c is None or self.text_encoder_c is None:
+            raise ValueError("this sampler has no Stage C (prior) or no prior text encoder")
         prompts = _prompt_list(prompts)
         check_image_size(height, width)
         generator = _generator(generator)
