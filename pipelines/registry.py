@@ -1,10 +1,140 @@
-"""Reading models back from the MLflow model registry (`models:/NAME@alias` or `models:/NAME/VERSION`)."""
+"""The MLflow model registry as this project uses it: names, aliases, version tags, and reading a
+registered version back (`models:/NAME@alias` or `models:/NAME/VERSION`).
 
+Aliases: `challenger` is the newest registered candidate awaiting the gate; `champion` is what
+consumers load. Every decision is written as tags on the version it concerns; the registered model
+keeps the list of champions (`champion_history`) so that a rollback knows where to go back to.
+"""
+
+import hashlib
 import json
+import re
+import subprocess
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from stages import StageC
+
+STAGE_C_MODEL = "wuerstchen-stage-c"
+DECODERS_MODEL = "wuerstchen-decoders"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+SOURCE_TAG = "wuerstchen.source"  # what a version was made from: registering it twice gives the same version
+HISTORY_TAG = "champion_history"  # on the registered model: JSON list of champion versions, oldest first
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def client(tracking_uri: str | None = None):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.training.tracking import tracking_uri as default_uri
+
+    uri = default_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("wuerstchen-pipeline")
+    except PackageNotFoundError:
+        text = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{text}+g{commit}" if commit else text
+
+
+def cache_fingerprint(manifest: dict) -> str:
+    """One hash of what a cache holds: its encoders, shapes and committed files."""
+    body = {
+        "encoders": {k: v["fingerprint"] for k, v in manifest["encoders"].items()},
+        "shapes": manifest["shapes"],
+        "files": [(f["path"], f["rows"]) for f in manifest["files"]],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version)."""
+    match = _URI.match(uri)
+    if not match:
+        raise ValueError(f"{uri!r} is not a registered model URI of the form models:/NAME@ALIAS or models:/NAME/VERSION")
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve_version(mlflow_client, uri: str):
+    """The ModelVersion a registered model URI points at (an alias is resolved now)."""
+    name, alias, version = parse_model_uri(uri)
+    if alias is not None:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    return mlflow_client.get_model_version(name, version)
+
+
+def version_by_alias(mlflow_client, name: str, alias: str):
+    """The version holding `alias`, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def versions(mlflow_client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version(mlflow_client, name: str, tag: str, value: str):
+    """The oldest version of `name` whose tag `tag` equals `value`, or None."""
+    return next((v for v in versions(mlflow_client, name) if v.tags.get(tag) == value), None)
+
+
+def champion_history(mlflow_client, name: str) -> list[str]:
+    model = mlflow_client.get_registered_model(name)
+    return json.loads(model.tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(mlflow_client, name: str, version: str, history: list[str]) -> None:
+    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
+    mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def download(model_uri: str, dst: str | Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def model_config(folder: Path) -> dict:
+    """The pyfunc model_config stored in a downloaded model's MLmodel file."""
+    mlmodel = yaml.safe_load((Path(folder) / "MLmodel").read_text())
+    return mlmodel["flavors"]["python_function"].get("config") or {}
+
+
+def model_config_of(model_uri: str) -> dict:
+    """The pyfunc model_config of a registered version, reading only its MLmodel file."""
+    import mlflow
+
+    return mlflow.models.get_model_info(model_uri).flavors["python_function"].get("config") or {}
 
 
 def find_prior_folder(root: Path) -> Path:
@@ -24,6 +154,6 @@ def load_stage_c(model_uri: str, tracking_uri: str | None = None) -> StageC:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        return StageC.from_pretrained(find_prior_folder(local))
+        return StageC.from_pretrained(find_prior_folder(download(model_uri, tmp)))
