@@ -8,6 +8,10 @@ COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
     "prep": ("prep", "filter image-text pairs and encode them into the latent cache"),
     "train": ("train", "train Stage C on the latent cache with Ray Train, tracked in MLflow"),
+    "evaluate": ("evaluate", "compute the held-out validation loss of a registered Stage C version"),
+    "register": ("register", "register a trained Stage C (or a decoder bundle) in the MLflow model registry"),
+    "promote": ("promote", "move the champion alias to a better challenger, or roll it back"),
+    "export": ("export", "write a registered version as a diffusers pipeline folder"),
     "convert": ("convert", "convert an original .pt checkpoint into a diffusers-format folder"),
     "flavors": ("flavors", "list the named model sizes and their parameter counts"),
 }

@@ -1,0 +1,145 @@
+"""`python -m pipelines.evaluate` / `wuerstchen evaluate`: the deterministic held-out metric of a
+registered Stage C version, written to the version's tags.
+
+    wuerstchen evaluate --model models:/wuerstchen-stage-c/3 [--cache URL] [--tracking-uri URI]
+
+The metric is the training's validation loss: the p2-weighted noise MSE on every held-out row of
+the cache (chosen by a hash of its key, never trained on) at each t of a fixed grid, with noise fixed
+per (key, t). The same spec gives the same number for the same weights, on any machine and batch
+size. The spec (cache, held-out fraction, t grid, seed, weighting) defaults to the one the version
+was trained with; its id, which also covers the cache's content, keys the result:
+
+    eval.<spec id>.val_loss   eval.<spec id>.rows   eval.latest (JSON: spec, id, result)
+
+Exit codes: 0 evaluated, 2 bad arguments or a cache the model does not fit, 1 failed.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+
+from pipelines import registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    cache: str
+    validation_fraction: float = 0.05
+    t_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    seed: int = 0
+    p2_weighting: bool = True
+    batch_size: int = 32  # does not change the result
+
+    def spec_id(self, manifest: dict) -> str:
+        """Covers everything that changes the number: the spec (not the batch size) and the cache content."""
+        body = {**dataclasses.asdict(self), "t_grid": [float(t) for t in self.t_grid], "cache": registry.cache_fingerprint(manifest)}
+        body.pop("batch_size")
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_spec(mlflow_client, version, cache: str | None = None) -> EvalSpec:
+    """The spec a version was trained with (from its model config), optionally on another cache."""
+    spec = EvalSpec(**registry.model_config_of(f"models:/{version.name}/{version.version}")["eval_spec"])
+    if cache:
+        spec.cache = cache
+    return spec
+
+
+def _validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[dict], int]:
+    import numpy as np
+
+    from pipelines.training.data import is_validation, text_columns
+
+    columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
+    table = cache.read_table(columns=columns)
+    keep = [i for i, k in enumerate(table.column("key").to_pylist()) if is_validation(k, fraction)]
+    table = table.take(keep)
+    batches = []
+    for start in range(0, table.num_rows, batch_size):
+        part = table.slice(start, batch_size)
+        batch = {"key": np.asarray(part.column("key").to_pylist(), dtype=object)}
+        for name in columns[1:]:
+            batch[name] = part.column(name).combine_chunks().to_numpy_ndarray()
+        batches.append(batch)
+    return batches, table.num_rows
+
+
+def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: str | None = None) -> dict:
+    """Evaluates a registered version and records the result on it; returns the result."""
+    import torch
+
+    from data_prep.cache import Cache
+    from pipelines.pyfunc_models import TextEncoderRef
+    from pipelines.training.config import TrainConfig, ValidationConfig
+    from pipelines.training.loop import validation_loss
+    from stages import StageC
+    from stages.objectives import StageCObjective
+
+    mlflow_client = registry.client(tracking_uri)
+    version = registry.resolve_version(mlflow_client, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = registry.download(f"models:/{version.name}/{version.version}", tmp)
+        config = registry.model_config(folder)
+        model = StageC.from_pretrained(registry.find_prior_folder(folder))
+    if spec is None:
+        spec = EvalSpec(**config["eval_spec"])
+    cache = Cache(spec.cache)
+    trained_on = {k.split(".", 1)[1]: v for k, v in version.tags.items() if k.startswith("fingerprint.")}
+    cache.check_fingerprints({k: v for k, v in trained_on.items() if k in ("semantic_compressor", "text_encoder")})
+    spec_id = spec.spec_id(cache.manifest)
+    batches, rows = _validation_batches(cache, spec.validation_fraction, spec.batch_size)
+    if rows == 0:
+        raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text_encoder = None
+    if cache.manifest["text_mode"] == "tokens":
+        text_encoder = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
+    cfg = TrainConfig(validation=ValidationConfig(t_grid=tuple(spec.t_grid), seed=spec.seed),
+                      objective=StageCObjective(p2_weighting=spec.p2_weighting))
+    loss = validation_loss(model.to(device), batches, cfg, device, text_encoder)
+    result = {"val_loss": loss, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
+    mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.val_loss", f"{loss:.8g}")
+    mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.rows", str(rows))
+    mlflow_client.set_model_version_tag(version.name, version.version, "eval.latest", json.dumps(result))
+    log.info("models:/%s/%s: val_loss %.6g on %d held-out rows (spec %s)", version.name, version.version, loss, rows, spec_id)
+    return {**result, "name": version.name, "version": version.version}
+
+
+def recorded(version, spec_id: str) -> float | None:
+    """The val_loss a version was given under a spec id, or None when never evaluated under it."""
+    value = version.tags.get(f"eval.{spec_id}.val_loss")
+    return float(value) if value is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wuerstchen evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    parser.add_argument("--cache", help="evaluate on this cache (default: the one the version was trained on)")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from data_prep.cache import CacheMismatchError
+
+    try:
+        spec = None
+        if args.cache:
+            mlflow_client = registry.client(args.tracking_uri)
+            spec = default_spec(mlflow_client, registry.resolve_version(mlflow_client, args.model), args.cache)
+        result = evaluate_model(args.model, spec, args.tracking_uri)
+    except (ValueError, FileNotFoundError, CacheMismatchError) as err:
+        print(f"wuerstchen evaluate: {err}", file=sys.stderr)
+        return 2
+    print(f"models:/{result['name']}/{result['version']}: val_loss {result['val_loss']:.6g} "
+          f"on {result['rows']} held-out rows of {result['spec']['cache']} (spec {result['spec_id']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

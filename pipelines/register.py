@@ -1,0 +1,229 @@
+"""`python -m pipelines.register` / `wuerstchen register`: put a trained Stage C into the MLflow model
+registry as a pyfunc model, as a new version of a named model with the alias `challenger`.
+
+    wuerstchen register --run-id RUN            the newest checkpoint of a training run
+    wuerstchen register --checkpoint URI        a checkpoint folder (local or s3://)
+        [--name wuerstchen-stage-c] [--decoders models:/wuerstchen-decoders/1] [--tracking-uri URI]
+    wuerstchen register --decoder-bundle SOURCE [--flavor small] [--name wuerstchen-decoders]
+        registers Stage B + Stage A once: SOURCE is a diffusers decoder pipeline folder or hub id
+        (e.g. warp-ai/wuerstchen), or "random" for seeded random weights of the flavor (demos)
+
+Registering the same checkpoint again returns the version it already has (no duplicate). The
+version is tagged with the code version, the cache manifest fingerprint, the training run and step,
+the training's last validation loss and the encoder fingerprints. Exit codes: 0 registered (or
+already there), 2 bad arguments or inputs, 1 failed.
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from pipelines import registry
+from pipelines.pyfunc_models import signature, text_encoder_ref
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).resolve().parent / "model_code"
+INPUT_EXAMPLE = ["a photo of a cat"]
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"wuerstchen-pipeline=={version('wuerstchen-pipeline')}"]
+
+
+def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
+    """(ray.train.Checkpoint, its URI) of a run's newest checkpoint or of the given folder."""
+    from ray.train import Checkpoint
+
+    from data_prep.cache import join, resolve
+    from pipelines.training import checkpoint as ckpt_io
+
+    if checkpoint_uri:
+        fs, path = resolve(checkpoint_uri)
+        return Checkpoint(path=path, filesystem=fs), checkpoint_uri.rstrip("/")
+    params = mlflow_client.get_run(run_id).data.params
+    try:
+        storage, name = params["checkpoint.storage_path"], params["checkpoint.run_name"]
+    except KeyError as err:
+        raise ValueError(f"MLflow run {run_id} is not a training run of this project (no param {err})") from None
+    found = ckpt_io.latest(storage, name)
+    if found is None:
+        raise FileNotFoundError(f"training run {run_id} ({join(storage, name)}) has no complete checkpoint")
+    return found, join(storage.rstrip("/"), name, Path(found.path).name)
+
+
+def _last_metric(mlflow_client, run_id: str, key: str) -> float | None:
+    try:
+        history = mlflow_client.get_metric_history(run_id, key)
+    except Exception:
+        return None
+    return max(history, key=lambda m: m.step).value if history else None
+
+
+def _set_challenger(mlflow_client, name: str, version) -> None:
+    if "promotion.decision" not in version.tags:  # not yet through the gate: it is the candidate
+        mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+
+
+def register_stage_c(
+    tracking_uri: str | None = None,
+    name: str = registry.STAGE_C_MODEL,
+    run_id: str | None = None,
+    checkpoint: str | None = None,
+    decoders: str | None = None,
+) -> dict:
+    """Registers the EMA weights of a checkpoint; returns {"name", "version", "created", "source"}."""
+    import mlflow
+
+    from data_prep.cache import Cache
+    from data_prep.config import EncoderWeights
+    from pipelines.training import checkpoint as ckpt_io
+
+    if (run_id is None) == (checkpoint is None):
+        raise ValueError("give exactly one of a training run id or a checkpoint URI")
+    mlflow_client = registry.client(tracking_uri)
+    found, source = _checkpoint(mlflow_client, run_id, checkpoint)
+    existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, source)
+    if existing is not None:
+        _set_challenger(mlflow_client, name, existing)
+        log.info("%s is already registered as %s version %s", source, name, existing.version)
+        return {"name": name, "version": existing.version, "created": False, "source": source}
+    if decoders is not None:
+        bundle = registry.resolve_version(mlflow_client, decoders)
+        decoders = f"models:/{bundle.name}/{bundle.version}"  # pinned: an alias could move under us
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(found.to_directory(str(Path(tmp) / "checkpoint")))
+        state = ckpt_io.read_train_state(folder)
+        weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
+        if not (weights / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
+        config = state["config"]
+        cache = Cache(config["data"]["cache"])
+        encoders = config["encoders"]
+        text_ref = text_encoder_ref(config["model"]["flavor"], EncoderWeights(**encoders["text_encoder"]), encoders["text_width"])
+        trained_with = state["cache_fingerprints"].get("text_encoder")
+        if text_ref.fingerprint != trained_with:
+            raise ValueError(
+                f"the text encoder of this checkpoint's config has fingerprint {text_ref.fingerprint}, but it was "
+                f"trained on a cache of text encoder {trained_with}"
+            )
+        train_run = state.get("mlflow_run_id") or run_id
+        model_config = {
+            "flavor": config["model"]["flavor"],
+            "resolution": cache.manifest["resolution"],
+            "text_mode": cache.manifest["text_mode"],
+            "text_encoder": text_ref.to_dict(),
+            "decoders": decoders,
+            "eval_spec": {"cache": config["data"]["cache"], "validation_fraction": config["data"]["validation_fraction"],
+                          "t_grid": list(config["validation"]["t_grid"]), "seed": config["validation"]["seed"],
+                          "p2_weighting": config["objective"]["p2_weighting"]},
+        }
+        tags = {
+            registry.SOURCE_TAG: source,
+            "code_version": registry.code_version(),
+            "cache.url": config["data"]["cache"],
+            "cache.manifest_fingerprint": registry.cache_fingerprint(cache.manifest),
+            "training.run_id": train_run or "",
+            "training.step": str(state["step"]),
+            "weights": weights.name,
+            **{f"fingerprint.{k}": v for k, v in state["cache_fingerprints"].items()},
+        }
+        if decoders:
+            tags["decoders"] = decoders
+        val_loss = _last_metric(mlflow_client, train_run, "val_loss") if train_run else None
+        if val_loss is not None:
+            tags["training.val_loss"] = f"{val_loss:.6g}"
+        run_context = mlflow.start_run(run_id=train_run) if train_run else mlflow.start_run(run_name=f"register-{name}")
+        with run_context:
+            info = mlflow.pyfunc.log_model(
+                name="stage_c", python_model=str(MODEL_CODE / "stage_c.py"), artifacts={"prior": str(weights)},
+                model_config=model_config, signature=signature(), input_example=(INPUT_EXAMPLE, {"steps": 2}),
+                pip_requirements=_pip_requirements(),
+            )
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    log.info("registered %s version %s from %s", name, version.version, source)
+    return {"name": name, "version": version.version, "created": True, "source": source}
+
+
+def register_decoders(
+    tracking_uri: str | None = None,
+    name: str = registry.DECODERS_MODEL,
+    source: str = "random",
+    flavor: str = "small",
+    seed: int = 0,
+) -> dict:
+    """Registers Stage B + Stage A (+ the reference of their text encoder) once; the same weights
+    registered again return the existing version."""
+    import mlflow
+    import torch
+
+    from data_prep.config import EncoderWeights
+    from data_prep.encoders import weights_digest
+    from stages import StageA, StageB
+
+    mlflow_client = registry.client(tracking_uri)
+    if source == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            stage_b, stage_a = StageB.from_flavor(flavor), StageA.from_flavor(flavor)
+        text_ref = text_encoder_ref(flavor, EncoderWeights(None, seed), stage_b.config.clip_embd)
+    else:
+        stage_b = StageB.from_pretrained(source, subfolder="decoder")
+        stage_a = StageA.from_pretrained(source, subfolder="vqgan")
+        text_ref = text_encoder_ref(flavor, EncoderWeights(source, seed), None)
+    digest = f"{weights_digest(stage_b)[:16]}-{weights_digest(stage_a)[:16]}-{text_ref.fingerprint[:16]}"
+    existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, digest)
+    if existing is not None:
+        return {"name": name, "version": existing.version, "created": False, "source": source}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "decoders"
+        stage_b.save_pretrained(folder / "decoder")
+        stage_a.save_pretrained(folder / "vqgan")
+        model_config = {"flavor": flavor, "text_encoder": text_ref.to_dict()}
+        with mlflow.start_run(run_name=f"register-{name}"):
+            info = mlflow.pyfunc.log_model(
+                name="decoders", python_model=str(MODEL_CODE / "decoders.py"), artifacts={"decoders": str(folder)},
+                model_config=model_config, pip_requirements=_pip_requirements(),
+            )
+    described = "seeded random weights (demo)" if source == "random" else source
+    version = mlflow.register_model(info.model_uri, name, tags={
+        registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(),
+    })
+    return {"name": name, "version": version.version, "created": True, "source": source}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wuerstchen register", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run-id", help="MLflow run id of a training run (its newest checkpoint is registered)")
+    what.add_argument("--checkpoint", help="a checkpoint folder, local or s3://")
+    what.add_argument("--decoder-bundle", metavar="SOURCE", help='register decoders: a decoder pipeline folder / hub id, or "random"')
+    parser.add_argument("--name", help=f"registered model name (default {registry.STAGE_C_MODEL}, or {registry.DECODERS_MODEL} for a decoder bundle)")
+    parser.add_argument("--decoders", help="a registered decoder bundle for this Stage C version, e.g. models:/wuerstchen-decoders/1")
+    parser.add_argument("--flavor", default="small", help="decoder bundle only: the flavor of random weights / text encoder")
+    parser.add_argument("--seed", type=int, default=0, help="decoder bundle only: seed of random weights")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.decoder_bundle:
+            out = register_decoders(args.tracking_uri, args.name or registry.DECODERS_MODEL, args.decoder_bundle, args.flavor, args.seed)
+        else:
+            out = register_stage_c(args.tracking_uri, args.name or registry.STAGE_C_MODEL, args.run_id, args.checkpoint, args.decoders)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"wuerstchen register: {err}", file=sys.stderr)
+        return 2
+    state = "registered" if out["created"] else "already registered as"
+    print(f"{state} models:/{out['name']}/{out['version']} (from {out['source']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
