@@ -88,12 +88,12 @@ def _seeded():
 
 # -- real services, started once per test session ------------------------------------------------
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -168,16 +168,18 @@ def ray_cluster(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server over HTTP on loopback, sqlite backend, local artifact store."""
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server over HTTP on loopback, sqlite backend, artifacts on moto's S3
+    (served through the server: clients need no AWS settings)."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = open(root / "server.log", "w")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    bucket = make_bucket("mlflow-artifacts")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_S3_ENDPOINT_URL": s3_server}
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--artifacts-destination", f"s3://{bucket}/artifacts", "--serve-artifacts",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
@@ -206,3 +208,25 @@ def _wait_healthy(url: str, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(ray_cluster, tmp_path_factory):
+    """A latent cache of 38 rows (an odd number per shard: the workers' shares are uneven), tiny
+    encoders at 128 px, shared by the training and registry tests."""
+    from prep_factory import plain_shards
+
+    from data_prep.config import PrepConfig
+    from data_prep.runner import run_prep
+    from pipelines.config import load
+
+    root = tmp_path_factory.mktemp("train-data")
+    source = plain_shards(root / "src", shards=2, per_shard=19)
+    output = root / "cache"
+    cfg = load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={output}", "encode.flavor=tiny",
+        "encode.resolution=128", "encode.batch_size=16", "output.shards_per_wave=2",
+    ])
+    summary = run_prep(cfg)
+    assert summary["rows_written"] == 38
+    return str(output)

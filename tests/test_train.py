@@ -18,21 +18,6 @@ from pipelines.training.config import TrainConfig
 from stages import StageC
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(ray_cluster, tmp_path_factory):
-    """37 rows (an odd number: the workers' shares are uneven), tiny encoders at 128 px."""
-    root = tmp_path_factory.mktemp("train-data")
-    source = plain_shards(root / "src", shards=2, per_shard=19)
-    output = root / "cache"
-    cfg = load(PrepConfig, None, [
-        f"source.url={source}", "source.format=webdataset", f"output.url={output}", "encode.flavor=tiny",
-        "encode.resolution=128", "encode.batch_size=16", "output.shards_per_wave=2",
-    ])
-    summary = run_prep(cfg)
-    assert summary["rows_written"] == 38
-    return str(output)
-
-
 def train_config(cache: str, storage: str, uri: str, run_name: str, **sets) -> TrainConfig:
     base = {
         "model.flavor": "tiny", "data.cache": cache, "data.batch_size": 4, "data.validation_fraction": 0.2,

@@ -1,0 +1,189 @@
+"""The model registry against real parts: an MLflow server over HTTP (sqlite, artifacts on moto's S3),
+a Ray Train run whose checkpoints are registered, a consumer in a separate process, and the export
+loaded by diffusers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_bucket
+from test_train import train_config
+
+from pipelines import registry
+from pipelines.export import export
+from pipelines.promote import promote, rollback
+from pipelines.register import register_decoders, register_stage_c
+from pipelines.train import run_training
+from pipelines.training import checkpoint as ckpt_io
+from stages import StageC
+
+NAME = "stage-c-tests"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cache, mlflow_server, tmp_path_factory):
+    """One real training run (tiny Stage C, 2 DDP workers, checkpoints on S3) and two worse
+    checkpoints made from it by adding noise to its EMA weights."""
+    bucket = make_bucket("registry-runs")
+    cfg = train_config(tiny_cache, f"s3://{bucket}/runs", mlflow_server, "registry-run",
+                       **{"steps": 12, "checkpoint.every_steps": 12, "validation.every_steps": 12, "optim.lr": 3e-3})
+    _, run_id = run_training(cfg)
+    best = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    root = tmp_path_factory.mktemp("checkpoints")
+    worse = []
+    for i, scale in enumerate((0.6, 0.3)):
+        folder = best.to_directory(str(root / f"worse-{i}"))
+        model = StageC.from_pretrained(f"{folder}/ema")
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * scale * (p.std() if p.numel() > 1 else 1.0))
+        model.save_pretrained(f"{folder}/ema")
+        worse.append(folder)
+    return {"run_id": run_id, "worse": worse, "uri": mlflow_server}
+
+
+def _tags(uri: str, version: str) -> dict:
+    return registry.client(uri).get_model_version(NAME, version).tags
+
+
+def _alias(uri: str, alias: str) -> str | None:
+    found = registry.version_by_alias(registry.client(uri), NAME, alias)
+    return found.version if found else None
+
+
+def test_gate_promotes_the_better_keeps_the_worse_and_rolls_back(trained):
+    uri = trained["uri"]
+    assert promote(uri, NAME)["decision"] == "nothing_to_do"
+
+    first = register_stage_c(uri, NAME, checkpoint=trained["worse"][0])
+    assert first["created"] and _alias(uri, registry.CHALLENGER) == first["version"]
+    decision = promote(uri, NAME)
+    assert decision["decision"] == "promoted" and decision["reason"] == "first champion"
+    assert _alias(uri, registry.CHAMPION) == first["version"] and _alias(uri, registry.CHALLENGER) is None
+
+    better = register_stage_c(uri, NAME, run_id=trained["run_id"])
+    tags = _tags(uri, better["version"])
+    assert tags["training.run_id"] == trained["run_id"] and tags["training.step"] == "12"
+    assert tags["cache.manifest_fingerprint"] and tags["code_version"] and float(tags["training.val_loss"]) > 0
+    decision = promote(uri, NAME)
+    assert decision["decision"] == "promoted", decision
+    assert decision["challenger_val_loss"] < decision["champion_val_loss"]
+    assert _alias(uri, registry.CHAMPION) == better["version"]
+    tags = _tags(uri, better["version"])
+    assert tags["promotion.decision"] == "promoted"
+    assert float(tags["promotion.champion_val_loss"]) == pytest.approx(decision["champion_val_loss"])
+
+    # the same run again: the version it already has, no duplicate
+    again = register_stage_c(uri, NAME, run_id=trained["run_id"])
+    assert again == {**better, "created": False}
+
+    worse = register_stage_c(uri, NAME, checkpoint=trained["worse"][1])
+    decision = promote(uri, NAME)
+    assert decision["decision"] == "kept" and decision["challenger_val_loss"] > decision["champion_val_loss"]
+    assert _alias(uri, registry.CHAMPION) == better["version"]
+    assert _tags(uri, worse["version"])["promotion.decision"] == "kept"
+
+    # a failed evaluation never promotes
+    registry.client(uri).set_registered_model_alias(NAME, registry.CHALLENGER, worse["version"])
+    decision = promote(uri, NAME, cache="s3://no-such-bucket/cache")
+    assert decision["decision"] == "kept" and "evaluation failed" in decision["reason"]
+    assert _alias(uri, registry.CHAMPION) == better["version"]
+
+    out = rollback(uri, NAME)
+    assert out == {"decision": "rolled_back", "from_version": better["version"], "to_version": first["version"]}
+    assert _alias(uri, registry.CHAMPION) == first["version"]
+    with pytest.raises(ValueError, match="no champion before"):
+        rollback(uri, NAME)
+    # back to the better one for the consumer tests
+    registry.set_champion(registry.client(uri), NAME, better["version"], [first["version"], better["version"]])
+
+
+CONSUMER = """
+import json, sys
+import mlflow
+import numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(["a red apple", "a blue car"], params={"steps": 3, "seed": 7, "guidance": 2.0})
+np.save(sys.argv[2], out)
+print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype)}))
+"""
+
+
+def test_consumer_loads_the_champion_in_a_fresh_process(trained, tmp_path):
+    uri = trained["uri"]
+    if _alias(uri, registry.CHAMPION) is None:
+        register_stage_c(uri, NAME, run_id=trained["run_id"])
+        promote(uri, NAME)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        env.pop(key, None)  # the consumer reaches the artifacts through the tracking server only
+    out = subprocess.run([sys.executable, "-c", CONSUMER, f"models:/{NAME}@champion", str(tmp_path / "z.npy")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info == {"shape": [2, 16, 3, 3], "dtype": "float32"}  # 128 px -> ceil(128 / 42.67) = 3
+
+    # the same numbers as our sampler on the same weights, in this process
+    from pipelines.pyfunc_models import PARAMS, StageCModel, TextEncoderRef
+    from stages.sampler import WuerstchenSampler
+
+    config = registry.model_config_of(f"models:/{NAME}@champion")
+    model = registry.load_stage_c(f"models:/{NAME}@champion", uri)
+    sampler = WuerstchenSampler(model, TextEncoderRef.from_dict(config["text_encoder"]).load())
+    ours = sampler(["a red apple", "a blue car"], height=128, width=128, prior_steps=3, prior_guidance=2.0,
+                   generator=7, output="semantic", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), ours.numpy(), rtol=1e-5, atol=1e-5)
+    assert set(PARAMS) >= {"steps", "timesteps", "guidance", "seed", "height", "width", "output"}
+    assert StageCModel  # the class the models-from-code file builds
+
+
+def test_export_loads_in_diffusers_and_matches_our_sampler(trained, tmp_path):
+    from diffusers import WuerstchenPriorPipeline
+
+    from stages.diffusers_pipeline import load_sampler
+
+    uri = trained["uri"]
+    version = register_stage_c(uri, NAME, run_id=trained["run_id"])["version"]
+    out = export(f"models:/{NAME}/{version}", tmp_path / "export", uri)
+    pipe = WuerstchenPriorPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(["a cat", "a dog"], height=128, width=128, num_inference_steps=4, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(5), output_type="pt").image_embeddings
+    ours = load_sampler(out)(["a cat", "a dog"], height=128, width=128, prior_steps=4, prior_guidance=3.0,
+                             generator=5, output="semantic", progress=False)
+    # e = 42 z - 1 magnifies fp32 rounding 42x (and the prior head (x - a) / |1 - b| more near b = 1):
+    # 2e-4 in e is 5e-6 in z.
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=2e-4)
+    registered = registry.load_stage_c(f"models:/{NAME}/{version}", uri)
+    exported = StageC.from_pretrained(out / "prior")
+    assert all(torch.equal(a, b) for a, b in zip(registered.state_dict().values(), exported.state_dict().values()))
+
+
+def test_decoder_bundle_is_referenced_and_gives_images(trained, tmp_path):
+    import mlflow
+    from diffusers import WuerstchenCombinedPipeline
+
+    uri = trained["uri"]
+    bundle = register_decoders(uri, "decoders-tests", "random", flavor="tiny", seed=1)
+    assert register_decoders(uri, "decoders-tests", "random", flavor="tiny", seed=1) == {**bundle, "created": False}
+    name = "stage-c-with-decoders"
+    version = register_stage_c(uri, name, checkpoint=trained["worse"][1], decoders=f"models:/decoders-tests/{bundle['version']}")
+    tags = registry.client(uri).get_model_version(name, version["version"]).tags
+    assert tags["decoders"] == f"models:/decoders-tests/{bundle['version']}"
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version['version']}")
+    artifacts = registry.download(f"models:/{name}/{version['version']}", tmp_path / "artifacts")
+    assert not list(artifacts.rglob("decoder")), "decoder weights must be referenced, not copied"
+    images = model.predict(["a cat"], params={"output": "images", "steps": 2, "decoder_steps": 2})
+    assert images.dtype == np.uint8 and images.shape == (1, 128, 128, 3)
+
+    out = export(f"models:/{name}/{version['version']}", tmp_path / "combined", uri)
+    pipe = WuerstchenCombinedPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
