@@ -1,15 +1,20 @@
-"""`wuerstchen demo` / `python -m pipelines.demo`: the main job as far as it exists, on embedded
-defaults: a local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji data.
+"""`wuerstchen demo` / `python -m pipelines.demo`: the main job, end to end, on embedded defaults: a
+local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji data.
 
 1. Data prep: the 1,903 Twemoji image-caption pairs are filtered and encoded into the latent cache
    under runs/cache/twemoji (a rerun finds the cache complete and skips it).
 2. Training: the `small` Stage C on the cache with Ray Train (2 CPU workers, DDP), checkpoints under
    runs/train, metrics in MLflow (a rerun resumes from the newest checkpoint).
-3. Sampling from the trained EMA weights: Stage C latents for a few cached captions, each compared
-   with the nearest latent in the cache.
+3. Registration: the EMA weights become a version of `wuerstchen-stage-c` (alias challenger), which
+   references a decoder bundle (`wuerstchen-decoders`: Stage B + Stage A, seeded random `small`
+   weights, registered once: the demo trains no decoder).
+4. The gate: the challenger is evaluated on the held-out rows and promoted to champion when better
+   than the champion (the first version always is).
+5. A consumer, in a fresh process: `mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")`
+   predicts Stage C latents for cached captions, each compared with the nearest cached latent, and
+   one image through the (random) decoders.
 
-Registration, the promotion gate and loading `models:/...@champion` come with the model registry
-(not built yet). `--stages-only` runs the older check of every stage's forward/backward instead.
+`--stages-only` runs the older check of every stage's forward/backward instead.
 """
 
 import argparse
@@ -79,12 +84,13 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
     return losses
 
 
-def prepare_data(config: Path, cache_url: str | None) -> str:
+def prepare_data(config: Path, cache_url: str | None, limit_shards: int | None = None) -> str:
     from data_prep.config import PrepConfig
     from data_prep.runner import format_summary, run_prep
     from pipelines.config import load
 
-    cfg = load(PrepConfig, config, [f"output.url={cache_url}"] if cache_url else [])
+    overrides = ([f"output.url={cache_url}"] if cache_url else []) + ([f"limit_shards={limit_shards}"] if limit_shards else [])
+    cfg = load(PrepConfig, config, overrides)
     print(f"\n== 1. Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
     print(format_summary(run_prep(cfg)), flush=True)
     return cfg.output.url
@@ -109,38 +115,97 @@ def train(config: Path, cache_url: str, steps: int | None):
     return cfg, result
 
 
-def sample(cfg, result, cache_url: str, prompts: int = 4) -> None:
-    """Samples Stage C latents for cached captions with the trained EMA weights and reports, for each,
-    the caption of the nearest cached latent."""
+def register_and_promote(cfg, uri: str) -> str:
+    """Registers the newest checkpoint and runs the gate; returns the champion's version."""
+    from pipelines import registry
+    from pipelines.evaluate import default_spec, evaluate_model
+    from pipelines.promote import promote
+    from pipelines.register import register_decoders, register_stage_c
+    from pipelines.training.tracking import RUN_NAME_TAG
+
+    print("\n== 3. Registration in the MLflow model registry", flush=True)
+    mlflow_client = registry.client(uri)
+    decoders = register_decoders(uri, registry.DECODERS_MODEL, "random", flavor=cfg.model.flavor)
+    print(f"   decoder bundle models:/{decoders['name']}/{decoders['version']} "
+          f"({'registered now' if decoders['created'] else 'registered before'}: seeded random small Stage B + Stage A)")
+    run = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.checkpoint.run_name}'", max_results=1,
+    )[0]
+    version = register_stage_c(uri, registry.STAGE_C_MODEL, run_id=run.info.run_id,
+                               decoders=f"models:/{decoders['name']}/{decoders['version']}")
+    print(f"   {'registered' if version['created'] else 'already registered as'} "
+          f"models:/{version['name']}/{version['version']} from {version['source']}", flush=True)
+
+    print("\n== 4. Evaluation and the promotion gate", flush=True)
+    model_version = mlflow_client.get_model_version(version["name"], version["version"])
+    if registry.version_by_alias(mlflow_client, version["name"], registry.CHALLENGER) is not None:
+        result = evaluate_model(f"models:/{version['name']}/{version['version']}", default_spec(mlflow_client, model_version), uri)
+        print(f"   held-out val_loss {result['val_loss']:.5f} on {result['rows']} rows (spec {result['spec_id']})")
+        decision = promote(uri, version["name"])
+        print(f"   {decision['decision']}: {decision['reason']}", flush=True)
+    else:
+        print(f"   version {version['version']} went through the gate before: {model_version.tags.get('promotion.decision')}")
+    champion = registry.version_by_alias(mlflow_client, version["name"], registry.CHAMPION)
+    print(f"   champion: models:/{version['name']}/{champion.version}")
+    return champion.version
+
+
+# What a consumer writes: nothing of this project's internals, only MLflow and a model URI.
+CONSUMER = """
+import json, sys
+import mlflow
+import numpy as np
+from PIL import Image
+
+model = mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")
+prompts = json.loads(sys.argv[1])
+latents = model.predict(prompts, params={"steps": 20, "guidance": 4.0, "seed": 0})
+np.save(sys.argv[2], latents)
+if sys.argv[3]:
+    image = model.predict(prompts[:1], params={"output": "images", "steps": 20, "decoder_steps": 4, "seed": 0})
+    Image.fromarray(image[0]).save(sys.argv[3])
+print(json.dumps({"latents": [list(latents.shape), str(latents.dtype)]}))
+"""
+
+
+def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bool = True) -> dict:
+    """Loads the champion in a fresh process, as a consumer would, and checks what it predicts
+    against the cache: for each caption, the caption of the nearest cached latent."""
+    import json
+    import os
+    import subprocess
+
     import numpy as np
 
     from data_prep.cache import Cache
-    from data_prep.config import EncodeConfig
-    from data_prep.encoders import build_text_encoder
     from stages.latents import semantic_to_stage_c
-    from stages.sampler import WuerstchenSampler
 
-    print("\n== 3. Sampling from the trained EMA weights (Stage C only)", flush=True)
-    from pipelines.training import checkpoint as ckpt_io
-
-    checkpoint = result.checkpoint or ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
-    with checkpoint.as_directory() as folder:
-        prior = StageC.from_pretrained(Path(folder) / "ema")
-    enc = cfg.encoders
-    text = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width))
+    print("\n== 5. A consumer loads models:/wuerstchen-stage-c@champion in a fresh process", flush=True)
     table = Cache(cache_url).read_table(["caption", "stage_c_latents"])
     captions = table.column("caption").to_pylist()
     cached = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32)
-    side = 256  # the demo cache's resolution: 6x6 Stage C latents
     picks = [captions[i] for i in np.linspace(0, len(captions) - 1, prompts).astype(int)]
-    semantic = WuerstchenSampler(prior, text)(picks, height=side, width=side, prior_steps=20, prior_guidance=4.0,
-                                              generator=0, output="semantic", progress=False)
-    z_c = semantic_to_stage_c(semantic).numpy().reshape(len(picks), -1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latents_path, image_path = out_dir / "champion_latents.npy", out_dir / "champion_image.png"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(
+        [sys.executable, "-c", CONSUMER, json.dumps(picks), str(latents_path), str(image_path) if image else ""],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the consumer process failed:\n{done.stderr[-3000:]}")
+    semantic = np.load(latents_path)
+    print(f"   predict({len(picks)} prompts) -> latents {semantic.shape} {semantic.dtype}")
+    z_c = semantic_to_stage_c(torch.from_numpy(semantic)).numpy().reshape(len(picks), -1)
     distances = ((cached.reshape(len(cached), -1)[None] - z_c[:, None]) ** 2).mean(-1)
     for prompt, row in zip(picks, distances):
         nearest = int(row.argmin())
         rank = int((row < row[captions.index(prompt)]).sum()) + 1
         print(f"   {prompt!r:<32} nearest cached latent: {captions[nearest]!r} (its own latent ranks {rank} of {len(captions)})")
+    if image:
+        print(f"   predict(output='images') -> {image_path} (noise: the demo's decoders are random weights)")
+    return {"latents": str(latents_path), "shape": list(semantic.shape), "image": str(image_path) if image else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-config", type=Path, default=root / "configs" / "train_twemoji_small.yaml")
     parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the prep config's output.url)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the train config's)")
+    parser.add_argument("--limit-shards", type=int, default=None, help="prepare at most this many source shards (quick runs)")
+    parser.add_argument("--no-image", action="store_true", help="the consumer predicts latents only")
     parser.add_argument("--stages-only", action="store_true", help="only the forward/backward check of every stage")
     parser.add_argument("--flavor", default="small", choices=["tiny", "small"], help="with --stages-only")
     parser.add_argument("--image-size", type=int, default=256, help="with --stages-only; a multiple of 128")
@@ -161,17 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         run(args.flavor, args.image_size, args.out)
         return 0
     start = time.perf_counter()
-    cache_url = prepare_data(args.prep_config, args.cache)
-    cfg, result = train(args.train_config, cache_url, args.steps)
-    sample(cfg, result, cache_url)
+    cache_url = prepare_data(args.prep_config, args.cache, args.limit_shards)
+    cfg, _ = train(args.train_config, cache_url, args.steps)
     from pipelines.training.tracking import tracking_uri
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
+    champion = register_and_promote(cfg, uri)
+    consumed = consume(uri, cache_url, Path("runs") / "demo", image=not args.no_image)
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     print(f"   latent cache:  {cache_url} (manifest.json holds the funnel and the encoder fingerprints)")
     print(f"   checkpoints:   {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}")
+    print(f"   champion:      models:/wuerstchen-stage-c/{champion} (alias champion)")
+    print(f"   consumer out:  {consumed['latents']}" + (f", {consumed['image']}" if consumed["image"] else ""))
     print(f"   MLflow:        {uri}   ->   mlflow ui --backend-store-uri {uri}")
-    print("   Not yet part of the demo: registration, the promotion gate and loading models:/...@champion.")
+    print(f"   export:        wuerstchen export --model models:/wuerstchen-stage-c@champion --out runs/export "
+          f"--tracking-uri {uri}")
     return 0
 
 
