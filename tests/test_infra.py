@@ -7,6 +7,7 @@ import datetime
 import fnmatch
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -372,6 +373,44 @@ def test_cronjob_pod_creates_the_mounted_rayjob_and_may_do_nothing_else():
         d for _, d in _manifests() if d["kind"] == "Role" and d["metadata"]["name"] == bindings[0]["roleRef"]["name"]
     )
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+@pytest.mark.parametrize(
+    ("job_status", "deployment", "message", "expected"),
+    [
+        ("SUCCEEDED", "Complete", "", 0),  # done, or nothing to do: pipelines.retrain exits 0 for both
+        ("FAILED", "Failed", "Job entrypoint command failed with exit code 4, last available logs: ...", 1),
+        ("FAILED", "Failed", "Job entrypoint command failed with exit code 1, last available logs: ...", 1),
+        ("FAILED", "Failed", "Job entrypoint command failed with exit code 3, last available logs: ...", 1),
+        ("", "ValidationFailed", "invalid RayJob", 1),
+    ],
+)
+def test_cronjob_pod_succeeds_exactly_when_the_ray_job_succeeded(tmp_path, job_status, deployment, message, expected):
+    """The waiting script, run against a fake kubectl: only a SUCCEEDED Ray job makes the Job succeed
+    (exit code 4, a run refused by the lease, is a failure like any other non-zero code)."""
+    container = _one("CronJob", RETRAIN / "cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    (script,) = container["args"]
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        "  create*) echo rayjob.ray.io/wuerstchen-retrain-abcde ;;\n"
+        f"  *jobDeploymentStatus*) echo '{deployment}' ;;\n"
+        f"  *jobStatus*) echo '{job_status}' ;;\n"
+        f"  *message*) echo '{message}' ;;\n"
+        "  *) exit 1 ;;\n"
+        "esac\n"
+    )
+    kubectl.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == expected, result.stdout + result.stderr
+    if "exit code 4" in message:
+        assert "lease" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
