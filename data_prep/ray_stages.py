@@ -191,12 +191,35 @@ class EncodeStage:
         self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None
         self.text = build_text_encoder(cfg).to(self.device)
 
-    def _images(self, column, kept: list[int], side: int) -> torch.Tensor:
-        arrays = np.stack([np.frombuffer(column[i], np.uint8).reshape(side, side, 3) for i in kept])
+    def _images(self, column, rows: list[int], side: int) -> torch.Tensor:
+        arrays = np.stack([np.frombuffer(column[i], np.uint8).reshape(side, side, 3) for i in rows])
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
     @torch.no_grad()
+    def _encode(self, batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The latents of `rows` (at most batch_size of them), computed in a call of exactly batch_size
+        inputs, the last row repeated as padding. Kernels pick their algorithm by batch size (oneDNN on
+        CPU: the same image in a batch of 5 or of 8 gets latents a few ulps apart), so without the
+        padding a sample's latents would depend on where the stream was cut into batches, and a
+        resumed run would not reproduce an uninterrupted one."""
+        pad = [rows[-1]] * (self.cfg.batch_size - len(rows))
+        padded = rows + pad
+        side = self.cfg.resolution
+        semantic_side = int(np.sqrt(len(batch["semantic_pixels"][rows[0]]) // 3))
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+        with autocast:
+            e = self.semantic(self._images(batch["semantic_pixels"], padded, semantic_side))
+            latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
+            if self.stage_a is not None:
+                latents["stage_a_latents"] = self.stage_a.encode(self._images(batch["pixels"], padded, side)).float()
+            ids, mask = self.text.tokenize([str(batch["caption"][i]) for i in padded])
+            if self.cfg.text_mode == "embeddings":
+                latents["text_embeddings"] = self.text(ids, mask).float()
+            else:
+                latents["text_tokens"], latents["text_mask"] = ids, mask
+        return {name: values[: len(rows)] for name, values in latents.items()}
+
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         kept = [i for i, reason in enumerate(batch["drop_reason"]) if reason == KEEP]
@@ -205,23 +228,11 @@ class EncodeStage:
             outputs["stage_a_latents"] = [b""] * n
         text_columns = ["text_embeddings"] if self.cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
         outputs.update({name: [b""] * n for name in text_columns})
-        if kept:
-            autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
-            side = self.cfg.resolution
-            semantic_side = int(np.sqrt(len(batch["semantic_pixels"][kept[0]]) // 3))
-            with autocast:
-                e = self.semantic(self._images(batch["semantic_pixels"], kept, semantic_side))
-                latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
-                if self.stage_a is not None:
-                    latents["stage_a_latents"] = self.stage_a.encode(self._images(batch["pixels"], kept, side)).float()
-                ids, mask = self.text.tokenize([str(batch["caption"][i]) for i in kept])
-                if self.cfg.text_mode == "embeddings":
-                    latents["text_embeddings"] = self.text(ids, mask).float()
-                else:
-                    latents["text_tokens"], latents["text_mask"] = ids, mask
-            for name, values in latents.items():
+        for first in range(0, len(kept), self.cfg.batch_size):
+            rows = kept[first : first + self.cfg.batch_size]
+            for name, values in self._encode(batch, rows).items():
                 array = values.cpu().numpy().astype(TENSOR_DTYPES[name])
-                for j, i in enumerate(kept):
+                for j, i in enumerate(rows):
                     outputs[name][i] = array[j].tobytes()
         for name, values in outputs.items():
             batch[name] = np.asarray(values, dtype=object)

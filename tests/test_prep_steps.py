@@ -152,3 +152,28 @@ def test_random_init_encoders_are_the_same_whatever_the_global_rng_state():
         prints.append((model_fingerprint("s", build_semantic_compressor("tiny", w), w)["fingerprint"],
                        model_fingerprint("a", build_stage_a("tiny", w), w)["fingerprint"]))
     assert prints[0] == prints[1]
+
+
+def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
+    """A resumed run cuts the stream into batches elsewhere than an uninterrupted one; CPU kernels
+    choose their algorithm by batch size, so the encoder pads every call to `batch_size`."""
+    from data_prep.config import EncodeConfig, EncoderWeights
+    from data_prep.ray_stages import EncodeStage
+
+    threads = torch.get_num_threads()
+    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), cpus_per_encoder=2))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    batch = {
+        "key": np.array([f"k{i}" for i in range(8)], dtype=object),
+        "caption": np.array([f"caption {i}" for i in range(8)], dtype=object),
+        "drop_reason": np.array([KEEP] * 7 + ["too_small"], dtype=object),
+        "pixels": np.array([rng.integers(0, 256, (128, 128, 3), np.uint8).tobytes() for _ in range(8)], dtype=object),
+        "semantic_pixels": np.array([rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(8)], dtype=object),
+    }
+    whole = stage({k: v.copy() for k, v in batch.items()})
+    for cut in (slice(0, 1), slice(1, 5), slice(5, 8)):
+        part = stage({k: v[cut].copy() for k, v in batch.items()})
+        for name in ("stage_c_latents", "stage_a_latents", "text_embeddings"):
+            assert list(part[name]) == list(whole[name][cut]), name
+    assert whole["stage_c_latents"][7] == b"" and whole["stage_c_latents"][6] != b""
