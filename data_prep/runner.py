@@ -1,5 +1,7 @@
-"""Runs data prep: lists the source shards the cache does not hold yet and processes them in waves,
-each wave committed to the manifest only after its files are complete.
+"""Runs data prep: lists the source shards the cache does not hold yet and streams them all through
+one Ray Data execution (the actors start once per run), in source order. The driver commits them in
+waves of `output.shards_per_wave` shards: each wave's files are written as its rows arrive, and the
+wave is committed to the manifest once a row of a later wave arrives or the stream ends.
 
 A run killed at any point leaves the manifest as it was after the last committed wave: files of an
 unfinished wave are not listed, and the rerun deletes and rewrites them. So a rerun adds exactly the
@@ -119,35 +121,162 @@ def _clear(fs, path: str) -> None:
         fs.delete_dir(path)
 
 
-def _written_files(fs, root: str, wave_dir: str) -> list[dict]:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    infos = fs.get_file_info(pafs.FileSelector(wave_dir, allow_not_found=True))
-    files = []
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            rows = pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows
-            files.append({"path": info.path[len(root) + 1 :], "rows": rows, "bytes": info.size})
-    return files
-
-
 def _peek_samples(cfg: PrepConfig, shard: tuple[str, str], n: int = 200) -> list[dict]:
     return read_shard({"shard_url": shard[0], "path": shard[1]}, cfg.source)[:n]
 
 
-def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
-    """Prepares every source shard the cache does not hold yet; returns the run's summary."""
-    import ray
+class _Wave:
+    """One wave on its way to a commit: per-shard counts of every row, and the kept rows written
+    into `data/wave-<id>/` as they arrive, in files of `max_rows_per_file` rows (one row group each).
+    Until the manifest lists them, these files are not part of the cache."""
+
+    def __init__(self, fs, root: str, shards: list[tuple[str, str]], max_rows_per_file: int):
+        self.fs, self.root, self.max_rows = fs, root, max_rows_per_file
+        self.dir = cache_io.join(root, "data", f"wave-{_wave_id(shards)}")
+        _clear(fs, self.dir)  # leftovers of a run killed before it committed this wave
+        self.counts = {url: Counter() for url, _ in shards}  # drop reason (KEEP too) -> rows
+        self.unwritten: list = []  # kept rows not in a file yet (pyarrow tables)
+        self.files: list[dict] = []
+
+    def add(self, rows, shapes: dict, bucket: str) -> None:
+        import pyarrow.compute as pc
+
+        counted = rows.group_by(["source_shard", "drop_reason"]).aggregate([("key", "count")])
+        columns = (counted.column(name).to_pylist() for name in ("source_shard", "drop_reason", "key_count"))
+        for url, reason, n in zip(*columns):
+            self.counts[url][reason] += n
+        if pc.any(pc.equal(rows.column("drop_reason"), KEEP)).as_py():
+            self.unwritten.append(finalize(rows, shapes, bucket))
+        while sum(t.num_rows for t in self.unwritten) >= self.max_rows:
+            self._write_file()
+
+    def _write_file(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.concat_tables(self.unwritten)
+        part, rest = table.slice(0, self.max_rows), table.slice(self.max_rows)
+        self.unwritten = [rest] if rest.num_rows else []
+        if not self.files:
+            self.fs.create_dir(self.dir, recursive=True)
+        path = cache_io.join(self.dir, f"part-{len(self.files):05d}.parquet")
+        with self.fs.open_output_stream(path) as f:
+            # Dictionary pages only for the text columns: on latents (distinct fp16 values) a
+            # dictionary plus indices is larger than the raw tensor bytes.
+            pq.write_table(part, f, row_group_size=self.max_rows, use_dictionary=list(cache_io.DICTIONARY_COLUMNS))
+            size = f.tell()
+        self.files.append({"path": path[len(self.root) + 1 :], "rows": part.num_rows, "bytes": size})
+
+    def commit(self, manifest: dict, manifest_path: str) -> dict[str, dict]:
+        """Writes the last file, then the manifest that lists the wave: the commit point."""
+        while self.unwritten:
+            self._write_file()
+        wave = self.dir.rsplit("/", 1)[-1]
+        shard_stats = {}
+        for url, counts in self.counts.items():
+            dropped = {reason: n for reason, n in counts.items() if reason != KEEP}
+            shard_stats[url] = {"rows_in": sum(counts.values()), "rows_written": counts[KEEP], "dropped": dropped, "wave": wave}
+        written = sum(s["rows_written"] for s in shard_stats.values())
+        if sum(f["rows"] for f in self.files) != written:
+            raise RuntimeError(f"wave {self.dir} wrote {sum(f['rows'] for f in self.files)} rows, expected {written}")
+        cache_io.record_wave(manifest, shard_stats, self.files)
+        cache_io.write_text_atomically(self.fs, manifest_path, json.dumps(manifest, indent=2) + "\n")
+        return shard_stats
+
+
+class _Waves:
+    """Follows the stream of rows (in source order, dropped ones included) and commits each wave
+    once it is complete: when a row of a later wave arrives, or the stream ends. A shard with no
+    rows at all is recorded too, with its wave."""
+
+    def __init__(self, fs, root: str, manifest: dict, pending: list[tuple[str, str]], cfg: PrepConfig,
+                 shapes: dict, summary: dict, on_wave):
+        import pyarrow as pa
+
+        self.fs, self.root, self.manifest, self.shapes, self.summary, self.on_wave = fs, root, manifest, shapes, summary, on_wave
+        self.manifest_path = cache_io.join(root, cache_io.MANIFEST)
+        self.bucket = f"{cfg.encode.resolution}x{cfg.encode.resolution}"
+        self.max_rows, self.per_wave = cfg.output.max_rows_per_file, cfg.output.shards_per_wave
+        self.waves = [pending[i : i + self.per_wave] for i in range(0, len(pending), self.per_wave)]
+        self.urls = pa.array([url for url, _ in pending], pa.string())
+        self.number = 0  # the wave rows are arriving for
+        self.current = _Wave(fs, root, self.waves[0], self.max_rows)
+
+    def add(self, rows) -> None:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        if not rows.num_rows:
+            return
+        shard = pc.index_in(rows.column("source_shard").cast(self.urls.type), value_set=self.urls)
+        if shard.null_count:
+            raise RuntimeError(f"data prep got rows of shards it was not given: {pc.unique(rows.column('source_shard'))}")
+        wave = shard.to_numpy(zero_copy_only=False).astype(np.int64) // self.per_wave
+        if wave[0] < self.number or (np.diff(wave) < 0).any():
+            raise RuntimeError("data prep rows arrived out of source order: waves cannot be committed safely")
+        for w in np.unique(wave):
+            self._complete_before(int(w))
+            first, end = np.searchsorted(wave, [w, w + 1])
+            self.current.add(rows.slice(first, end - first), self.shapes, self.bucket)
+
+    def finish(self) -> None:
+        self._complete_before(len(self.waves))
+
+    def _complete_before(self, wave: int) -> None:
+        while self.number < wave:
+            shard_stats = self.current.commit(self.manifest, self.manifest_path)
+            for stats in shard_stats.values():
+                self.summary["rows_in"] += stats["rows_in"]
+                self.summary["rows_written"] += stats["rows_written"]
+                self.summary["dropped"].update(stats["dropped"])
+            self.summary["waves"] += 1
+            if self.on_wave is not None:
+                self.on_wave(self.summary)
+            self.number += 1
+            if self.number < len(self.waves):
+                self.current = _Wave(self.fs, self.root, self.waves[self.number], self.max_rows)
+
+
+def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
+    """read -> decode + filter -> (CLIP score) -> deduplicate -> encode, over every pending shard in
+    one streaming execution: the actors start once per run."""
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
+
+    res = cfg.encode.resolution
+    ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
+    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, "resolution": res}, batch_size=64)
+    if cfg.filters.clip_score is not None:
+        ds = ds.map_batches(
+            ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
+            compute=ActorPoolStrategy(size=1), batch_size=cfg.filters.clip_score.batch_size, num_cpus=1,
+        )
+    ds = ds.map_batches(
+        DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
+        compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=0.25,
+    )
+    return ds.map_batches(
+        EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),
+        batch_size=cfg.encode.batch_size, num_gpus=1 if cfg.encode.use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
+    )
+
+
+def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
+    """Prepares every source shard the cache does not hold yet; returns the run's summary.
+
+    One streaming execution runs over all pending shards, in source order; the driver counts each
+    arriving row under its shard, writes the kept ones into their wave's files, and commits a wave
+    as soon as a row of a later wave arrives (or the stream ends)."""
+    from ray.data import DataContext
 
     start = time.perf_counter()
     fs, root = cache_io.resolve(cfg.output.url)
     encoders, text_width = encoder_fingerprints(cfg)
     shapes = tensor_shapes(cfg, text_width)
     settings = _settings(cfg)
-    text = cache_io.read_text(fs, cache_io.join(root, cache_io.MANIFEST))
+    manifest_path = cache_io.join(root, cache_io.MANIFEST)
+    text = cache_io.read_text(fs, manifest_path)
     if text is None:
         manifest = cache_io.new_manifest(settings, encoders, shapes)
     else:
@@ -167,60 +296,13 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
 
     connect(cfg.ray_address, cfg.num_cpus)
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True  # the same input gives the same cache, run after run
+    DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
     known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest["files"] else []
-    res = cfg.encode.resolution
-    use_gpu = cfg.encode.use_gpu
-    for first in range(0, len(pending), cfg.output.shards_per_wave):
-        wave = pending[first : first + cfg.output.shards_per_wave]
-        wave_dir = cache_io.join(root, "data", f"wave-{_wave_id(wave)}")
-        _clear(fs, wave_dir)  # leftovers of a run killed before it committed this wave
-        ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in wave], override_num_blocks=len(wave))
-        ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
-        ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, "resolution": res}, batch_size=64)
-        if cfg.filters.clip_score is not None:
-            ds = ds.map_batches(
-                ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
-                compute=ActorPoolStrategy(size=1), batch_size=cfg.filters.clip_score.batch_size, num_cpus=1,
-            )
-        ds = ds.map_batches(
-            DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
-            compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=0.25,
-        )
-        ds = ds.map_batches(
-            EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),
-            batch_size=cfg.encode.batch_size, num_gpus=1 if use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
-        )
-        done = ds.materialize()
-        stats = done.select_columns(["source_shard", "drop_reason", "content_hash", "phash"]).to_pandas()
-        kept = stats[stats["drop_reason"] == KEEP]
-        if len(kept):
-            out = done.map_batches(finalize, fn_kwargs={"shapes": shapes, "bucket": settings["bucket"]}, batch_format="pyarrow", batch_size=None)
-            out.write_parquet(
-                wave_dir, filesystem=fs, max_rows_per_file=cfg.output.max_rows_per_file,
-                # Dictionary pages only for the text columns: on latents (distinct fp16 values) a
-                # dictionary plus indices is larger than the raw tensor bytes.
-                use_dictionary=list(cache_io.DICTIONARY_COLUMNS), row_group_size=cfg.output.max_rows_per_file,
-            )
-        files = _written_files(fs, root, wave_dir)
-        if sum(f["rows"] for f in files) != len(kept):
-            raise RuntimeError(f"wave {wave_dir} wrote {sum(f['rows'] for f in files)} rows, expected {len(kept)}")
-        shard_stats = {}
-        for url, _ in wave:
-            rows = stats[stats["source_shard"] == url]
-            dropped = Counter(rows.loc[rows["drop_reason"] != KEEP, "drop_reason"])
-            shard_stats[url] = {"rows_in": len(rows), "rows_written": int((rows["drop_reason"] == KEEP).sum()),
-                                "dropped": dict(dropped), "wave": wave_dir.rsplit("/", 1)[-1]}
-            summary["dropped"].update(dropped)
-        cache_io.record_wave(manifest, shard_stats, files)
-        cache_io.write_text_atomically(fs, cache_io.join(root, cache_io.MANIFEST), json.dumps(manifest, indent=2) + "\n")
-        known += list(zip(kept["content_hash"], (int(p) for p in kept["phash"])))
-        summary["rows_in"] += len(stats)
-        summary["rows_written"] += len(kept)
-        summary["waves"] += 1
-        if on_wave is not None:
-            on_wave(summary)
+    stream = _prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None)
+    waves = _Waves(fs, root, manifest, pending, cfg, shapes, summary, on_wave)
+    for rows in stream:
+        waves.add(rows)
+    waves.finish()
     summary.update(seconds=time.perf_counter() - start, manifest=manifest)
     return summary
 
