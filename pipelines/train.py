@@ -66,7 +66,14 @@ def run_training(cfg: TrainConfig):
     c_cond = {**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}["c_cond"]
     if text_encoder.width != c_cond:
         raise ValueError(f"the model takes text tokens of width c_cond={c_cond}; the text encoder gives {text_encoder.width}")
-    per_worker = cache.rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
+    rows = cache.rows
+    if cfg.data.shards is not None:
+        unknown = sorted(set(cfg.data.shards) - set(cache.manifest["shards"]))
+        if unknown:
+            raise ValueError(f"data.shards names shards the cache at {cfg.data.cache} does not hold: {unknown[:3]}")
+        new = sum(cache.manifest["shards"][s]["rows_written"] for s in cfg.data.shards)
+        rows = new + (rows - new) * cfg.data.replay_fraction
+    per_worker = rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
     if per_worker < cfg.data.batch_size:
         raise ValueError(
             f"each of {cfg.parallel.num_workers} workers would get about {per_worker:.0f} training rows of {cfg.data.cache}, "
@@ -85,7 +92,7 @@ def run_training(cfg: TrainConfig):
     from data_prep.ray_cluster import connect
 
     connect(cfg.ray_address, cfg.num_cpus)
-    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction)
+    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction)
     fs, root = resolve(cfg.checkpoint.storage_path)
     resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
     if resume is not None:

@@ -36,10 +36,16 @@ class DataConfig:
     cache: str = "runs/cache/twemoji"
     validation_fraction: float = 0.05  # held out by a hash of the key: the same rows in every run
     batch_size: int = 32  # per worker and micro-step
+    # Fine-tuning on new data: train on the rows of these source shards only, plus `replay_fraction`
+    # of the other rows (None: every row). Validation always covers the whole cache's held-out rows.
+    shards: list[str] | None = None
+    replay_fraction: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise ValueError(f"data.replay_fraction must be in [0, 1], got {self.replay_fraction}")
 
 
 @dataclasses.dataclass

@@ -30,13 +30,28 @@ def text_columns(manifest: dict) -> list[str]:
     return ["text_embeddings"] if manifest["text_mode"] == "embeddings" else ["text_tokens", "text_mask"]
 
 
-def datasets(cache: Cache, validation_fraction: float):
-    """(train, validation) Ray Datasets with the columns the Stage C objective needs."""
+def _mix(batch: pa.Table, shards: list[str], replay_fraction: float, columns: list[str]) -> pa.Table:
+    """Rows of `shards`, plus a replay share of the other rows (chosen by key hash: the same rows
+    whatever the order); then only `columns`."""
+    wanted = set(shards)
+    mask = [s in wanted or zlib.crc32(f"replay:{k}".encode()) % _SPLIT_BUCKETS < replay_fraction * _SPLIT_BUCKETS
+            for s, k in zip(batch.column("source_shard").to_pylist(), batch.column("key").to_pylist())]
+    return batch.filter(pa.array(mask, pa.bool_())).select(columns)
+
+
+def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None = None, replay_fraction: float = 1.0):
+    """(train, validation) Ray Datasets with the columns the Stage C objective needs. With `shards`,
+    training sees the rows of those source shards plus `replay_fraction` of the others; validation
+    always covers the held-out rows of the whole cache (the fixed evaluation)."""
     columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
-    ds = cache.ray_dataset(columns=columns)
+    ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []))
     kwargs = {"batch_format": "pyarrow", "fn_kwargs": {"fraction": validation_fraction}}
     train = ds.map_batches(_split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": False}})
     val = ds.map_batches(_split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": True}})
+    if shards is not None:
+        train = train.map_batches(_mix, batch_format="pyarrow",
+                                  fn_kwargs={"shards": list(shards), "replay_fraction": replay_fraction, "columns": columns})
+        val = val.select_columns(columns)
     return train, val
 
 
