@@ -12,6 +12,7 @@ COMMANDS = {
     "register": ("register", "register a trained Stage C (or a decoder bundle) in the MLflow model registry"),
     "promote": ("promote", "move the champion alias to a better challenger, or roll it back"),
     "export": ("export", "write a registered version as a diffusers pipeline folder"),
+    "retrain": ("retrain", "the scheduled retraining workflow: new shards -> prep -> fine-tune -> gate"),
     "convert": ("convert", "convert an original .pt checkpoint into a diffusers-format folder"),
     "flavors": ("flavors", "list the named model sizes and their parameter counts"),
 }

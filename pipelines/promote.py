@@ -11,8 +11,8 @@ An evaluation that fails or is missing never promotes. The decision, the reason 
 written as tags on the challenger (`promotion.*`); the `challenger` alias is then removed, and every
 champion is appended to the registered model's `champion_history`, which `--rollback` walks back.
 
-Exit codes: 0 decided (promoted or kept the champion) or rolled back, 3 nothing to do (no
-challenger), 2 bad arguments (e.g. nothing to roll back to), 1 failed.
+Exit codes: 0 decided (promoted or kept the champion), nothing to decide (no challenger: it says
+so), or rolled back; 2 bad arguments (e.g. nothing to roll back to); 1 failed.
 """
 
 import argparse
@@ -25,9 +25,6 @@ import time
 from pipelines import registry
 
 log = logging.getLogger(__name__)
-
-NOTHING_TO_DO = 3
-
 
 @dataclasses.dataclass
 class GateConfig:
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wuerstchen promote: {err}", file=sys.stderr)
         return 2
     print(f"{args.name}: {out['decision']}: {out['reason']}")
-    return NOTHING_TO_DO if out["decision"] == "nothing_to_do" else 0
+    return 0
 
 
 if __name__ == "__main__":

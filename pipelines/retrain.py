@@ -1,0 +1,217 @@
+"""`python -m pipelines.retrain --config FILE [--set key=value ...]` / `wuerstchen retrain`: the
+scheduled retraining workflow, as one job.
+
+1. Find the source shards the cache does not hold yet; with none, stop: nothing is trained or
+   registered, and the run says so (a success: exit code 0, decision "nothing_to_do").
+2. Prepare only those shards into the cache.
+3. Fine-tune Stage C from the current champion (pinned to its version when the attempt starts) on
+   the cache: every row, or the new rows plus a replay share of the old (`data_mix`).
+4.-5. Register the result as `challenger` and run the promotion gate (evaluation on the fixed
+   held-out rows of the whole cache, against the champion).
+6. Write a summary (data, versions, scores, decision) to stdout, to `<state>/summaries/<attempt>.json`
+   and as tags on the training run.
+
+Idempotent: a lease in `<state>` lets one run go at a time (another one refuses, exit code 4); an
+attempt is recorded in `<state>/attempt.json` before any work, so a run that crashed is finished
+by rerunning the same command: data prep resumes, training resumes from its newest checkpoint, and
+registration finds the version it already made (no duplicate). `<state>` defaults to
+`<train.checkpoint.storage_path>/retrain`.
+
+Exit codes (what a Ray job's status and a scheduler see): 0 done (promoted, the champion kept, or
+nothing to do), 4 refused because another run is in progress, 2 bad configuration, 1 failed.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+
+from data_prep.config import PrepConfig
+from pipelines.config import job_config
+from pipelines.promote import GateConfig
+from pipelines.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DONE, FAILED, BAD_CONFIG, ALREADY_RUNNING = 0, 1, 2, 4
+ATTEMPT = "attempt.json"
+
+
+@dataclasses.dataclass
+class DataMix:
+    mode: str = "all"  # "all": every row of the cache; "replay": the new rows + replay_fraction of the old
+    replay_fraction: float = 0.25
+
+    def __post_init__(self):
+        if self.mode not in ("all", "replay"):
+            raise ValueError(f"data_mix.mode must be 'all' or 'replay', got {self.mode!r}")
+
+
+@dataclasses.dataclass
+class LeaseConfig:
+    stale_after_s: float = 600.0
+    heartbeat_s: float = 30.0
+    settle_s: float = 2.0
+
+
+@dataclasses.dataclass
+class RetrainConfig:
+    prep: PrepConfig = dataclasses.field(default_factory=PrepConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    model_name: str = "wuerstchen-stage-c"
+    decoders: str | None = None  # a registered decoder bundle for the new versions, e.g. models:/wuerstchen-decoders/1
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+    data_mix: DataMix = dataclasses.field(default_factory=DataMix)
+    state_url: str | None = None  # default: <train.checkpoint.storage_path>/retrain
+    lease: LeaseConfig = dataclasses.field(default_factory=LeaseConfig)
+
+
+def state_url(cfg: RetrainConfig) -> str:
+    from data_prep.cache import join
+
+    return cfg.state_url or join(cfg.train.checkpoint.storage_path.rstrip("/"), "retrain")
+
+
+def new_shards(cfg: RetrainConfig) -> list[str]:
+    from data_prep.cache import MANIFEST, read_text, resolve
+    from data_prep.runner import list_source_shards
+
+    fs, root = resolve(cfg.prep.output.url)
+    text = read_text(fs, f"{root}/{MANIFEST}")
+    held = set(json.loads(text)["shards"]) if text else set()
+    return [url for url, _ in list_source_shards(cfg.prep) if url not in held]
+
+
+def _champion(uri: str, name: str):
+    from pipelines import registry
+
+    return registry.version_by_alias(registry.client(uri), name, registry.CHAMPION)
+
+
+def _start_attempt(cfg: RetrainConfig, uri: str, shards: list[str]) -> dict:
+    champion = _champion(uri, cfg.model_name)
+    attempt_id = hashlib.sha256("\n".join(sorted(shards)).encode()).hexdigest()[:12]
+    return {
+        "attempt_id": attempt_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "new_shards": shards,
+        "base_version": champion.version if champion else None,
+        "train_run_name": f"{cfg.train.checkpoint.run_name}-retrain-{attempt_id}",
+    }
+
+
+def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
+    train = dataclasses.replace(cfg.train)
+    train.data = dataclasses.replace(train.data, cache=cfg.prep.output.url)
+    if cfg.data_mix.mode == "replay" and attempt["base_version"] is not None:
+        train.data.shards, train.data.replay_fraction = list(attempt["new_shards"]), cfg.data_mix.replay_fraction
+    init = f"models:/{cfg.model_name}/{attempt['base_version']}" if attempt["base_version"] else train.model.init
+    train.model = dataclasses.replace(train.model, init=init)
+    train.checkpoint = dataclasses.replace(train.checkpoint, run_name=attempt["train_run_name"])
+    return train
+
+
+def run_retrain(cfg: RetrainConfig) -> dict:
+    """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
+    from data_prep.cache import join, read_text, resolve, write_text_atomically
+    from data_prep.runner import format_summary, run_prep
+    from pipelines import registry
+    from pipelines.lease import Lease
+    from pipelines.promote import promote
+    from pipelines.register import register_stage_c
+    from pipelines.train import run_training
+    from pipelines.training.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.train.tracking.tracking_uri)
+    state = state_url(cfg)
+    fs, root = resolve(state)
+    lease = Lease(state, cfg.lease.stale_after_s, cfg.lease.heartbeat_s, cfg.lease.settle_s)
+    with lease:
+        text = read_text(fs, join(root, ATTEMPT))
+        if text is not None:
+            attempt = json.loads(text)
+            print(f"resuming attempt {attempt['attempt_id']} (started {attempt['started']}): "
+                  f"{len(attempt['new_shards'])} new shards", flush=True)
+        else:
+            shards = new_shards(cfg)
+            if not shards:
+                summary = {"decision": "nothing_to_do", "reason": f"no new source shards in {cfg.prep.source.url}",
+                           "cache": cfg.prep.output.url, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                print(f"nothing to do: every shard of {cfg.prep.source.url} is in the cache {cfg.prep.output.url}; "
+                      f"nothing trained or registered", flush=True)
+                return summary
+            attempt = _start_attempt(cfg, uri, shards)
+            write_text_atomically(fs, join(root, ATTEMPT), json.dumps(attempt, indent=2) + "\n")
+            print(f"attempt {attempt['attempt_id']}: {len(shards)} new shards; base champion "
+                  f"{attempt['base_version'] or '(none yet: training from the configured init)'}", flush=True)
+
+        print("== prep: the new shards only", flush=True)
+        prep_summary = run_prep(cfg.prep)
+        print(format_summary(prep_summary), flush=True)
+
+        train_cfg = _train_config(cfg, attempt)
+        print(f"== fine-tune: {train_cfg.steps} steps from {train_cfg.model.init or 'scratch'} "
+              f"({cfg.data_mix.mode} data), run {train_cfg.checkpoint.run_name}", flush=True)
+        _, run_id = run_training(train_cfg)
+
+        print("== register and gate", flush=True)
+        version = register_stage_c(uri, cfg.model_name, run_id=run_id, decoders=cfg.decoders)
+        mlflow_client = registry.client(uri)
+        recorded = mlflow_client.get_model_version(cfg.model_name, version["version"]).tags
+        if "promotion.decision" in recorded:  # decided by the run that crashed after the gate
+            decision = {k.split(".", 1)[1]: v for k, v in recorded.items() if k.startswith("promotion.")}
+        else:
+            decision = promote(uri, cfg.model_name, cfg.prep.output.url, cfg.gate)
+        champion = _champion(uri, cfg.model_name)
+        summary = {
+            "attempt_id": attempt["attempt_id"],
+            "started": attempt["started"],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "new_shards": attempt["new_shards"],
+            "cache": cfg.prep.output.url,
+            "cache_rows": prep_summary["manifest"]["rows_written"],
+            "rows_added": prep_summary["rows_written"],
+            "data_mix": dataclasses.asdict(cfg.data_mix),
+            "base_version": attempt["base_version"],
+            "training_run_id": run_id,
+            "candidate_version": version["version"],
+            "candidate_created": version["created"],
+            "decision": decision.get("decision"),
+            "reason": decision.get("reason"),
+            "challenger_val_loss": decision.get("challenger_val_loss"),
+            "champion_val_loss": decision.get("champion_val_loss"),
+            "champion_version": champion.version if champion else None,
+        }
+        write_text_atomically(fs, join(root, "summaries", f"{attempt['attempt_id']}.json"), json.dumps(summary, indent=2) + "\n")
+        for key in ("attempt_id", "decision", "candidate_version", "champion_version", "base_version"):
+            mlflow_client.set_tag(run_id, f"retrain.{key}", str(summary[key]))
+        mlflow_client.set_tag(run_id, "retrain.summary", json.dumps(summary)[:4900])
+        mlflow_client.set_model_version_tag(cfg.model_name, version["version"], "retrain.attempt_id", attempt["attempt_id"])
+        fs.delete_file(join(root, ATTEMPT))  # done: the next run looks for new shards again
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = job_config(RetrainConfig, "wuerstchen retrain", __doc__, argv,
+                     "YAML file (see configs/retrain_*.yaml)", "data_mix.mode=replay")
+    if cfg is None:
+        return BAD_CONFIG
+    from data_prep.cache import CacheMismatchError
+    from pipelines.lease import LeaseHeldError
+
+    try:
+        summary = run_retrain(cfg)
+    except LeaseHeldError as err:
+        print(f"wuerstchen retrain: refused: {err}", file=sys.stderr)
+        return ALREADY_RUNNING
+    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"wuerstchen retrain: {err}", file=sys.stderr)
+        return BAD_CONFIG
+    print("retrain summary: " + json.dumps(summary, indent=2), flush=True)
+    return DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
