@@ -1,0 +1,226 @@
+"""The scheduled retraining workflow as it runs in production: `ray job submit --working-dir .` against
+a real `ray start --head` cluster on loopback (token auth, as Ray 2.60 sets it up), a real MLflow
+server over HTTP (artifacts on moto's S3), source shards arriving over time."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port, wait_for_port
+from prep_factory import good, write_tar
+
+from pipelines import registry
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "stage-c-retrain"
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this environment's
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(mlflow_server, tmp_path_factory):
+    """`ray start --head --block` in its own process group, stopped by signalling that group (`ray
+    stop` would also stop the test session's other local cluster)."""
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dashboard = free_port(), free_port()
+    # Every port of its own: another Ray on this machine (the session's local cluster) holds the defaults.
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    log = open(temp / "ray-start.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--disable-usage-stats",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *own_ports],
+        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_port(dashboard, timeout=120, process=process)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def _shard(folder: Path, index: int, rows: int = 14) -> None:
+    members = []
+    for i in range(rows):
+        members += good(f"s{index}/img{i}", 5000 + index * 100 + i)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tar(folder / f"shard-{index:03d}.tar", members)
+
+
+def _config(root: Path, uri: str, steps: int = 6) -> Path:
+    config = {
+        "prep": {
+            "source": {"url": str(root / "src"), "format": "webdataset"},
+            "filters": {"min_side": 64},
+            "encode": {"flavor": "tiny", "resolution": 128, "batch_size": 16},
+            "output": {"url": str(root / "cache"), "shards_per_wave": 1},
+        },
+        "train": {
+            "model": {"flavor": "tiny"},
+            "data": {"batch_size": 4, "validation_fraction": 0.2},
+            "optim": {"lr": 0.001},
+            "ema": {"decay": 0.9},
+            "validation": {"every_steps": steps},
+            "checkpoint": {"storage_path": str(root / "runs"), "run_name": "rt", "every_steps": 3},
+            "parallel": {"num_workers": 1, "cpus_per_worker": 1},
+            "tracking": {"tracking_uri": uri, "experiment": "tests-retrain", "log_every": 1},
+            "steps": steps,
+        },
+        "model_name": MODEL,
+        "gate": {"min_relative_improvement": 0.0},
+        "data_mix": {"mode": "replay", "replay_fraction": 0.5},
+        "lease": {"stale_after_s": 8, "heartbeat_s": 2, "settle_s": 2},
+    }
+    path = root / f"retrain-{steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _ray(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _submit(address: str, config: Path, submission_id: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        out = _ray("job", "submit", f"--address={address}", "--working-dir=.", f"--submission-id={submission_id}",
+                   "--no-wait", "--", "python", "-m", "pipelines.retrain", "--config", str(config))
+        # A head that just started answers before its job agent is up: that one is worth a retry.
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _status(address: str, submission_id: str) -> str:
+    out = _ray("job", "status", f"--address={address}", submission_id, timeout=60)
+    text, job = out.stdout + out.stderr, re.escape(submission_id)
+    for pattern, status in ((rf"Job '{job}' succeeded", "SUCCEEDED"), (rf"Job '{job}' failed", "FAILED"),
+                            (rf"Job '{job}' was stopped", "STOPPED")):
+        if re.search(pattern, text):
+            return status
+    found = re.search(rf"Status for job '{job}': (\w+)", text)
+    return found[1] if found else "UNKNOWN: " + text[-1000:]
+
+
+def _logs(address: str, submission_id: str) -> str:
+    return _ray("job", "logs", f"--address={address}", submission_id, timeout=60).stdout
+
+
+def _wait(address: str, submission_id: str, timeout: float = 600) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(address, submission_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status, _logs(address, submission_id)
+        time.sleep(3)
+    actors = _ray("list", "actors", f"--address={address}", "--filter", "state=ALIVE", timeout=60)
+    raise TimeoutError(f"job {submission_id} still {status} after {timeout} s; live actors:\n{actors.stdout[-3000:]}\n"
+                       f"job log:\n{_logs(address, submission_id)[-6000:]}")
+
+
+def _versions(uri: str) -> list:
+    return registry.versions(registry.client(uri), MODEL)
+
+
+def _summary(logs: str) -> dict:
+    text = logs[logs.rindex("retrain summary: ") + len("retrain summary: "):]
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
+def test_retrain_jobs_prepare_new_shards_only_fine_tune_the_champion_and_refuse_a_second_run(ray_head, mlflow_server, tmp_path):
+    uri = mlflow_server
+    _shard(tmp_path / "src", 0)
+    config = _config(tmp_path, uri)
+
+    _submit(ray_head, config, "retrain-first")
+    status, logs = _wait(ray_head, "retrain-first")
+    assert status == "SUCCEEDED", logs[-4000:]
+    first = _summary(logs)
+    assert first["decision"] == "promoted" and first["base_version"] is None and first["rows_added"] > 0
+    assert [v.version for v in _versions(uri)] == ["1"]
+    assert registry.version_by_alias(registry.client(uri), MODEL, registry.CHAMPION).version == "1"
+    stored = json.loads((tmp_path / "runs" / "retrain" / "summaries" / f"{first['attempt_id']}.json").read_text())
+    assert stored == first
+
+    _submit(ray_head, config, "retrain-nothing")
+    status, logs = _wait(ray_head, "retrain-nothing")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "nothing to do" in logs and _summary(logs)["decision"] == "nothing_to_do"
+    assert [v.version for v in _versions(uri)] == ["1"]
+
+    # A new shard, and two runs started at once: one prepares only that shard and fine-tunes the
+    # champion; the other refuses.
+    _shard(tmp_path / "src", 1)
+    _submit(ray_head, config, "retrain-a")
+    _submit(ray_head, config, "retrain-b")
+    results = {sid: _wait(ray_head, sid) for sid in ("retrain-a", "retrain-b")}
+    statuses = sorted(status for status, _ in results.values())
+    assert statuses == ["FAILED", "SUCCEEDED"], {k: v[1][-2000:] for k, v in results.items()}
+    refused = next(logs for status, logs in results.values() if status == "FAILED")
+    ran = next(logs for status, logs in results.values() if status == "SUCCEEDED")
+    assert "refused: another run" in refused
+    second = _summary(ran)
+    assert second["new_shards"] == [f"file://{tmp_path}/src/shard-001.tar"]
+    assert second["base_version"] == "1" and second["candidate_version"] == "2"
+    assert second["decision"] in ("promoted", "kept") and second["challenger_val_loss"] is not None
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert sorted(manifest["shards"]) == [f"file://{tmp_path}/src/shard-00{i}.tar" for i in (0, 1)]
+    assert manifest["shards"][f"file://{tmp_path}/src/shard-000.tar"]["wave"] != manifest["shards"][second["new_shards"][0]]["wave"]
+    run = registry.client(uri).get_run(second["training_run_id"])
+    assert run.data.params["model.init"] == f"models:/{MODEL}/1"
+    assert run.data.tags["retrain.decision"] == second["decision"]
+    assert [v.version for v in _versions(uri)] == ["1", "2"]
+
+
+def test_a_retrain_killed_mid_training_finishes_on_rerun_with_one_new_version(ray_head, mlflow_server, tmp_path):
+    uri = mlflow_server
+    config_path = _config(tmp_path, uri, steps=40)
+    config = yaml.safe_load(config_path.read_text())
+    config["train"]["checkpoint"]["every_steps"] = 10
+    config["train"]["validation"]["every_steps"] = 40
+    config["train"]["tracking"]["log_every"] = 5
+    config_path.write_text(yaml.safe_dump(config))
+    _shard(tmp_path / "src", 7, rows=48)
+    before = len(_versions(uri))
+
+    _submit(ray_head, config_path, "retrain-killed")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "step 15/40" not in _logs(ray_head, "retrain-killed"):
+        time.sleep(2)
+    assert _status(ray_head, "retrain-killed") == "RUNNING"
+    _ray("job", "stop", f"--address={ray_head}", "retrain-killed", timeout=120)
+    status, logs = _wait(ray_head, "retrain-killed")
+    assert status == "STOPPED" and "retrain summary" not in logs
+    assert len(_versions(uri)) == before
+    assert (tmp_path / "runs" / "retrain" / "attempt.json").is_file()
+
+    time.sleep(config["lease"]["stale_after_s"])  # the killed run's lease expires
+    _submit(ray_head, config_path, "retrain-rerun")
+    status, logs = _wait(ray_head, "retrain-rerun", timeout=300)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "resuming attempt" in logs and "resuming rt-retrain-" in logs  # training resumed from its checkpoint
+    summary = _summary(logs)
+    assert summary["candidate_created"] is True
+    assert len(_versions(uri)) == before + 1
+    assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists()
