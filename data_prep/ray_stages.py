@@ -196,29 +196,47 @@ class EncodeStage:
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
-    @torch.no_grad()
-    def _encode(self, batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
-        """The latents of `rows` (at most batch_size of them), computed in a call of exactly batch_size
-        inputs, the last row repeated as padding. Kernels pick their algorithm by batch size (oneDNN on
-        CPU: the same image in a batch of 5 or of 8 gets latents a few ulps apart), so without the
-        padding a sample's latents would depend on where the stream was cut into batches, and a
-        resumed run would not reproduce an uninterrupted one."""
-        pad = [rows[-1]] * (self.cfg.batch_size - len(rows))
-        padded = rows + pad
+    def _encode(self, batch: dict, rows: list[int]) -> dict:
+        """The latents of `rows` (at most batch_size of them).
+
+        A sample's latents must not depend on the samples the stream batched it with: a resumed run
+        cuts the stream into batches elsewhere than an uninterrupted one, and must reproduce it bit
+        for bit. On CPU, oneDNN's convolutions give an image results an fp16 ulp apart, now and
+        then, in a batch of another size or at another position of a batch (they process the
+        minibatch in blocks). So on CPU the image encoders take one image per call, which costs
+        nothing there: on one thread it is faster per image than a batch (the activations stay in
+        cache), so run one single-threaded encoder actor per core. The text encoder (matmuls) gave
+        the same results at any position and batch size we tried; it gets batches of exactly
+        batch_size captions all the same (the last one repeated), so that no kernel choice by batch
+        size can differ. On GPU the images are batched and padded the same way.
+        """
+        import torch
+
+        from stages.latents import semantic_to_stage_c
+
+        padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
+        images = rows if self.device.type == "cpu" else padded
         side = self.cfg.resolution
         semantic_side = int(np.sqrt(len(batch["semantic_pixels"][rows[0]]) // 3))
+
+        def encode_images(encoder, column: str, side: int):
+            x = self._images(batch[column], images, side)
+            if self.device.type == "cpu":
+                return torch.cat([encoder(x[i : i + 1]) for i in range(len(rows))])
+            return encoder(x)[: len(rows)]
+
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
-        with autocast:
-            e = self.semantic(self._images(batch["semantic_pixels"], padded, semantic_side))
+        with torch.no_grad(), autocast:
+            e = encode_images(self.semantic, "semantic_pixels", semantic_side)
             latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
             if self.stage_a is not None:
-                latents["stage_a_latents"] = self.stage_a.encode(self._images(batch["pixels"], padded, side)).float()
+                latents["stage_a_latents"] = encode_images(self.stage_a.encode, "pixels", side).float()
             ids, mask = self.text.tokenize([str(batch["caption"][i]) for i in padded])
             if self.cfg.text_mode == "embeddings":
-                latents["text_embeddings"] = self.text(ids, mask).float()
+                latents["text_embeddings"] = self.text(ids, mask).float()[: len(rows)]
             else:
-                latents["text_tokens"], latents["text_mask"] = ids, mask
-        return {name: values[: len(rows)] for name, values in latents.items()}
+                latents["text_tokens"], latents["text_mask"] = ids[: len(rows)], mask[: len(rows)]
+        return latents
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])

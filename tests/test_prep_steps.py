@@ -172,7 +172,7 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
         "semantic_pixels": np.array([rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(8)], dtype=object),
     }
     whole = stage({k: v.copy() for k, v in batch.items()})
-    for cut in (slice(0, 1), slice(1, 5), slice(5, 8)):
+    for cut in (slice(0, 1), slice(1, 5), slice(5, 8), slice(None, None, -1)):
         part = stage({k: v[cut].copy() for k, v in batch.items()})
         for name in ("stage_c_latents", "stage_a_latents", "text_embeddings"):
             assert list(part[name]) == list(whole[name][cut]), name
