@@ -4,6 +4,10 @@ deduplicate -> encode -> finalize.
 A dropped sample is not removed until `finalize`: it flows on with its `drop_reason` set and no
 pixels, so that every drop is counted exactly once, from the data itself (no side counters that
 retried tasks could double). An empty `drop_reason` means the sample is kept.
+
+Only the CLIP-score and encoder actors import torch (inside their methods): every Ray worker process
+that reads, decodes or deduplicates imports this module, and torch + torchvision would cost each
+of them ~3 s of CPU.
 """
 
 import json
@@ -11,7 +15,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from data_prep.cache import TENSOR_DTYPES, tensor_column
 from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
@@ -19,7 +22,6 @@ from data_prep.decode import DecodeError, decode_image
 from data_prep.filters import check_rules
 from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
 from data_prep.transforms import training_pixels
-from stages.latents import semantic_to_stage_c
 
 KEEP = ""  # the drop_reason of a kept sample
 
@@ -54,7 +56,7 @@ def read_shard(row: dict, source: SourceConfig) -> list[dict]:
 
 # -- decode and filter -------------------------------------------------------------------------
 
-def _decode_one(sample: dict, filters: FilterConfig, resolution: int) -> dict:
+def _decode_one(sample: dict, filters: FilterConfig, resolution: int, semantic_size: tuple[int, int]) -> dict:
     out = {
         "key": sample["key"], "caption": sample["caption"], "source_shard": sample["source_shard"],
         "metadata": sample.get("metadata") or "{}", "width": 0, "height": 0, "content_hash": "", "phash": 0,
@@ -79,17 +81,17 @@ def _decode_one(sample: dict, filters: FilterConfig, resolution: int) -> dict:
         out["drop_reason"] = reason
         return out
     out["phash"] = perceptual_hash(image)
-    pixels, semantic = training_pixels(image, resolution)
+    pixels, semantic = training_pixels(image, resolution, semantic_size)
     out["pixels"], out["semantic_pixels"] = pixels.tobytes(), semantic.tobytes()
     return out
 
 
-def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int) -> dict:
+def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int, semantic_size: tuple[int, int]) -> dict:
     """Decodes every kept sample, applies the size / aspect / caption / metadata rules, hashes it
     and cuts it to the training resolution."""
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
-    rows = [_decode_one({k: batch[k][i] for k in keys}, filters, resolution) for i in range(n)]
+    rows = [_decode_one({k: batch[k][i] for k in keys}, filters, resolution, semantic_size) for i in range(n)]
     out = {name: [r[name] for r in rows] for name in (rows[0] if rows else {})}
     if rows:
         out["width"] = np.asarray(out["width"], dtype=np.int32)
@@ -122,13 +124,14 @@ class ClipScoreFilter:
         self.cfg, self.resolution = cfg, resolution
         self.model, self.preprocess, self.tokenizer = _load_open_clip(cfg)
 
-    @torch.no_grad()
     def scores(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
+        import torch
         from PIL import Image
 
-        pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images])
-        image_emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text_emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(captions)).float(), dim=-1)
+        with torch.no_grad():
+            pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in images])
+            image_emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            text_emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(captions)).float(), dim=-1)
         return (image_emb * text_emb).sum(-1).numpy()
 
     def __call__(self, batch: dict) -> dict:
@@ -159,17 +162,27 @@ class DeduplicateStage:
         if self.enabled:
             self.dedup.preload((h if self.exact else None, p) for h, p in known)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Takes and returns Arrow tables (batch_format="pyarrow"): the pixel columns pass through
+        without being copied into Python objects, unless a row of the batch is dropped here."""
         if not self.enabled:
             return batch
-        for i, reason in enumerate(batch["drop_reason"]):
-            if reason != KEEP:
-                continue
-            content = batch["content_hash"][i] if self.exact else None
-            verdict = self.dedup.check(content, int(batch["phash"][i]), batch["key"][i])
-            if verdict is not None:
-                batch["drop_reason"][i] = verdict
-                batch["pixels"][i] = batch["semantic_pixels"][i] = b""
+        reasons = batch.column("drop_reason").to_pylist()
+        contents = batch.column("content_hash").to_pylist() if self.exact else [None] * len(reasons)
+        phashes, keys = batch.column("phash").to_pylist(), batch.column("key").to_pylist()
+        dropped = [False] * len(reasons)
+        for i, reason in enumerate(reasons):
+            if reason == KEEP:
+                verdict = self.dedup.check(contents[i], int(phashes[i]), keys[i])
+                if verdict is not None:
+                    reasons[i], dropped[i] = verdict, True
+        if not any(dropped):
+            return batch
+        columns = {"drop_reason": pa.array(reasons, batch.schema.field("drop_reason").type)}
+        for name in ("pixels", "semantic_pixels"):
+            columns[name] = pc.if_else(dropped, pa.scalar(b"", batch.schema.field(name).type), batch.column(name))
+        for name, column in columns.items():
+            batch = batch.set_column(batch.schema.get_field_index(name), name, column)
         return batch
 
 
@@ -180,6 +193,8 @@ class EncodeStage:
     text conditioning (embeddings or tokens)."""
 
     def __init__(self, cfg: EncodeConfig):
+        import torch
+
         from data_prep.encoders import build_semantic_compressor, build_stage_a, build_text_encoder
 
         self.cfg = cfg
@@ -191,7 +206,9 @@ class EncodeStage:
         self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None
         self.text = build_text_encoder(cfg).to(self.device)
 
-    def _images(self, column, rows: list[int], side: int) -> torch.Tensor:
+    def _images(self, column, rows: list[int], side: int):
+        import torch
+
         arrays = np.stack([np.frombuffer(column[i], np.uint8).reshape(side, side, 3) for i in rows])
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)

@@ -246,7 +246,10 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
     res = cfg.encode.resolution
     ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
     ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
-    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, "resolution": res}, batch_size=64)
+    ds = ds.map_batches(
+        decode_and_filter, fn_kwargs={"filters": cfg.filters, "resolution": res, "semantic_size": semantic_image_size(res, res)},
+        batch_size=64,
+    )
     if cfg.filters.clip_score is not None:
         ds = ds.map_batches(
             ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
@@ -254,7 +257,7 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
         )
     ds = ds.map_batches(
         DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
-        compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=0.25,
+        compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=0.25, batch_format="pyarrow",
     )
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),

@@ -67,11 +67,12 @@ def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
     batch["content_hash"][3] = "h0"  # the same bytes as row 0
     batch["phash"][4] = batch["phash"][2] ^ np.uint64(0b101)  # 2 bits from row 2
     known = [("cached", int(batch["phash"][1]) ^ 1)]  # one bit from row 1, already in the cache
-    out = DeduplicateStage(DedupConfig(exact=True, near_max_distance=2), known)(batch)
-    assert list(out["drop_reason"]) == [KEEP, "duplicate_near", KEEP, "duplicate_exact", "duplicate_near"]
-    assert out["pixels"][3] == b"" and out["pixels"][0] != b""
-    off = DeduplicateStage(DedupConfig(exact=False, near_max_distance=None), [])(_batch(3))
-    assert list(off["drop_reason"]) == [KEEP] * 3
+    out = DeduplicateStage(DedupConfig(exact=True, near_max_distance=2), known)(pa.table(batch))
+    assert out.column("drop_reason").to_pylist() == [KEEP, "duplicate_near", KEEP, "duplicate_exact", "duplicate_near"]
+    pixels = out.column("pixels").to_pylist()
+    assert pixels[3] == b"" and pixels[0] == batch["pixels"][0] and pixels[2] == batch["pixels"][2]
+    off = DeduplicateStage(DedupConfig(exact=False, near_max_distance=None), [])(pa.table(_batch(3)))
+    assert off.column("drop_reason").to_pylist() == [KEEP] * 3
 
 
 def test_finalize_keeps_only_kept_rows_as_fixed_shape_tensors():
