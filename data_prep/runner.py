@@ -10,10 +10,12 @@ rows that were missing, with no duplicates, and new shards added to the source l
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from data_prep import cache as cache_io
 from data_prep.config import PrepConfig
@@ -91,13 +93,16 @@ def _settings(cfg: PrepConfig) -> dict:
     }
 
 
-def _check_compatible(manifest: dict, settings: dict, encoders: dict, shapes: dict, url: str) -> None:
+def _check_settings(manifest: dict, settings: dict, url: str) -> None:
     for key in ("flavor", "resolution", "text_mode"):
         if manifest.get(key) != settings[key]:
             raise cache_io.CacheMismatchError(
                 f"the cache at {url} was made with {key}={manifest.get(key)!r}; this run has {key}={settings[key]!r}. "
                 f"Use another output URL for a different {key}."
             )
+
+
+def _check_encoders(manifest: dict, encoders: dict, shapes: dict, url: str) -> None:
     for name, info in encoders.items():
         theirs = manifest["encoders"].get(name, {}).get("fingerprint")
         if theirs != info["fingerprint"]:
@@ -275,35 +280,46 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
 
     start = time.perf_counter()
     fs, root = cache_io.resolve(cfg.output.url)
-    encoders, text_width = encoder_fingerprints(cfg)
-    shapes = tensor_shapes(cfg, text_width)
     settings = _settings(cfg)
-    manifest_path = cache_io.join(root, cache_io.MANIFEST)
-    text = cache_io.read_text(fs, manifest_path)
-    if text is None:
-        manifest = cache_io.new_manifest(settings, encoders, shapes)
-    else:
-        manifest = json.loads(text)
-        _check_compatible(manifest, settings, encoders, shapes, cfg.output.url)
+    text = cache_io.read_text(fs, cache_io.join(root, cache_io.MANIFEST))
+    manifest = json.loads(text) if text is not None else None
+    if manifest is not None:
+        _check_settings(manifest, settings, cfg.output.url)
 
     all_shards = list_source_shards(cfg)
-    pending = [s for s in all_shards if s[0] not in manifest["shards"]]
+    pending = [s for s in all_shards if manifest is None or s[0] not in manifest["shards"]]
     if cfg.limit_shards is not None:
         pending = pending[: cfg.limit_shards]
     summary = {"cache": cfg.output.url, "shards_total": len(all_shards), "shards_new": len(pending), "rows_in": 0,
                "rows_written": 0, "dropped": Counter(), "waves": 0}
-    if not pending:
-        summary.update(seconds=time.perf_counter() - start, manifest=manifest)
-        return summary
-    if cfg.filters.metadata:
-        check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
+    # Building the encoders to fingerprint them takes seconds of CPU: it runs on a thread while the
+    # stream starts up (the actors build the same encoders), and nothing is committed before the
+    # fingerprints are checked against the cache's.
+    with ThreadPoolExecutor(1, thread_name_prefix="fingerprints") as pool:
+        fingerprinting = pool.submit(encoder_fingerprints, cfg)
 
-    connect(cfg.ray_address, cfg.num_cpus)
-    DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
-    known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest["files"] else []
-    stream = _prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None)
+        def checked_manifest() -> tuple[dict, dict]:
+            encoders, text_width = fingerprinting.result()
+            shapes = tensor_shapes(cfg, text_width)
+            if manifest is None:
+                return cache_io.new_manifest(settings, encoders, shapes), shapes
+            _check_encoders(manifest, encoders, shapes, cfg.output.url)
+            return manifest, shapes
+
+        if not pending:
+            summary.update(seconds=time.perf_counter() - start, manifest=checked_manifest()[0])
+            return summary
+        if cfg.filters.metadata:
+            check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
+
+        connect(cfg.ray_address, cfg.num_cpus)
+        DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
+        known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
+        stream = iter(_prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
+        first = next(stream, None)  # blocks while the actors start
+        manifest, shapes = checked_manifest()
     waves = _Waves(fs, root, manifest, pending, cfg, shapes, summary, on_wave)
-    for rows in stream:
+    for rows in itertools.chain([first] if first is not None else [], stream):
         waves.add(rows)
     waves.finish()
     summary.update(seconds=time.perf_counter() - start, manifest=manifest)
