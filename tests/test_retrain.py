@@ -66,7 +66,7 @@ def _shard(folder: Path, index: int, rows: int = 14) -> None:
     write_tar(folder / f"shard-{index:03d}.tar", members)
 
 
-def _config(root: Path, uri: str, steps: int = 6) -> Path:
+def _config(root: Path, uri: str, steps: int = 6, every: int = 3) -> Path:
     config = {
         "prep": {
             "source": {"url": str(root / "src"), "format": "webdataset"},
@@ -80,9 +80,9 @@ def _config(root: Path, uri: str, steps: int = 6) -> Path:
             "optim": {"lr": 0.001},
             "ema": {"decay": 0.9},
             "validation": {"every_steps": steps},
-            "checkpoint": {"storage_path": str(root / "runs"), "run_name": "rt", "every_steps": 3},
+            "checkpoint": {"storage_path": str(root / "runs"), "run_name": "rt", "every_steps": every},
             "parallel": {"num_workers": 1, "cpus_per_worker": 1},
-            "tracking": {"tracking_uri": uri, "experiment": "tests-retrain", "log_every": 1},
+            "tracking": {"tracking_uri": uri, "experiment": "tests-retrain", "log_every": 5},
             "steps": steps,
         },
         "model_name": MODEL,
@@ -148,7 +148,7 @@ def _summary(logs: str) -> dict:
     return json.JSONDecoder().raw_decode(text)[0]
 
 
-def test_retrain_jobs_prepare_new_shards_only_fine_tune_the_champion_and_refuse_a_second_run(ray_head, mlflow_server, tmp_path):
+def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resumed_after_a_kill(ray_head, mlflow_server, tmp_path):
     uri = mlflow_server
     _shard(tmp_path / "src", 0)
     config = _config(tmp_path, uri)
@@ -169,20 +169,37 @@ def test_retrain_jobs_prepare_new_shards_only_fine_tune_the_champion_and_refuse_
     assert "nothing to do" in logs and _summary(logs)["decision"] == "nothing_to_do"
     assert [v.version for v in _versions(uri)] == ["1"]
 
-    # A new shard, and two runs started at once: one prepares only that shard and fine-tunes the
-    # champion; the other refuses.
-    _shard(tmp_path / "src", 1)
-    _submit(ray_head, config, "retrain-a")
-    _submit(ray_head, config, "retrain-b")
-    results = {sid: _wait(ray_head, sid) for sid in ("retrain-a", "retrain-b")}
-    statuses = sorted(status for status, _ in results.values())
-    assert statuses == ["FAILED", "SUCCEEDED"], {k: v[1][-2000:] for k, v in results.items()}
-    refused = next(logs for status, logs in results.values() if status == "FAILED")
-    ran = next(logs for status, logs in results.values() if status == "SUCCEEDED")
-    assert "refused: another run" in refused
-    second = _summary(ran)
+    # A new shard, and two runs started at once: one refuses; the other prepares only that shard and
+    # fine-tunes the champion, and is killed mid-training. Rerun, it finishes the same attempt from its
+    # checkpoint and registers exactly one new version.
+    _shard(tmp_path / "src", 1, rows=48)
+    long = _config(tmp_path, uri, steps=40, every=10)
+    _submit(ray_head, long, "retrain-a")
+    _submit(ray_head, long, "retrain-b")
+    deadline, statuses = time.monotonic() + 300, {}
+    while time.monotonic() < deadline and "FAILED" not in statuses.values():
+        statuses = {sid: _status(ray_head, sid) for sid in ("retrain-a", "retrain-b")}
+        time.sleep(2)
+    refused = next(sid for sid, status in statuses.items() if status == "FAILED")
+    running = next(sid for sid in statuses if sid != refused)
+    assert "refused: another run" in _logs(ray_head, refused)
+    while time.monotonic() < deadline and "step 15/40" not in _logs(ray_head, running):
+        time.sleep(2)
+    assert _status(ray_head, running) == "RUNNING"
+    _ray("job", "stop", f"--address={ray_head}", running, timeout=120)
+    status, logs = _wait(ray_head, running)
+    assert status == "STOPPED" and "retrain summary" not in logs
+    assert [v.version for v in _versions(uri)] == ["1"]
+    assert (tmp_path / "runs" / "retrain" / "attempt.json").is_file()
+
+    time.sleep(8)  # lease.stale_after_s: the killed run's lease expires
+    _submit(ray_head, long, "retrain-rerun")
+    status, logs = _wait(ray_head, "retrain-rerun")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "resuming attempt" in logs and "resuming rt-retrain-" in logs  # training resumed from its checkpoint
+    second = _summary(logs)
     assert second["new_shards"] == [f"file://{tmp_path}/src/shard-001.tar"]
-    assert second["base_version"] == "1" and second["candidate_version"] == "2"
+    assert second["base_version"] == "1" and second["candidate_version"] == "2" and second["candidate_created"]
     assert second["decision"] in ("promoted", "kept") and second["challenger_val_loss"] is not None
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert sorted(manifest["shards"]) == [f"file://{tmp_path}/src/shard-00{i}.tar" for i in (0, 1)]
@@ -191,36 +208,4 @@ def test_retrain_jobs_prepare_new_shards_only_fine_tune_the_champion_and_refuse_
     assert run.data.params["model.init"] == f"models:/{MODEL}/1"
     assert run.data.tags["retrain.decision"] == second["decision"]
     assert [v.version for v in _versions(uri)] == ["1", "2"]
-
-
-def test_a_retrain_killed_mid_training_finishes_on_rerun_with_one_new_version(ray_head, mlflow_server, tmp_path):
-    uri = mlflow_server
-    config_path = _config(tmp_path, uri, steps=40)
-    config = yaml.safe_load(config_path.read_text())
-    config["train"]["checkpoint"]["every_steps"] = 10
-    config["train"]["validation"]["every_steps"] = 40
-    config["train"]["tracking"]["log_every"] = 5
-    config_path.write_text(yaml.safe_dump(config))
-    _shard(tmp_path / "src", 7, rows=48)
-    before = len(_versions(uri))
-
-    _submit(ray_head, config_path, "retrain-killed")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and "step 15/40" not in _logs(ray_head, "retrain-killed"):
-        time.sleep(2)
-    assert _status(ray_head, "retrain-killed") == "RUNNING"
-    _ray("job", "stop", f"--address={ray_head}", "retrain-killed", timeout=120)
-    status, logs = _wait(ray_head, "retrain-killed")
-    assert status == "STOPPED" and "retrain summary" not in logs
-    assert len(_versions(uri)) == before
-    assert (tmp_path / "runs" / "retrain" / "attempt.json").is_file()
-
-    time.sleep(config["lease"]["stale_after_s"])  # the killed run's lease expires
-    _submit(ray_head, config_path, "retrain-rerun")
-    status, logs = _wait(ray_head, "retrain-rerun", timeout=300)
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert "resuming attempt" in logs and "resuming rt-retrain-" in logs  # training resumed from its checkpoint
-    summary = _summary(logs)
-    assert summary["candidate_created"] is True
-    assert len(_versions(uri)) == before + 1
     assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists()
