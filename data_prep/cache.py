@@ -19,7 +19,6 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +120,24 @@ def record_wave(manifest: dict, shard_stats: dict[str, dict], files: list[dict])
     return manifest
 
 
-def tensor_column(values: Iterable[bytes], shape: tuple[int, ...], dtype) -> pa.FixedShapeTensorArray:
-    """Raw little-endian bytes per row -> a canonical fixed-shape tensor column."""
-    values = list(values)
-    flat = np.frombuffer(b"".join(values), dtype=dtype) if values else np.zeros(0, dtype)
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(flat.reshape(len(values), *shape))
+def binary_buffers(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, data) of a binary or large_binary Arrow column, as numpy views of its buffers: row i
+    is data[offsets[i]:offsets[i + 1]]."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, offset_type)[array.offset : array.offset + len(array) + 1]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
+def tensor_column(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dtype) -> pa.FixedShapeTensorArray:
+    """A binary column of raw little-endian tensors, one per row -> a canonical fixed-shape tensor column."""
+    offsets, data = binary_buffers(column)
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if (np.diff(offsets) != size).any():
+        raise ValueError(f"every row must hold one {np.dtype(dtype)} tensor of shape {tuple(shape)} ({size} bytes)")
+    flat = np.frombuffer(data, dtype, count=(len(offsets) - 1) * size // np.dtype(dtype).itemsize, offset=int(offsets[0]))
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(flat.reshape(len(offsets) - 1, *shape))
 
 
 class Cache:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.cache import TENSOR_DTYPES, tensor_column
+from data_prep.cache import TENSOR_DTYPES, binary_buffers, tensor_column
 from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
 from data_prep.decode import DecodeError, decode_image
 from data_prep.filters import check_rules
@@ -205,15 +205,19 @@ class EncodeStage:
         self.semantic = build_semantic_compressor(cfg.flavor, cfg.semantic).to(self.device)
         self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None
         self.text = build_text_encoder(cfg).to(self.device)
+        self.columns = ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
+        self.columns += ["text_embeddings"] if cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
 
     def _images(self, column, rows: list[int], side: int):
+        """The pixels of `rows`, read from the Arrow buffers of a binary column (side x side x 3 bytes per row)."""
         import torch
 
-        arrays = np.stack([np.frombuffer(column[i], np.uint8).reshape(side, side, 3) for i in rows])
+        offsets, data = binary_buffers(column)
+        arrays = np.stack([data[offsets[i] : offsets[i] + side * side * 3] for i in rows]).reshape(-1, side, side, 3)
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
-    def _encode(self, batch: dict, rows: list[int]) -> dict:
+    def _encode(self, batch: pa.Table, rows: list[int]) -> dict:
         """The latents of `rows` (at most batch_size of them).
 
         A sample's latents must not depend on the samples the stream batched it with: a resumed run
@@ -229,15 +233,15 @@ class EncodeStage:
         """
         import torch
 
-        from stages.latents import semantic_to_stage_c
+        from stages.latents import semantic_image_size, semantic_to_stage_c
 
         padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
         images = rows if self.device.type == "cpu" else padded
         side = self.cfg.resolution
-        semantic_side = int(np.sqrt(len(batch["semantic_pixels"][rows[0]]) // 3))
+        semantic_side = semantic_image_size(side, side)[0]
 
         def encode_images(encoder, column: str, side: int):
-            x = self._images(batch[column], images, side)
+            x = self._images(batch.column(column), images, side)
             if self.device.type == "cpu":
                 return torch.cat([encoder(x[i : i + 1]) for i in range(len(rows))])
             return encoder(x)[: len(rows)]
@@ -248,30 +252,32 @@ class EncodeStage:
             latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
             if self.stage_a is not None:
                 latents["stage_a_latents"] = encode_images(self.stage_a.encode, "pixels", side).float()
-            ids, mask = self.text.tokenize([str(batch["caption"][i]) for i in padded])
+            ids, mask = self.text.tokenize([str(c) for c in batch.column("caption").take(padded).to_pylist()])
             if self.cfg.text_mode == "embeddings":
                 latents["text_embeddings"] = self.text(ids, mask).float()[: len(rows)]
             else:
                 latents["text_tokens"], latents["text_mask"] = ids[: len(rows)], mask[: len(rows)]
         return latents
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["key"])
-        kept = [i for i, reason in enumerate(batch["drop_reason"]) if reason == KEEP]
-        outputs = {"stage_c_latents": [b""] * n}
-        if self.stage_a is not None:
-            outputs["stage_a_latents"] = [b""] * n
-        text_columns = ["text_embeddings"] if self.cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
-        outputs.update({name: [b""] * n for name in text_columns})
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Takes and returns Arrow tables (batch_format="pyarrow"): the pixels are read from the
+        Arrow buffers, the pixel columns are dropped, and each latent column is a binary column
+        built from one array (raw little-endian bytes per kept row, empty for a dropped row)."""
+        n = batch.num_rows
+        kept = np.flatnonzero(pc.equal(batch.column("drop_reason"), KEEP).to_numpy(zero_copy_only=False))
+        latents = {name: [] for name in self.columns}
         for first in range(0, len(kept), self.cfg.batch_size):
-            rows = kept[first : first + self.cfg.batch_size]
+            rows = kept[first : first + self.cfg.batch_size].tolist()
             for name, values in self._encode(batch, rows).items():
-                array = values.cpu().numpy().astype(TENSOR_DTYPES[name])
-                for j, i in enumerate(rows):
-                    outputs[name][i] = array[j].tobytes()
-        for name, values in outputs.items():
-            batch[name] = np.asarray(values, dtype=object)
-        batch["pixels"] = batch["semantic_pixels"] = np.asarray([b""] * n, dtype=object)
+                latents[name].append(values.cpu().numpy().astype(TENSOR_DTYPES[name]))
+        batch = batch.drop_columns(["pixels", "semantic_pixels"])
+        for name, arrays in latents.items():
+            data = np.ascontiguousarray(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint8)
+            sizes = np.zeros(n, np.int64)
+            sizes[kept] = data.nbytes // max(len(kept), 1)
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            column = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+            batch = batch.append_column(name, column)
         return batch
 
 
@@ -293,5 +299,5 @@ def finalize(batch: pa.Table, shapes: dict[str, list[int]], bucket: str) -> pa.T
         "bucket": pa.array([bucket] * kept.num_rows, pa.string()),
     }
     for name, shape in shapes.items():
-        columns[name] = tensor_column(kept.column(name).to_pylist(), tuple(shape), TENSOR_DTYPES[name])
+        columns[name] = tensor_column(kept.column(name), tuple(shape), TENSOR_DTYPES[name])
     return pa.table(columns)
