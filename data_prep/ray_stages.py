@@ -56,7 +56,7 @@ def read_shard(row: dict, source: SourceConfig) -> list[dict]:
 
 # -- decode and filter -------------------------------------------------------------------------
 
-def _decode_one(sample: dict, filters: FilterConfig, resolution: int, semantic_size: tuple[int, int]) -> dict:
+def _decode_one(sample: dict, filters: FilterConfig, resolution: int | None, semantic_size: tuple[int, int]) -> dict:
     out = {
         "key": sample["key"], "caption": sample["caption"], "source_shard": sample["source_shard"],
         "metadata": sample.get("metadata") or "{}", "width": 0, "height": 0, "content_hash": "", "phash": 0,
@@ -82,13 +82,15 @@ def _decode_one(sample: dict, filters: FilterConfig, resolution: int, semantic_s
         return out
     out["phash"] = perceptual_hash(image)
     pixels, semantic = training_pixels(image, resolution, semantic_size)
-    out["pixels"], out["semantic_pixels"] = pixels.tobytes(), semantic.tobytes()
+    out["pixels"] = pixels.tobytes() if pixels is not None else b""
+    out["semantic_pixels"] = semantic.tobytes()
     return out
 
 
-def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int, semantic_size: tuple[int, int]) -> dict:
+def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int | None, semantic_size: tuple[int, int]) -> dict:
     """Decodes every kept sample, applies the size / aspect / caption / metadata rules, hashes it
-    and cuts it to the training resolution."""
+    and cuts it to the semantic compressor's size and, unless `resolution` is None (neither Stage A
+    nor the CLIP-score filter runs), to the training resolution."""
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
     rows = [_decode_one({k: batch[k][i] for k in keys}, filters, resolution, semantic_size) for i in range(n)]

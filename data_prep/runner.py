@@ -255,10 +255,9 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
     res = cfg.encode.resolution
     ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
     ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
-    ds = ds.map_batches(
-        decode_and_filter, fn_kwargs={"filters": cfg.filters, "resolution": res, "semantic_size": semantic_image_size(res, res)},
-        batch_size=64,
-    )
+    full_pixels = cfg.encode.stage_a is not None or cfg.filters.clip_score is not None
+    sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
+    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=64)
     if cfg.filters.clip_score is not None:
         ds = ds.map_batches(
             ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},

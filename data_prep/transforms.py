@@ -1,25 +1,28 @@
-"""Pixels as the encoders take them: a square center crop at the training resolution, and the
-semantic compressor's copy of it at 0.75x (1024 -> 768 -> 24x24 latents; the size comes from
+"""Pixels as the encoders take them: the image's centre square at the training resolution (for Stage
+A and the CLIP-score filter), and the same square at the semantic compressor's size, 0.75x (1024 ->
+768 -> 24x24 latents). Each is resampled from the source in one step. The semantic size comes from
 `stages.latents.semantic_image_size`, which the caller passes: importing `stages` here would load
-torch into every decode worker)."""
+torch into every decode worker."""
 
 import numpy as np
 from PIL import Image
 
 
 def center_crop_resize(image: Image.Image, side: int) -> Image.Image:
-    """Resize so the shorter side is `side` (antialiased), then crop the centre square."""
+    """The centre square of the image, resampled to side x side (bicubic, antialiased when shrinking)."""
     w, h = image.size
-    scale = side / min(w, h)
-    resized = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    rw, rh = resized.size
-    left, top = (rw - side) // 2, (rh - side) // 2
-    return resized.crop((left, top, left + side, top + side))
+    m = min(w, h)
+    box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+    return image.resize((side, side), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
-def training_pixels(image: Image.Image, resolution: int, semantic_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(image at resolution, image at the semantic compressor's size (h, w)), uint8 HWC RGB."""
-    crop = center_crop_resize(image, resolution)
+def training_pixels(
+    image: Image.Image, resolution: int | None, semantic_size: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the centre square at resolution, or None when no step needs it; the square at the semantic
+    compressor's size (h, w)), uint8 HWC RGB."""
     sem_h, sem_w = semantic_size
-    semantic = crop.resize((sem_w, sem_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(crop, dtype=np.uint8), np.asarray(semantic, dtype=np.uint8)
+    if sem_h != sem_w:
+        raise ValueError(f"the semantic compressor's input is square here, got {semantic_size}")
+    pixels = np.asarray(center_crop_resize(image, resolution), dtype=np.uint8) if resolution is not None else None
+    return pixels, np.asarray(center_crop_resize(image, sem_h), dtype=np.uint8)

@@ -181,3 +181,16 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     latents = whole.column("stage_c_latents").to_pylist()
     assert latents[7] == b"" and len(latents[6]) == 16 * 3 * 3 * 2
 
+
+def test_training_pixels_are_the_centre_square_resampled_from_the_source():
+    from PIL import Image
+
+    from data_prep.transforms import training_pixels
+
+    image = Image.new("RGB", (300, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (100, 0, 200, 100))  # the centre square is white, the sides black
+    pixels, semantic = training_pixels(image, 64, (48, 48))
+    assert pixels.shape == (64, 64, 3) and semantic.shape == (48, 48, 3)
+    assert pixels[:, 4:-4].min() == 255 and semantic[:, 4:-4].min() == 255  # bicubic may blur the edge columns
+    none, semantic_alone = training_pixels(image, None, (48, 48))
+    assert none is None and np.array_equal(semantic_alone, semantic)  # the same with or without Stage A
