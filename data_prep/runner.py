@@ -8,6 +8,7 @@ unfinished wave are not listed, and the rerun deletes and rewrites them. So a re
 rows that were missing, with no duplicates, and new shards added to the source later are appended.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -18,7 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from data_prep import cache as cache_io
-from data_prep.config import PrepConfig
+from data_prep.config import OutputConfig, PrepConfig
 from data_prep.encoders import (
     build_semantic_compressor,
     build_stage_a,
@@ -198,14 +199,14 @@ class _Waves:
     once it is complete: when a row of a later wave arrives, or the stream ends. A shard with no
     rows at all is recorded too, with its wave."""
 
-    def __init__(self, fs, root: str, manifest: dict, pending: list[tuple[str, str]], cfg: PrepConfig,
+    def __init__(self, fs, root: str, manifest: dict, pending: list[tuple[str, str]], output: OutputConfig,
                  shapes: dict, summary: dict, on_wave):
         import pyarrow as pa
 
         self.fs, self.root, self.manifest, self.shapes, self.summary, self.on_wave = fs, root, manifest, shapes, summary, on_wave
         self.manifest_path = cache_io.join(root, cache_io.MANIFEST)
-        self.bucket = f"{cfg.encode.resolution}x{cfg.encode.resolution}"
-        self.max_rows, self.per_wave = cfg.output.max_rows_per_file, cfg.output.shards_per_wave
+        self.bucket = manifest["bucket"]
+        self.max_rows, self.per_wave = output.max_rows_per_file, output.shards_per_wave
         self.waves = [pending[i : i + self.per_wave] for i in range(0, len(pending), self.per_wave)]
         self.urls = pa.array([url for url, _ in pending], pa.string())
         self.number = 0  # the wave rows are arriving for
@@ -274,6 +275,17 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
     )
 
 
+def _checked_manifest(manifest: dict | None, settings: dict, fingerprints: dict, cfg: PrepConfig) -> tuple[dict, dict]:
+    """(the manifest to commit waves to, the tensor shapes): a new one, or the cache's own once its
+    encoders and shapes are found to be this run's."""
+    encoders, text_width = fingerprints
+    shapes = tensor_shapes(cfg, text_width)
+    if manifest is None:
+        return cache_io.new_manifest(settings, encoders, shapes), shapes
+    _check_encoders(manifest, encoders, shapes, cfg.output.url)
+    return manifest, shapes
+
+
 def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     """Prepares every source shard the cache does not hold yet; returns the run's summary.
 
@@ -289,6 +301,12 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     manifest = json.loads(text) if text is not None else None
     if manifest is not None:
         _check_settings(manifest, settings, cfg.output.url)
+    # Building the encoders to fingerprint them takes seconds of CPU: it runs on a thread while the
+    # stream starts up (the actors build the same encoders); nothing is committed before the
+    # fingerprints are checked against the cache's.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprints")
+    fingerprinting = pool.submit(encoder_fingerprints, cfg)
+    pool.shutdown(wait=False)  # the thread ends with its one task
 
     all_shards = list_source_shards(cfg)
     pending = [s for s in all_shards if manifest is None or s[0] not in manifest["shards"]]
@@ -296,36 +314,24 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         pending = pending[: cfg.limit_shards]
     summary = {"cache": cfg.output.url, "shards_total": len(all_shards), "shards_new": len(pending), "rows_in": 0,
                "rows_written": 0, "dropped": Counter(), "waves": 0}
-    # Building the encoders to fingerprint them takes seconds of CPU: it runs on a thread while the
-    # stream starts up (the actors build the same encoders), and nothing is committed before the
-    # fingerprints are checked against the cache's.
-    with ThreadPoolExecutor(1, thread_name_prefix="fingerprints") as pool:
-        fingerprinting = pool.submit(encoder_fingerprints, cfg)
+    if not pending:
+        manifest, _ = _checked_manifest(manifest, settings, fingerprinting.result(), cfg)
+        summary.update(seconds=time.perf_counter() - start, manifest=manifest)
+        return summary
+    if cfg.filters.metadata:
+        check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
 
-        def checked_manifest() -> tuple[dict, dict]:
-            encoders, text_width = fingerprinting.result()
-            shapes = tensor_shapes(cfg, text_width)
-            if manifest is None:
-                return cache_io.new_manifest(settings, encoders, shapes), shapes
-            _check_encoders(manifest, encoders, shapes, cfg.output.url)
-            return manifest, shapes
-
-        if not pending:
-            summary.update(seconds=time.perf_counter() - start, manifest=checked_manifest()[0])
-            return summary
-        if cfg.filters.metadata:
-            check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
-
-        connect(cfg.ray_address, cfg.num_cpus)
-        DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
-        known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
-        stream = iter(_prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
-        first = next(stream, None)  # blocks while the actors start
-        manifest, shapes = checked_manifest()
-    waves = _Waves(fs, root, manifest, pending, cfg, shapes, summary, on_wave)
-    for rows in itertools.chain([first] if first is not None else [], stream):
-        waves.add(rows)
-    waves.finish()
+    connect(cfg.ray_address, cfg.num_cpus)
+    DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
+    known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
+    batches = iter(_prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
+    with contextlib.closing(batches):  # on any failure, the execution stops at once
+        first = next(batches, None)  # blocks while the actors start
+        manifest, shapes = _checked_manifest(manifest, settings, fingerprinting.result(), cfg)
+        waves = _Waves(fs, root, manifest, pending, cfg.output, shapes, summary, on_wave)
+        for rows in itertools.chain([first] if first is not None else [], batches):
+            waves.add(rows)
+        waves.finish()
     summary.update(seconds=time.perf_counter() - start, manifest=manifest)
     return summary
 

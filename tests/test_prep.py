@@ -131,6 +131,16 @@ def test_a_cache_of_other_encoders_is_refused_with_both_fingerprints(local_run, 
         run_prep(other_seed)
 
 
+def test_new_shards_from_other_encoders_are_refused_before_any_commit(ray_cluster, local_run, tmp_path):
+    """The fingerprints are checked when the stream's first rows arrive: nothing may be committed."""
+    output, _ = local_run
+    source = plain_shards(tmp_path / "more", shards=1, per_shard=3, seed0=700)
+    before = (output / "manifest.json").read_text()
+    with pytest.raises(CacheMismatchError, match="appending would mix latents of different encoders"):
+        run_prep(tiny_config(str(source), str(output), **{"encode.text_encoder.seed": 7}))
+    assert (output / "manifest.json").read_text() == before
+
+
 def test_a_threshold_on_a_column_the_source_lacks_is_a_configuration_error(ray_cluster, broken_source, tmp_path):
     folder, _, _ = broken_source
     cfg = tiny_config(str(folder), str(tmp_path / "c"), **{"filters.metadata": "{pwatermark: {max: 0.5}}"})
