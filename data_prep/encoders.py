@@ -123,6 +123,17 @@ def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
     return info
 
 
+def encoder_fingerprints(cfg: EncodeConfig, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
+    """The fingerprint of each encoder of a prep run, as the cache's manifest records them."""
+    fingerprints = {
+        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, cfg.semantic),
+        "text_encoder": text_fingerprint(text, cfg.text_encoder),
+    }
+    if stage_a is not None:
+        fingerprints["stage_a"] = model_fingerprint("stage_a", stage_a, cfg.stage_a)
+    return fingerprints
+
+
 def text_fingerprint(encoder: ClipTextEncoder, weights: EncoderWeights) -> dict:
     vocab = json.dumps(encoder.tokenizer.get_vocab(), sort_keys=True)
     config = {"backend": encoder.backend, "width": encoder.width, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()}

@@ -24,6 +24,9 @@ from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
 from data_prep.transforms import training_pixels
 
 KEEP = ""  # the drop_reason of a kept sample
+# The column in which EncodeStage states, on every row, the encoders it ran (their fingerprints, as
+# JSON): the driver records them in the manifest and checks that every actor ran the same ones.
+ENCODERS_COLUMN = "encoders"
 
 
 # -- read -------------------------------------------------------------------------------------
@@ -192,95 +195,153 @@ class DeduplicateStage:
 
 class EncodeStage:
     """The frozen encoders on one device: semantic compressor (-> z_C), optionally Stage A, and the
-    text conditioning (embeddings or tokens)."""
+    text conditioning (embeddings or tokens).
+
+    A sample's latents must not depend on the samples the stream batched it with: a resumed run cuts
+    the stream into batches elsewhere than an uninterrupted one, and must reproduce it bit for bit.
+    On CPU, oneDNN's convolutions give an image results an fp16 ulp apart, now and then, in a batch
+    of another size or at another position of a batch (they process the minibatch in blocks), and
+    kernels may split work by thread count. So on CPU torch runs single-threaded and each image is
+    one job: `cpus_per_encoder` threads take the jobs side by side (torch releases the GIL), the
+    weights are shared, and a job's result is the same whichever thread runs it and whatever ran
+    beside it. One image at a time on one thread is also the fastest way to run these networks on a
+    CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
+    captions (the last one repeated), so that no kernel choice by batch size can differ. On GPU
+    the images are batched, padded the same way, on the device.
+    """
 
     def __init__(self, cfg: EncodeConfig):
         import torch
 
-        from data_prep.encoders import build_semantic_compressor, build_stage_a, build_text_encoder
+        from data_prep.encoders import build_semantic_compressor, build_stage_a, build_text_encoder, encoder_fingerprints
+        from stages.latents import semantic_image_size
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.pool = None
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.cpus_per_encoder)  # as many threads as the CPUs the actor reserved
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)  # one thread per job; the pool has as many as the CPUs the actor reserved
+            self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
-        self.semantic = build_semantic_compressor(cfg.flavor, cfg.semantic).to(self.device)
-        self.stage_a = build_stage_a(cfg.flavor, cfg.stage_a).to(self.device) if cfg.stage_a else None
-        self.text = build_text_encoder(cfg).to(self.device)
+        semantic = build_semantic_compressor(cfg.flavor, cfg.semantic)
+        stage_a = build_stage_a(cfg.flavor, cfg.stage_a) if cfg.stage_a else None
+        text = build_text_encoder(cfg)
+        # The fingerprints of the encoders this actor really runs (weights as loaded on its node).
+        self.identity = encoder_identity(encoder_fingerprints(cfg, semantic, text, stage_a), text.width)
+        self.semantic = semantic.to(self.device)
+        self.stage_a = stage_a.to(self.device) if stage_a is not None else None
+        self.text = text.to(self.device)
+        side = cfg.resolution
+        self.image_encoders = {"stage_c_latents": (self.semantic, "forward", "semantic_pixels", semantic_image_size(side, side)[0])}
+        if self.stage_a is not None:
+            self.image_encoders["stage_a_latents"] = (self.stage_a, "encode", "pixels", side)
+        self.encode_fns = {name: getattr(module, method) for name, (module, method, _, _) in self.image_encoders.items()}
         self.columns = ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
         self.columns += ["text_embeddings"] if cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
 
-    def _images(self, column, rows: list[int], side: int):
-        """The pixels of `rows`, read from the Arrow buffers of a binary column (side x side x 3 bytes per row)."""
+    def _images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
+        """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
+        binary column (side x side x 3 bytes per row)."""
         import torch
 
-        offsets, data = binary_buffers(column)
+        offsets, data = buffers
         arrays = np.stack([data[offsets[i] : offsets[i] + side * side * 3] for i in rows]).reshape(-1, side, side, 3)
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
-    def _encode(self, batch: pa.Table, rows: list[int]) -> dict:
-        """The latents of `rows` (at most batch_size of them).
+    def _image_encoders(self, batch: pa.Table) -> list[tuple[str, object, tuple, int]]:
+        """(latent name, encoder function, buffers of its pixel column in `batch`, side) of each image encoder."""
+        return [(name, self.encode_fns[name], binary_buffers(batch.column(column)), side)
+                for name, (_, _, column, side) in self.image_encoders.items()]
 
-        A sample's latents must not depend on the samples the stream batched it with: a resumed run
-        cuts the stream into batches elsewhere than an uninterrupted one, and must reproduce it bit
-        for bit. On CPU, oneDNN's convolutions give an image results an fp16 ulp apart, now and
-        then, in a batch of another size or at another position of a batch (they process the
-        minibatch in blocks). So on CPU the image encoders take one image per call, which costs
-        nothing there: on one thread it is faster per image than a batch (the activations stay in
-        cache), so run one single-threaded encoder actor per core. The text encoder (matmuls) gave
-        the same results at any position and batch size we tried; it gets batches of exactly
-        batch_size captions all the same (the last one repeated), so that no kernel choice by batch
-        size can differ. On GPU the images are batched and padded the same way.
-        """
+    def _text(self, captions: list[str]) -> dict:
+        """The text conditioning of at most batch_size captions, computed on exactly batch_size."""
         import torch
 
-        from stages.latents import semantic_image_size, semantic_to_stage_c
-
-        padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
-        images = rows if self.device.type == "cpu" else padded
-        side = self.cfg.resolution
-        semantic_side = semantic_image_size(side, side)[0]
-
-        def encode_images(encoder, column: str, side: int):
-            x = self._images(batch.column(column), images, side)
-            if self.device.type == "cpu":
-                return torch.cat([encoder(x[i : i + 1]) for i in range(len(rows))])
-            return encoder(x)[: len(rows)]
-
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
-        with torch.no_grad(), autocast:
-            e = encode_images(self.semantic, "semantic_pixels", semantic_side)
-            latents = {"stage_c_latents": semantic_to_stage_c(e.float())}
-            if self.stage_a is not None:
-                latents["stage_a_latents"] = encode_images(self.stage_a.encode, "pixels", side).float()
-            ids, mask = self.text.tokenize([str(c) for c in batch.column("caption").take(padded).to_pylist()])
+        n = len(captions)
+        ids, mask = self.text.tokenize(captions + [captions[-1]] * (self.cfg.batch_size - n))
+        with torch.no_grad(), self._autocast():
             if self.cfg.text_mode == "embeddings":
-                latents["text_embeddings"] = self.text(ids, mask).float()[: len(rows)]
-            else:
-                latents["text_tokens"], latents["text_mask"] = ids[: len(rows)], mask[: len(rows)]
+                return {"text_embeddings": self.text(ids, mask).float()[:n]}
+        return {"text_tokens": ids[:n], "text_mask": mask[:n]}
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+
+    def _encode_on_cpu(self, batch: pa.Table, kept: list[int]) -> dict:
+        """Every kept row's latents: one job per image and per batch_size captions, on the pool."""
+        import torch
+
+        def encode_one(encoder, buffers: tuple, side: int, row: int):
+            with torch.no_grad():
+                return encoder(self._images(buffers, [row], side))
+
+        captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
+        size = self.cfg.batch_size
+        # The text jobs are the largest: queued first, they do not end up alone at the end of the batch.
+        text_jobs = [self.pool.submit(self._text, captions[i : i + size]) for i in range(0, len(kept), size)]
+        image_jobs = {
+            name: [self.pool.submit(encode_one, encoder, buffers, side, row) for row in kept]
+            for name, encoder, buffers, side in self._image_encoders(batch)
+        }
+        latents = {name: torch.cat([job.result() for job in jobs]) for name, jobs in image_jobs.items()}
+        for name, values in ((k, [job.result()[k] for job in text_jobs]) for k in text_jobs[0].result()):
+            latents[name] = torch.cat(values)
         return latents
+
+    def _encode_on_gpu(self, batch: pa.Table, kept: list[int]) -> dict:
+        """Every kept row's latents, in device batches of exactly batch_size rows (the last padded)."""
+        import torch
+
+        parts = []
+        captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
+        encoders = self._image_encoders(batch)
+        for first in range(0, len(kept), self.cfg.batch_size):
+            rows = kept[first : first + self.cfg.batch_size]
+            padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
+            with torch.no_grad(), self._autocast():
+                part = {name: encoder(self._images(buffers, padded, side))[: len(rows)].float()
+                        for name, encoder, buffers, side in encoders}
+            part.update(self._text(captions[first : first + len(rows)]))
+            parts.append(part)
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Takes and returns Arrow tables (batch_format="pyarrow"): the pixels are read from the
         Arrow buffers, the pixel columns are dropped, and each latent column is a binary column
         built from one array (raw little-endian bytes per kept row, empty for a dropped row)."""
+        from stages.latents import semantic_to_stage_c
+
         n = batch.num_rows
-        kept = np.flatnonzero(pc.equal(batch.column("drop_reason"), KEEP).to_numpy(zero_copy_only=False))
-        latents = {name: [] for name in self.columns}
-        for first in range(0, len(kept), self.cfg.batch_size):
-            rows = kept[first : first + self.cfg.batch_size].tolist()
-            for name, values in self._encode(batch, rows).items():
-                latents[name].append(values.cpu().numpy().astype(TENSOR_DTYPES[name]))
+        kept = np.flatnonzero(pc.equal(batch.column("drop_reason"), KEEP).to_numpy(zero_copy_only=False)).tolist()
+        latents = {}
+        if kept:
+            latents = (self._encode_on_cpu if self.pool is not None else self._encode_on_gpu)(batch, kept)
+            latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
         batch = batch.drop_columns(["pixels", "semantic_pixels"])
-        for name, arrays in latents.items():
-            data = np.ascontiguousarray(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint8)
+        for name in self.columns:
+            data = np.ascontiguousarray(latents[name].cpu().numpy().astype(TENSOR_DTYPES[name])) if kept else np.zeros(0, np.uint8)
             sizes = np.zeros(n, np.int64)
             sizes[kept] = data.nbytes // max(len(kept), 1)
             offsets = np.concatenate([[0], np.cumsum(sizes)])
             column = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
             batch = batch.append_column(name, column)
-        return batch
+        identity = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.identity], pa.string()))
+        return batch.append_column(ENCODERS_COLUMN, identity)
+
+
+def encoder_identity(fingerprints: dict, text_width: int) -> str:
+    """What EncodeStage states in ENCODERS_COLUMN: its encoders' fingerprints and the text width."""
+    return json.dumps({"encoders": fingerprints, "text_width": text_width}, sort_keys=True)
+
+
+def stated_encoders(rows: pa.Table) -> set[str]:
+    """The distinct encoder identities stated in a batch of EncodeStage's output."""
+    return set(pc.unique(rows.column(ENCODERS_COLUMN).cast(pa.string())).to_pylist())
 
 
 # -- finalize ----------------------------------------------------------------------------------

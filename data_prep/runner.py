@@ -16,17 +16,9 @@ import json
 import logging
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from data_prep import cache as cache_io
 from data_prep.config import OutputConfig, PrepConfig
-from data_prep.encoders import (
-    build_semantic_compressor,
-    build_stage_a,
-    build_text_encoder,
-    model_fingerprint,
-    text_fingerprint,
-)
 from data_prep.filters import check_metadata_columns, funnel
 from data_prep.ray_cluster import connect
 from data_prep.ray_stages import (
@@ -37,10 +29,13 @@ from data_prep.ray_stages import (
     decode_and_filter,
     finalize,
     read_shard,
+    stated_encoders,
 )
 from stages.latents import semantic_image_size
 
 log = logging.getLogger(__name__)
+
+DECODE_BATCH = 64  # samples per decode task, and rows per block from there to the encoders
 
 
 def list_source_shards(cfg: PrepConfig) -> list[tuple[str, str]]:
@@ -70,17 +65,25 @@ def tensor_shapes(cfg: PrepConfig, text_width: int) -> dict[str, list[int]]:
 
 
 def encoder_fingerprints(cfg: PrepConfig) -> tuple[dict, int]:
-    """Builds each encoder once on the driver to fingerprint it (config + weights)."""
+    """(fingerprint of each encoder, text width), the encoders built here, on the driver. A run with
+    rows gets them from its encoder actors instead (see `_stream_encoders`); this is for a run with
+    nothing to encode, which still checks the cache against its config."""
+    from data_prep import encoders
+
     enc = cfg.encode
-    semantic = build_semantic_compressor(enc.flavor, enc.semantic)
-    text = build_text_encoder(enc)
-    fingerprints = {
-        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic),
-        "text_encoder": text_fingerprint(text, enc.text_encoder),
-    }
-    if enc.stage_a is not None:
-        fingerprints["stage_a"] = model_fingerprint("stage_a", build_stage_a(enc.flavor, enc.stage_a), enc.stage_a)
-    return fingerprints, text.width
+    semantic = encoders.build_semantic_compressor(enc.flavor, enc.semantic)
+    text = encoders.build_text_encoder(enc)
+    stage_a = encoders.build_stage_a(enc.flavor, enc.stage_a) if enc.stage_a is not None else None
+    return encoders.encoder_fingerprints(enc, semantic, text, stage_a), text.width
+
+
+def _stream_encoders(rows) -> tuple[dict, int]:
+    """(fingerprint of each encoder, text width) as the encoder actors state them in their output."""
+    stated = stated_encoders(rows)
+    if len(stated) != 1:
+        raise RuntimeError(f"the encoder actors of this run state different encoders: {sorted(stated)}")
+    identity = json.loads(stated.pop())
+    return identity["encoders"], identity["text_width"]
 
 
 def _settings(cfg: PrepConfig) -> dict:
@@ -200,10 +203,11 @@ class _Waves:
     rows at all is recorded too, with its wave."""
 
     def __init__(self, fs, root: str, manifest: dict, pending: list[tuple[str, str]], output: OutputConfig,
-                 shapes: dict, summary: dict, on_wave):
+                 shapes: dict, summary: dict, on_wave, identity: set[str] | None = None):
         import pyarrow as pa
 
         self.fs, self.root, self.manifest, self.shapes, self.summary, self.on_wave = fs, root, manifest, shapes, summary, on_wave
+        self.identity = identity  # the encoders every row must state (None: rows state none)
         self.manifest_path = cache_io.join(root, cache_io.MANIFEST)
         self.bucket = manifest["bucket"]
         self.max_rows, self.per_wave = output.max_rows_per_file, output.shards_per_wave
@@ -218,6 +222,11 @@ class _Waves:
 
         if not rows.num_rows:
             return
+        if self.identity is not None and stated_encoders(rows) != self.identity:
+            raise RuntimeError(
+                f"an encoder actor of this run states other encoders than the first one did (a node with other "
+                f"weights?): {sorted(stated_encoders(rows) - self.identity)} instead of {sorted(self.identity)}"
+            )
         shard = pc.index_in(rows.column("source_shard").cast(self.urls.type), value_set=self.urls)
         if shard.null_count:
             raise RuntimeError(f"data prep got rows of shards it was not given: {pc.unique(rows.column('source_shard'))}")
@@ -258,15 +267,17 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
     ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
     full_pixels = cfg.encode.stage_a is not None or cfg.filters.clip_score is not None
     sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
-    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=64)
+    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=DECODE_BATCH)
     if cfg.filters.clip_score is not None:
         ds = ds.map_batches(
             ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
             compute=ActorPoolStrategy(size=1), batch_size=cfg.filters.clip_score.batch_size, num_cpus=1,
         )
+    # Blocks of DECODE_BATCH rows from here on: the encoder actors get work in units of a second or
+    # two, so that at the end of the stream none waits long for another to finish a large block.
     ds = ds.map_batches(
         DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
-        compute=ActorPoolStrategy(size=1), batch_size=256, num_cpus=0.25, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1), batch_size=DECODE_BATCH, num_cpus=0.25, batch_format="pyarrow",
     )
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),
@@ -301,13 +312,6 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     manifest = json.loads(text) if text is not None else None
     if manifest is not None:
         _check_settings(manifest, settings, cfg.output.url)
-    # Building the encoders to fingerprint them takes seconds of CPU: it runs on a thread while the
-    # stream starts up (the actors build the same encoders); nothing is committed before the
-    # fingerprints are checked against the cache's.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprints")
-    fingerprinting = pool.submit(encoder_fingerprints, cfg)
-    pool.shutdown(wait=False)  # the thread ends with its one task
-
     all_shards = list_source_shards(cfg)
     pending = [s for s in all_shards if manifest is None or s[0] not in manifest["shards"]]
     if cfg.limit_shards is not None:
@@ -315,7 +319,7 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     summary = {"cache": cfg.output.url, "shards_total": len(all_shards), "shards_new": len(pending), "rows_in": 0,
                "rows_written": 0, "dropped": Counter(), "waves": 0}
     if not pending:
-        manifest, _ = _checked_manifest(manifest, settings, fingerprinting.result(), cfg)
+        manifest, _ = _checked_manifest(manifest, settings, encoder_fingerprints(cfg), cfg)
         summary.update(seconds=time.perf_counter() - start, manifest=manifest)
         return summary
     if cfg.filters.metadata:
@@ -326,9 +330,15 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
     batches = iter(_prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
     with contextlib.closing(batches):  # on any failure, the execution stops at once
-        first = next(batches, None)  # blocks while the actors start
-        manifest, shapes = _checked_manifest(manifest, settings, fingerprinting.result(), cfg)
-        waves = _Waves(fs, root, manifest, pending, cfg.output, shapes, summary, on_wave)
+        first = next((rows for rows in batches if rows.num_rows), None)  # waits while the actors start
+        if first is not None:
+            # The encoders are the actors' own, as they state them; none is built here. Nothing is
+            # committed before they are checked against the cache's.
+            fingerprints, identity = _stream_encoders(first), stated_encoders(first)
+        else:  # the new shards hold no samples at all: there is still a manifest to check and commit
+            fingerprints, identity = encoder_fingerprints(cfg), None
+        manifest, shapes = _checked_manifest(manifest, settings, fingerprints, cfg)
+        waves = _Waves(fs, root, manifest, pending, cfg.output, shapes, summary, on_wave, identity)
         for rows in itertools.chain([first] if first is not None else [], batches):
             waves.add(rows)
         waves.finish()

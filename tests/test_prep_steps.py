@@ -182,6 +182,37 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     assert latents[7] == b"" and len(latents[6]) == 16 * 3 * 3 * 2
 
 
+def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
+    """The manifest's fingerprints come from the encoder actors themselves; they must be the ones a
+    trainer computes for the same config, and rows of actors that loaded other weights are refused."""
+    from data_prep.config import EncodeConfig
+    from data_prep.ray_stages import ENCODERS_COLUMN, EncodeStage
+    from data_prep.runner import _stream_encoders, encoder_fingerprints
+
+    cfg = PrepConfig(encode=EncodeConfig(flavor="tiny", resolution=128, batch_size=4, text_mode="tokens"))
+    threads = torch.get_num_threads()
+    stage = EncodeStage(cfg.encode)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    batch = pa.table({
+        "key": ["a", "b", "c"], "caption": ["one", "two", "three"], "drop_reason": [KEEP, "too_small", KEEP],
+        "pixels": [b"", b"", b""],
+        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes(), b"", rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes()],
+    })
+    rows = stage(batch)
+    assert rows.column(ENCODERS_COLUMN).num_chunks >= 1 and rows.num_rows == 3  # dropped rows state them too
+    assert _stream_encoders(rows) == encoder_fingerprints(cfg)
+
+    other = json.loads(stage.identity)
+    other["encoders"]["semantic_compressor"]["fingerprint"] = "0" * 32
+    mixed = pa.concat_tables([rows, rows.set_column(
+        rows.schema.get_field_index(ENCODERS_COLUMN), ENCODERS_COLUMN,
+        pa.array([json.dumps(other, sort_keys=True)] * 3).dictionary_encode(),
+    )])
+    with pytest.raises(RuntimeError, match="state different encoders"):
+        _stream_encoders(mixed)
+
+
 def test_training_pixels_are_the_centre_square_resampled_from_the_source():
     from PIL import Image
 
