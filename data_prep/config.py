@@ -105,8 +105,8 @@ class EncodeConfig:
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
     batch_size: int = 32
-    num_encoders: int = 1  # encoder actors; on CPU, one per core (each encodes one image at a time)
-    cpus_per_encoder: int = 1  # CPUs each encoder actor reserves; on CPU also its torch threads
+    num_encoders: int = 1  # encoder actors; on CPU, one per node is enough (its threads share the weights)
+    cpus_per_encoder: int = 1  # CPUs each encoder actor reserves; on CPU also its threads, each encoding one image at a time
     use_gpu: bool = False
     precision: str = "fp16"  # on GPU: fp16 or bf16 autocast
 
