@@ -105,18 +105,23 @@ class EncodeConfig:
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
     batch_size: int = 32
+    # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
+    # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
+    stage_a_batch_size: int = 8
     num_encoders: int = 1  # encoder actors; on CPU, one per node is enough (its threads share the weights)
     cpus_per_encoder: int = 1  # CPUs each encoder actor reserves; on CPU also its threads, each encoding one image at a time
     use_gpu: bool = False
-    precision: str = "fp16"  # on GPU: fp16 or bf16 autocast
+    precision: str = "fp16"  # on GPU: fp16 or bf16 autocast, or fp32 (no autocast)
 
     def __post_init__(self):
         if self.text_mode not in TEXT_MODES:
             raise ValueError(f"encode.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
         if self.resolution % 32:
             raise ValueError(f"encode.resolution must be a multiple of 32, got {self.resolution}")
-        if self.precision not in ("fp16", "bf16"):
-            raise ValueError(f"encode.precision must be fp16 or bf16, got {self.precision!r}")
+        if self.stage_a_batch_size < 1:
+            raise ValueError(f"encode.stage_a_batch_size must be at least 1, got {self.stage_a_batch_size}")
+        if self.precision not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"encode.precision must be fp16, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclasses.dataclass

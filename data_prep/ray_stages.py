@@ -224,7 +224,7 @@ class EncodeStage:
 
             torch.set_num_threads(1)  # one thread per job; the pool has as many as the CPUs the actor reserved
             self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
         semantic = build_semantic_compressor(cfg.flavor, cfg.semantic)
         stage_a = build_stage_a(cfg.flavor, cfg.stage_a) if cfg.stage_a else None
         text = build_text_encoder(cfg)
@@ -234,10 +234,10 @@ class EncodeStage:
         self.stage_a = stage_a.to(self.device) if stage_a is not None else None
         self.text = text.to(self.device)
         side = cfg.resolution
-        self.image_encoders = {"stage_c_latents": (self.semantic, "forward", "semantic_pixels", semantic_image_size(side, side)[0])}
+        # name -> (encoder, pixel column, side, images per call on GPU)
+        self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_pixels", semantic_image_size(side, side)[0], cfg.batch_size)}
         if self.stage_a is not None:
-            self.image_encoders["stage_a_latents"] = (self.stage_a, "encode", "pixels", side)
-        self.encode_fns = {name: getattr(module, method) for name, (module, method, _, _) in self.image_encoders.items()}
+            self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
         self.columns = ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
         self.columns += ["text_embeddings"] if cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
 
@@ -251,10 +251,10 @@ class EncodeStage:
         tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
-    def _image_encoders(self, batch: pa.Table) -> list[tuple[str, object, tuple, int]]:
-        """(latent name, encoder function, buffers of its pixel column in `batch`, side) of each image encoder."""
-        return [(name, self.encode_fns[name], binary_buffers(batch.column(column)), side)
-                for name, (_, _, column, side) in self.image_encoders.items()]
+    def _image_encoders(self, batch: pa.Table) -> list[tuple[str, object, tuple, int, int]]:
+        """(latent name, encoder, buffers of its pixel column in `batch`, side, images per call on GPU)."""
+        return [(name, encoder, binary_buffers(batch.column(column)), side, per_call)
+                for name, (encoder, column, side, per_call) in self.image_encoders.items()]
 
     def _text(self, captions: list[str]) -> dict:
         """The text conditioning of at most batch_size captions, computed on exactly batch_size."""
@@ -270,7 +270,7 @@ class EncodeStage:
     def _autocast(self):
         import torch
 
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda" and self.dtype != torch.float32)
 
     def _encode_on_cpu(self, batch: pa.Table, kept: list[int]) -> dict:
         """Every kept row's latents: one job per image and per batch_size captions, on the pool."""
@@ -286,7 +286,7 @@ class EncodeStage:
         text_jobs = [self.pool.submit(self._text, captions[i : i + size]) for i in range(0, len(kept), size)]
         image_jobs = {
             name: [self.pool.submit(encode_one, encoder, buffers, side, row) for row in kept]
-            for name, encoder, buffers, side in self._image_encoders(batch)
+            for name, encoder, buffers, side, _ in self._image_encoders(batch)
         }
         latents = {name: torch.cat([job.result() for job in jobs]) for name, jobs in image_jobs.items()}
         for name, values in ((k, [job.result()[k] for job in text_jobs]) for k in text_jobs[0].result()):
@@ -304,8 +304,10 @@ class EncodeStage:
             rows = kept[first : first + self.cfg.batch_size]
             padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
             with torch.no_grad(), self._autocast():
-                part = {name: encoder(self._images(buffers, padded, side))[: len(rows)].float()
-                        for name, encoder, buffers, side in encoders}
+                # Parts of a fixed size whatever the batch: a padded batch is cut the same way every time.
+                part = {name: torch.cat([encoder(self._images(buffers, padded[i : i + per_call], side))
+                                         for i in range(0, len(padded), per_call)])[: len(rows)].float()
+                        for name, encoder, buffers, side, per_call in encoders}
             part.update(self._text(captions[first : first + len(rows)]))
             parts.append(part)
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

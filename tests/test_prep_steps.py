@@ -182,6 +182,41 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     assert latents[7] == b"" and len(latents[6]) == 16 * 3 * 3 * 2
 
 
+def test_the_device_path_cuts_stage_a_into_fixed_parts_and_agrees_with_one_image_per_job():
+    """The GPU path (batches padded to batch_size, Stage A in parts of stage_a_batch_size), run here
+    on the CPU: every row gets its own latents, as the per-image jobs give them up to rounding."""
+    from data_prep.cache import binary_buffers
+    from data_prep.config import EncodeConfig, EncoderWeights
+    from data_prep.ray_stages import EncodeStage
+
+    threads = torch.get_num_threads()
+    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), stage_a_batch_size=3))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(3)
+    batch = pa.table({
+        "key": [f"k{i}" for i in range(11)], "caption": [f"caption {i}" for i in range(11)],
+        "drop_reason": [KEEP] * 10 + ["too_small"],
+        "pixels": [rng.integers(0, 256, (128, 128, 3), np.uint8).tobytes() for _ in range(11)],
+        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(11)],
+    })
+    per_image = stage(batch)
+    pool, stage.pool = stage.pool, None  # the device path, on this CPU
+    batched = stage(batch)
+    stage.pool = pool
+    for name, dtype in (("stage_c_latents", np.float16), ("stage_a_latents", np.float16), ("text_embeddings", np.float16)):
+        a, b = (binary_buffers(t.column(name))[1].view(dtype).astype(np.float32) for t in (per_image, batched))
+        assert a.shape == b.shape and np.isfinite(b).all()
+        np.testing.assert_allclose(b, a, atol=2e-2 * np.abs(a).max(), err_msg=name)
+    assert batched.column("stage_a_latents").to_pylist()[10] == b""
+
+
+def test_stage_a_parts_hold_an_image_at_least():
+    from data_prep.config import EncodeConfig
+
+    with pytest.raises(ValueError, match="stage_a_batch_size must be at least 1, got 0"):
+        EncodeConfig(stage_a_batch_size=0)
+
+
 def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
     """The manifest's fingerprints come from the encoder actors themselves; they must be the ones a
     trainer computes for the same config, and rows of actors that loaded other weights are refused."""
