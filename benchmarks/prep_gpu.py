@@ -1,0 +1,230 @@
+"""Data prep on one GPU node at the v2 sizes: end to end against the GPU encoders alone, and the GPU's
+latents against fp32 on the CPU.
+
+    python -m benchmarks.prep_gpu [--images 1024 3072] [--source-size 1280 960] [--batch 64] [--precision bf16]
+
+1. The v2 encoders with seeded random weights (BatchNorm statistics calibrated, as for the small
+   flavors), written in the formats the public ones come in: diffusers-style folders for the
+   semantic compressor (EfficientNetV2-S) and Stage A, a transformers CLIP folder for the ViT-bigG
+   text tower. The runs load them from there, as a v2 prep loads the public checkpoints.
+2. End to end: `run_prep` on webdataset shards of JPEGs at `--source-size` on a local Ray cluster
+   with the node's CPUs and its GPU (decode on the CPUs, the encoders on the GPU under autocast),
+   after an unmeasured one-shard run; images/s over whole runs of two sizes and the marginal rate
+   between them, as in `prep_throughput`.
+3. The encoder-only bound: EncodeStage on the GPU in a tight loop on already-decoded pixels, in
+   blocks as the run gives them and with the run's batch size.
+4. Agreement: the latents of a few images from the GPU stage against the same encoders in fp32 on
+   the CPU (max |difference| / max |fp32 value|, per tensor).
+
+`--text-layers 2 --resolution 256 --device cpu` is a smoke run of the script on a CPU machine.
+"""
+
+import argparse
+import dataclasses
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import emit
+
+BIGG = {"width": 1280, "layers": 32, "heads": 20}  # the v2 prior's text tower (CLIP ViT-bigG/14)
+
+
+def write_v2_encoders(folder: Path, tokenizer_dir: str, text_layers: int, device: str) -> dict[str, str]:
+    """Seeded random v2 encoders in their checkpoint formats; returns the paths for the config."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from data_prep.encoders import calibrate_batchnorm
+    from stages import SemanticCompressor, StageA
+    from stages.text_encoders import CONTEXT_LENGTH, ClipTextEncoder
+
+    torch.manual_seed(0)
+    semantic = calibrate_batchnorm(SemanticCompressor.from_flavor("v2"), lambda m, x: m(x), seed=0)
+    semantic.save_pretrained(folder / "semantic")
+    stage_a = calibrate_batchnorm(StageA.from_flavor("v2"), lambda m, x: m.encode(x), seed=0)
+    stage_a.save_pretrained(folder / "stage_a")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=BIGG["width"], intermediate_size=4 * BIGG["width"],
+        num_hidden_layers=text_layers, num_attention_heads=BIGG["heads"], max_position_embeddings=CONTEXT_LENGTH,
+        hidden_act="gelu", pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.device(device):  # initialising 700M parameters is faster on the GPU
+        model = CLIPTextModel(config)
+    ClipTextEncoder(tokenizer, model.half().cpu(), "transformers").save_pretrained(folder / "text")
+    return {"semantic": str(folder / "semantic"), "stage_a": str(folder / "stage_a"), "text": str(folder / "text")}
+
+
+def _picture(args: tuple[int, int, int]) -> bytes:
+    """A smooth random picture (colour fields at several scales) as a JPEG."""
+    import io
+
+    from PIL import Image
+
+    seed, width, height = args
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.float32)
+    for cells in (2, 8, 32):
+        small = Image.fromarray((rng.random((cells, cells, 3)) * 255).astype(np.uint8))
+        image += np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), np.float32) / cells**0.5
+    image = (255 * (image - image.min()) / (image.max() - image.min())).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_source(folder: Path, images: int, per_shard: int, size: tuple[int, int], first_seed: int) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from prep_factory import write_tar
+
+    folder.mkdir(parents=True)
+    with multiprocessing.get_context("spawn").Pool() as pool:
+        pictures = pool.map(_picture, [(first_seed + i, *size) for i in range(images)], chunksize=8)
+    for s in range(0, images, per_shard):
+        members = []
+        for i in range(s, min(images, s + per_shard)):
+            members += [(f"img{i:06d}.jpg", pictures[i]), (f"img{i:06d}.txt", f"a picture of colour fields number {i}".encode())]
+        write_tar(folder / f"shard-{s // per_shard:04d}.tar", members)
+    return folder
+
+
+def prep_config(source: Path, output: Path, weights: dict, args):
+    from data_prep.config import PrepConfig
+    from pipelines.config import load
+
+    return load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={output}", "encode.flavor=v2",
+        f"encode.resolution={args.resolution}", f"encode.batch_size={args.batch}", "encode.text_mode=embeddings",
+        f"encode.semantic.path={weights['semantic']}", f"encode.stage_a.path={weights['stage_a']}",
+        f"encode.text_encoder.path={weights['text']}", f"encode.use_gpu={args.device == 'cuda'}",
+        f"encode.precision={args.precision}", f"encode.num_encoders={args.encoders}",
+        f"encode.cpus_per_encoder={args.encoder_cpus}", "filters.dedup.exact=true",
+        f"output.shards_per_wave={args.shards_per_wave}",
+    ])
+
+
+def decoded_blocks(cfg, count: int, rows: int) -> list:
+    import pyarrow as pa
+
+    from data_prep.ray_stages import KEEP
+    from stages.latents import semantic_image_size
+
+    res = cfg.encode.resolution
+    sem = semantic_image_size(res, res)[0]
+    rng = np.random.default_rng(0)
+
+    def block():
+        return pa.table({
+            "key": [f"k{i}" for i in range(rows)], "caption": [f"a picture of colour fields number {i}" for i in range(rows)],
+            "drop_reason": [KEEP] * rows,
+            "pixels": [rng.integers(0, 256, (res, res, 3), np.uint8).tobytes() for _ in range(rows)],
+            "semantic_pixels": [rng.integers(0, 256, (sem, sem, 3), np.uint8).tobytes() for _ in range(rows)],
+        })
+
+    return [block() for _ in range(count)]
+
+
+def encoder_bound(cfg, calls: int) -> tuple[float, object]:
+    """Images/s of EncodeStage alone on the device, over `calls` blocks; returns the stage too."""
+    from data_prep.ray_stages import EncodeStage
+    from data_prep.runner import DECODE_BATCH
+
+    stage = EncodeStage(cfg.encode)
+    blocks = decoded_blocks(cfg, 3, DECODE_BATCH)
+    stage(blocks[0])  # warm-up: kernels chosen, memory pools filled
+    start = time.perf_counter()
+    for i in range(calls):
+        stage(blocks[i % len(blocks)])  # returns numpy-backed columns: the device work is done
+    return calls * DECODE_BATCH / (time.perf_counter() - start), stage
+
+
+def agreement(cfg, stage, rows: int = 4) -> dict[str, float]:
+    """max |GPU - fp32 CPU| / max |fp32 CPU| of each latent, for `rows` images."""
+    from data_prep.cache import TENSOR_DTYPES, binary_buffers
+    from data_prep.ray_stages import EncodeStage
+
+    block = decoded_blocks(cfg, 1, rows)[0]
+    cpu = EncodeStage(dataclasses.replace(cfg.encode, use_gpu=False, batch_size=rows, cpus_per_encoder=max(1, rows)))
+    ours, reference = stage(block), cpu(block)
+    out = {}
+    for name in stage.columns:
+        a, b = (binary_buffers(t.column(name))[1].view(TENSOR_DTYPES[name]).astype(np.float64) for t in (ours, reference))
+        out[name] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, nargs=2, default=[1024, 3072])
+    parser.add_argument("--per-shard", type=int, default=256)
+    parser.add_argument("--shards-per-wave", type=int, default=4)
+    parser.add_argument("--source-size", type=int, nargs=2, default=[1280, 960], metavar=("W", "H"))
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--encoders", type=int, default=1, help="encoder actors (one per GPU)")
+    parser.add_argument("--encoder-cpus", type=int, default=1)
+    parser.add_argument("--text-layers", type=int, default=BIGG["layers"])
+    parser.add_argument("--bound-calls", type=int, default=24)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokenizer", default=".gpu/clip_tokenizer", help="a CLIP tokenizer folder (vocab.json, merges.txt)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+
+    from data_prep.ray_cluster import connect
+    from data_prep.runner import run_prep
+
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "cpus": multiprocessing.cpu_count(), **{k: v for k, v in vars(args).items() if k not in ("json", "tokenizer")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        weights = write_v2_encoders(tmp / "weights", args.tokenizer, args.text_layers, args.device)
+        results["seconds_writing_weights"] = time.perf_counter() - start
+        sources = {n: write_source(tmp / f"src-{n}", n, args.per_shard, tuple(args.source_size), first_seed=n * 10)
+                   for n in [args.per_shard, *args.images]}
+        connect()  # a local cluster of the node's CPUs (at least 4 logical ones) and its GPUs
+        run_prep(prep_config(sources[args.per_shard], tmp / "cache-warm-up", weights, args))
+        runs = {}
+        for n in args.images:
+            start = time.perf_counter()
+            summary = run_prep(prep_config(sources[n], tmp / f"cache-{n}", weights, args))
+            runs[n] = {"seconds": time.perf_counter() - start, "images": summary["rows_in"], "written": summary["rows_written"]}
+        ray.shutdown()
+        from data_prep.cache import Cache
+
+        table = Cache(str(tmp / f"cache-{args.images[-1]}")).read_table(["stage_c_latents", "stage_a_latents"])
+        for name in table.column_names:
+            latents = table.column(name).combine_chunks().to_numpy_ndarray().astype(np.float32)
+            results[f"cache_{name}"] = {"shape": list(latents.shape), "finite": bool(np.isfinite(latents).all()),
+                                        "std_across_images": float(latents.std(axis=0).mean())}
+        cfg = prep_config(sources[args.per_shard], tmp / "unused", weights, args)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        bound, stage = encoder_bound(cfg, args.bound_calls)
+        if args.device == "cuda":
+            results["encoder_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["agreement_max_rel_vs_fp32_cpu"] = agreement(cfg, stage)
+    (n1, r1), (n2, r2) = sorted(runs.items())
+    marginal = (n2 - n1) / (r2["seconds"] - r1["seconds"])
+    results["whole_run"] = {str(n): {**r, "images_per_s": r["images"] / r["seconds"]} for n, r in runs.items()}
+    results["marginal_images_per_s"] = marginal
+    results["encoder_only_images_per_s"] = bound
+    results["ratio_whole_run_over_bound"] = {str(n): r["images"] / r["seconds"] / bound for n, r in runs.items()}
+    results["ratio_marginal_over_bound"] = marginal / bound
+    emit(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
