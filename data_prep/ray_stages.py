@@ -213,7 +213,13 @@ class EncodeStage:
     def __init__(self, cfg: EncodeConfig):
         import torch
 
-        from data_prep.encoders import build_semantic_compressor, build_stage_a, build_text_encoder, encoder_fingerprints
+        from data_prep.encoders import (
+            build_semantic_compressor,
+            build_stage_a,
+            build_text_encoder,
+            encoder_fingerprints,
+            fold_batchnorm,
+        )
         from stages.latents import semantic_image_size
 
         self.cfg = cfg
@@ -230,8 +236,8 @@ class EncodeStage:
         text = build_text_encoder(cfg)
         # The fingerprints of the encoders this actor really runs (weights as loaded on its node).
         self.identity = encoder_identity(encoder_fingerprints(cfg, semantic, text, stage_a), text.width)
-        self.semantic = semantic.to(self.device)
-        self.stage_a = stage_a.to(self.device) if stage_a is not None else None
+        self.semantic = fold_batchnorm(semantic).to(self.device)
+        self.stage_a = fold_batchnorm(stage_a).to(self.device) if stage_a is not None else None
         self.text = text.to(self.device)
         side = cfg.resolution
         # name -> (encoder, pixel column, side, images per call on GPU)

@@ -260,3 +260,18 @@ def test_training_pixels_are_the_centre_square_resampled_from_the_source():
     assert pixels[:, 4:-4].min() == 255 and semantic[:, 4:-4].min() == 255  # bicubic may blur the edge columns
     none, semantic_alone = training_pixels(image, None, (48, 48))
     assert none is None and np.array_equal(semantic_alone, semantic)  # the same with or without Stage A
+
+
+def test_folding_batchnorm_into_the_convolutions_keeps_the_encoders_function():
+    from data_prep.config import EncoderWeights
+    from data_prep.encoders import build_semantic_compressor, build_stage_a, fold_batchnorm
+
+    for build, run, side in ((build_semantic_compressor, lambda m, x: m(x), 96), (build_stage_a, lambda m, x: m.encode(x), 64)):
+        model = build("tiny", EncoderWeights())
+        x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            before = run(model, x)
+            bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+            after = run(fold_batchnorm(model), x)
+        assert bns > 0 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(model).modules()) < bns
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
