@@ -1,19 +1,21 @@
 """Data-prep throughput and cache size, side by side in one run.
 
-    python -m benchmarks.prep_throughput [--images 1024 3072] [--encoders 2] [--encoder-cpus 1]
+    python -m benchmarks.prep_throughput [--images 1024 3072] [--encoders 1] [--encoder-cpus 2]
 
 1. End to end: `run_prep` on webdataset shards of JPEGs (read, decode, filter, dedup, encode, write
    the cache), images/s over the whole run for two source sizes. The cluster is started first, and
    an unmeasured one-shard run starts Ray Data's own actors and task workers, so both measured runs
-   pay the same per-run fixed costs (driver-side encoder fingerprints, the encoder actors' start:
-   imports and model builds); the marginal rate between them, (N2 - N1) / (T2 - T1), is the
-   throughput without those.
+   pay the same per-run fixed costs (the encoder actors' start: a worker process, the torch,
+   torchvision and transformers imports, the model builds and their fingerprints); the marginal
+   rate between them, (N2 - N1) / (T2 - T1), is the throughput of the pipeline without those, what
+   a long run gets.
 2. The encoder-only bound, right after on the same machine with Ray shut down: EncodeStage in a
-   tight loop on already-decoded pixels of the same batch size, three ways, and the best of them is
-   the bound: the run's layout (`--encoders` processes of `--encoder-cpus` threads side by side);
-   one EncodeStage using every core; the networks on whole batches using every core (how the
-   encoders ran on CPU before they took one image per call, which a resumed run needs to reproduce
-   an uninterrupted one bit for bit).
+   tight loop on already-decoded pixels, in blocks as the run gives them and with the run's batch
+   size, three ways, and the best of them is the bound: one EncodeStage with a job thread per core
+   (the default layout); one single-threaded EncodeStage process per core side by side; the
+   networks on whole batches with a torch thread per core (how the encoders ran on CPU before
+   they took one image per job, which a resumed run needs to reproduce an uninterrupted one bit
+   for bit).
 3. Cache size: bytes per sample on disk against the raw tensor payload, for both text modes, and the
    v2 shapes' payload per sample computed from the schema.
 """
@@ -57,13 +59,15 @@ def _config(source: Path, output: Path, args, text_mode: str):
 
 
 def _decoded_batches(cfg, count: int) -> list:
-    """Batches of already-decoded pixels, as EncodeStage gets them in a run (Arrow tables)."""
+    """Blocks of already-decoded pixels, as EncodeStage gets them in a run (Arrow tables of
+    DECODE_BATCH rows; the encoders' own batch size is the run's)."""
     import pyarrow as pa
 
     from data_prep.ray_stages import KEEP
+    from data_prep.runner import DECODE_BATCH
     from stages.latents import semantic_image_size
 
-    res, n = cfg.encode.resolution, cfg.encode.batch_size
+    res, n = cfg.encode.resolution, DECODE_BATCH
     sem = semantic_image_size(res, res)[0]
     rng = np.random.default_rng(0)
 
@@ -87,16 +91,22 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     stage = EncodeStage(cfg.encode)
     inputs = _decoded_batches(cfg, batches + 1)
 
+    if batched:
+        import torch
+
+        torch.set_num_threads(cfg.encode.cpus_per_encoder)  # EncodeStage set one thread for its jobs
+
     def encode(b):
         if not batched:
             return stage(b)
         import torch
 
+        from data_prep.cache import binary_buffers
         from stages.latents import semantic_image_size
 
         side = semantic_image_size(cfg.encode.resolution, cfg.encode.resolution)[0]
         with torch.no_grad():
-            stage.semantic(stage._images(b.column("semantic_pixels"), list(range(b.num_rows)), side))
+            stage.semantic(stage._images(binary_buffers(b.column("semantic_pixels")), list(range(b.num_rows)), side))
             stage.text(*stage.text.tokenize(b.column("caption").to_pylist()))
 
     encode(inputs[0])  # warm-up
@@ -105,7 +115,7 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     start = time.perf_counter()
     for b in inputs[1:]:
         encode(b)
-    return start, time.perf_counter(), batches * cfg.encode.batch_size
+    return start, time.perf_counter(), sum(b.num_rows for b in inputs[1:])
 
 
 def _encode_process(cfg, batches: int, barrier, results) -> None:
@@ -114,28 +124,29 @@ def _encode_process(cfg, batches: int, barrier, results) -> None:
 
 def encoder_bounds(cfg, batches: int, cpus: int) -> dict[str, float]:
     """Images/s of the encoders alone on decoded pixels (the run's batch size), on this machine's
-    `cpus` cores, three ways: one EncodeStage using every core; the run's layout (num_encoders
-    processes of cpus_per_encoder threads each, side by side); and the networks on whole batches
-    using every core, as EncodeStage ran them before it took one image per call on CPU."""
+    `cpus` cores, three ways: one EncodeStage with `cpus` job threads; `cpus` single-threaded
+    EncodeStage processes side by side; and the networks on whole batches with `cpus` torch threads
+    (how EncodeStage ran on CPU before it took one image per job, which a resumed run needs to
+    reproduce an uninterrupted one bit for bit)."""
     import dataclasses
     import multiprocessing
 
-    one = dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, cpus_per_encoder=cpus))
-    start, end, images = _encode_loop(one, batches, batched=False)
-    bounds = {f"one_encoder_{cpus}_threads": images / (end - start)}
-    start, end, images = _encode_loop(one, batches, batched=True)
+    def layout(threads: int):
+        return dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, cpus_per_encoder=threads))
+
+    start, end, images = _encode_loop(layout(cpus), batches, batched=False)
+    bounds = {f"1_encoder_x_{cpus}_threads": images / (end - start)}
+    start, end, images = _encode_loop(layout(cpus), batches, batched=True)
     bounds[f"whole_batches_{cpus}_threads"] = images / (end - start)
-    actors = cfg.encode.num_encoders
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(actors), context.Queue()
-    workers = [context.Process(target=_encode_process, args=(cfg, batches, barrier, results)) for _ in range(actors)]
+    barrier, results = context.Barrier(cpus), context.Queue()
+    workers = [context.Process(target=_encode_process, args=(layout(1), batches, barrier, results)) for _ in range(cpus)]
     for w in workers:
         w.start()
     spans = [results.get() for _ in workers]
     for w in workers:
         w.join()
-    layout = f"{actors}_encoders_x_{cfg.encode.cpus_per_encoder}_threads"
-    bounds[layout] = sum(n for _, _, n in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
+    bounds[f"{cpus}_encoders_x_1_thread"] = sum(n for _, _, n in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
     return bounds
 
 
@@ -166,8 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flavor", default="small")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--encoders", type=int, default=2, help="encoder actors")
-    parser.add_argument("--encoder-cpus", type=int, default=1, help="CPUs (torch threads) of each encoder actor")
+    parser.add_argument("--encoders", type=int, default=1, help="encoder actors")
+    parser.add_argument("--encoder-cpus", type=int, default=2, help="CPUs (job threads) of each encoder actor")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
