@@ -16,7 +16,9 @@ latents against fp32 on the CPU.
 4. Agreement: the latents of a few images from the GPU stage against the same encoders in fp32 on
    the CPU (max |difference| / max |fp32 value|, per tensor).
 
-`--text-layers 2 --resolution 256 --device cpu` is a smoke run of the script on a CPU machine.
+`--text-layers 2 --resolution 256 --device cpu` is a smoke run of the script on a CPU machine. On a
+GPU node without open_clip, pass `--tokenizer DIR` with the folder that
+`stages.text_encoders.write_clip_tokenizer_files` writes.
 """
 
 import argparse
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text-layers", type=int, default=BIGG["layers"])
     parser.add_argument("--bound-calls", type=int, default=24)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tokenizer", default=".gpu/clip_tokenizer", help="a CLIP tokenizer folder (vocab.json, merges.txt)")
+    parser.add_argument("--tokenizer", help="a CLIP tokenizer folder (vocab.json, merges.txt); default: written from open_clip's BPE")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -189,6 +191,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
+        if args.tokenizer is None:  # a machine without open_clip passes a folder written elsewhere
+            from stages.text_encoders import write_clip_tokenizer_files
+
+            args.tokenizer = str(write_clip_tokenizer_files(tmp / "tokenizer"))
         weights = write_v2_encoders(tmp / "weights", args.tokenizer, args.text_layers, args.device)
         results["seconds_writing_weights"] = time.perf_counter() - start
         sources = {n: write_source(tmp / f"src-{n}", n, args.per_shard, tuple(args.source_size), first_seed=n * 10)
