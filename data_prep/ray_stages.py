@@ -295,8 +295,8 @@ class EncodeStage:
             for name, encoder, buffers, side, _ in self._image_encoders(batch)
         }
         latents = {name: torch.cat([job.result() for job in jobs]) for name, jobs in image_jobs.items()}
-        for name, values in ((k, [job.result()[k] for job in text_jobs]) for k in text_jobs[0].result()):
-            latents[name] = torch.cat(values)
+        for name in text_jobs[0].result():
+            latents[name] = torch.cat([job.result()[name] for job in text_jobs])
         return latents
 
     def _encode_on_gpu(self, batch: pa.Table, kept: list[int]) -> dict:
@@ -349,7 +349,7 @@ def encoder_identity(fingerprints: dict, text_width: int) -> str:
 
 def stated_encoders(rows: pa.Table) -> set[str]:
     """The distinct encoder identities stated in a batch of EncodeStage's output."""
-    return set(pc.unique(rows.column(ENCODERS_COLUMN).cast(pa.string())).to_pylist())
+    return set(pc.unique(rows.column(ENCODERS_COLUMN)).cast(pa.string()).to_pylist())  # unique first: no per-row strings
 
 
 # -- finalize ----------------------------------------------------------------------------------

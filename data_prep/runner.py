@@ -77,13 +77,14 @@ def encoder_fingerprints(cfg: PrepConfig) -> tuple[dict, int]:
     return encoders.encoder_fingerprints(enc, semantic, text, stage_a), text.width
 
 
-def _stream_encoders(rows) -> tuple[dict, int]:
-    """(fingerprint of each encoder, text width) as the encoder actors state them in their output."""
+def _stream_encoders(rows) -> tuple[str, tuple[dict, int]]:
+    """(the identity the encoder actors state in their output, (fingerprint of each encoder, text width))."""
     stated = stated_encoders(rows)
     if len(stated) != 1:
         raise RuntimeError(f"the encoder actors of this run state different encoders: {sorted(stated)}")
-    identity = json.loads(stated.pop())
-    return identity["encoders"], identity["text_width"]
+    identity = stated.pop()
+    parsed = json.loads(identity)
+    return identity, (parsed["encoders"], parsed["text_width"])
 
 
 def _settings(cfg: PrepConfig) -> dict:
@@ -203,7 +204,7 @@ class _Waves:
     rows at all is recorded too, with its wave."""
 
     def __init__(self, fs, root: str, manifest: dict, pending: list[tuple[str, str]], output: OutputConfig,
-                 shapes: dict, summary: dict, on_wave, identity: set[str] | None = None):
+                 shapes: dict, summary: dict, on_wave, identity: str | None = None):
         import pyarrow as pa
 
         self.fs, self.root, self.manifest, self.shapes, self.summary, self.on_wave = fs, root, manifest, shapes, summary, on_wave
@@ -222,11 +223,13 @@ class _Waves:
 
         if not rows.num_rows:
             return
-        if self.identity is not None and stated_encoders(rows) != self.identity:
-            raise RuntimeError(
-                f"an encoder actor of this run states other encoders than the first one did (a node with other "
-                f"weights?): {sorted(stated_encoders(rows) - self.identity)} instead of {sorted(self.identity)}"
-            )
+        if self.identity is not None:
+            stated = stated_encoders(rows)
+            if stated != {self.identity}:
+                raise RuntimeError(
+                    f"an encoder actor of this run states other encoders than the first one did (a node with "
+                    f"other weights?): {sorted(stated - {self.identity})} instead of {self.identity}"
+                )
         shard = pc.index_in(rows.column("source_shard").cast(self.urls.type), value_set=self.urls)
         if shard.null_count:
             raise RuntimeError(f"data prep got rows of shards it was not given: {pc.unique(rows.column('source_shard'))}")
@@ -334,7 +337,7 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         if first is not None:
             # The encoders are the actors' own, as they state them; none is built here. Nothing is
             # committed before they are checked against the cache's.
-            fingerprints, identity = _stream_encoders(first), stated_encoders(first)
+            identity, fingerprints = _stream_encoders(first)
         else:  # the new shards hold no samples at all: there is still a manifest to check and commit
             fingerprints, identity = encoder_fingerprints(cfg), None
         manifest, shapes = _checked_manifest(manifest, settings, fingerprints, cfg)

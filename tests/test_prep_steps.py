@@ -235,8 +235,8 @@ def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
         "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes(), b"", rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes()],
     })
     rows = stage(batch)
-    assert rows.column(ENCODERS_COLUMN).num_chunks >= 1 and rows.num_rows == 3  # dropped rows state them too
-    assert _stream_encoders(rows) == encoder_fingerprints(cfg)
+    assert rows.num_rows == 3 and rows.column(ENCODERS_COLUMN).null_count == 0  # dropped rows state them too
+    assert _stream_encoders(rows) == (stage.identity, encoder_fingerprints(cfg))
 
     other = json.loads(stage.identity)
     other["encoders"]["semantic_compressor"]["fingerprint"] = "0" * 32
