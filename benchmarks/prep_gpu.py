@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.prep_throughput import decoded_blocks, run_ratios
 from benchmarks.report import emit
 
 BIGG = {"width": 1280, "layers": 32, "heads": 20}  # the v2 prior's text tower (CLIP ViT-bigG/14)
@@ -112,27 +113,6 @@ def prep_config(source: Path, output: Path, weights: dict, args):
     ])
 
 
-def decoded_blocks(cfg, count: int, rows: int) -> list:
-    import pyarrow as pa
-
-    from data_prep.ray_stages import KEEP
-    from stages.latents import semantic_image_size
-
-    res = cfg.encode.resolution
-    sem = semantic_image_size(res, res)[0]
-    rng = np.random.default_rng(0)
-
-    def block():
-        return pa.table({
-            "key": [f"k{i}" for i in range(rows)], "caption": [f"a picture of colour fields number {i}" for i in range(rows)],
-            "drop_reason": [KEEP] * rows,
-            "pixels": [rng.integers(0, 256, (res, res, 3), np.uint8).tobytes() for _ in range(rows)],
-            "semantic_pixels": [rng.integers(0, 256, (sem, sem, 3), np.uint8).tobytes() for _ in range(rows)],
-        })
-
-    return [block() for _ in range(count)]
-
-
 def encoder_bound(cfg, calls: int) -> tuple[float, object]:
     """Images/s of EncodeStage alone on the device, over `calls` blocks; returns the stage too."""
     from data_prep.ray_stages import EncodeStage
@@ -198,7 +178,7 @@ def main(argv=None) -> int:
         weights = write_v2_encoders(tmp / "weights", args.tokenizer, args.text_layers, args.device)
         results["seconds_writing_weights"] = time.perf_counter() - start
         sources = {n: write_source(tmp / f"src-{n}", n, args.per_shard, tuple(args.source_size), first_seed=n * 10)
-                   for n in [args.per_shard, *args.images]}
+                   for n in sorted({args.per_shard, *args.images})}  # a size may serve twice
         connect()  # a local cluster of the node's CPUs (at least 4 logical ones) and its GPUs
         run_prep(prep_config(sources[args.per_shard], tmp / "cache-warm-up", weights, args))
         runs = {}
@@ -221,13 +201,7 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             results["encoder_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         results["agreement_max_rel_vs_fp32_cpu"] = agreement(cfg, stage)
-    (n1, r1), (n2, r2) = sorted(runs.items())
-    marginal = (n2 - n1) / (r2["seconds"] - r1["seconds"])
-    results["whole_run"] = {str(n): {**r, "images_per_s": r["images"] / r["seconds"]} for n, r in runs.items()}
-    results["marginal_images_per_s"] = marginal
-    results["encoder_only_images_per_s"] = bound
-    results["ratio_whole_run_over_bound"] = {str(n): r["images"] / r["seconds"] / bound for n, r in runs.items()}
-    results["ratio_marginal_over_bound"] = marginal / bound
+    results.update(run_ratios(runs, bound))
     emit(results, args.json)
     return 0
 

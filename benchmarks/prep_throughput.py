@@ -58,29 +58,42 @@ def _config(source: Path, output: Path, args, text_mode: str):
     ])
 
 
-def _decoded_batches(cfg, count: int) -> list:
-    """Blocks of already-decoded pixels, as EncodeStage gets them in a run (Arrow tables of
-    DECODE_BATCH rows; the encoders' own batch size is the run's)."""
+def decoded_blocks(cfg, count: int, rows: int | None = None) -> list:
+    """Blocks of already-decoded pixels (noise), as EncodeStage gets them in a run: Arrow tables of
+    `rows` rows (default DECODE_BATCH); the encoders' own batch size is the config's."""
     import pyarrow as pa
 
     from data_prep.ray_stages import KEEP
     from data_prep.runner import DECODE_BATCH
     from stages.latents import semantic_image_size
 
-    res, n = cfg.encode.resolution, DECODE_BATCH
+    res, n = cfg.encode.resolution, rows or DECODE_BATCH
     sem = semantic_image_size(res, res)[0]
     rng = np.random.default_rng(0)
 
-    def batch():
+    def block():
         return pa.table({
-            "key": np.array([f"k{i}" for i in range(n)], dtype=object),
-            "caption": np.array([f"picture number {i}" for i in range(n)], dtype=object),
-            "drop_reason": np.array([KEEP] * n, dtype=object),
-            "pixels": np.array([rng.integers(0, 256, (res, res, 3), np.uint8).tobytes() for _ in range(n)], dtype=object),
-            "semantic_pixels": np.array([rng.integers(0, 256, (sem, sem, 3), np.uint8).tobytes() for _ in range(n)], dtype=object),
+            "key": [f"k{i}" for i in range(n)],
+            "caption": [f"picture number {i}" for i in range(n)],
+            "drop_reason": [KEEP] * n,
+            "pixels": [rng.integers(0, 256, (res, res, 3), np.uint8).tobytes() for _ in range(n)],
+            "semantic_pixels": [rng.integers(0, 256, (sem, sem, 3), np.uint8).tobytes() for _ in range(n)],
         })
 
-    return [batch() for _ in range(count)]
+    return [block() for _ in range(count)]
+
+
+def run_ratios(runs: dict[int, dict], bound: float) -> dict:
+    """Whole-run and marginal images/s of two run sizes, and each as a ratio to the bound."""
+    (n1, r1), (n2, r2) = sorted(runs.items())
+    marginal = (n2 - n1) / (r2["seconds"] - r1["seconds"])
+    return {
+        "whole_run": {str(n): {**r, "images_per_s": r["images"] / r["seconds"]} for n, r in runs.items()},
+        "marginal_images_per_s": marginal,
+        "encoder_only_images_per_s": bound,
+        "ratio_whole_run_over_bound": {str(n): r["images"] / r["seconds"] / bound for n, r in runs.items()},
+        "ratio_marginal_over_bound": marginal / bound,
+    }
 
 
 def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float, float, int]:
@@ -89,7 +102,7 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     from data_prep.ray_stages import EncodeStage
 
     stage = EncodeStage(cfg.encode)
-    inputs = _decoded_batches(cfg, batches + 1)
+    inputs = decoded_blocks(cfg, batches + 1)
 
     if batched:
         import torch
@@ -208,15 +221,8 @@ def main(argv=None) -> int:
             sizes[mode] = cache_bytes(str(tmp / f"size-{mode}"))
         ray.shutdown()
         bounds = encoder_bounds(_config(tmp / "src-size-tokens", tmp / "x", args, "embeddings"), batches=16, cpus=os.cpu_count())
-    (n1, r1), (n2, r2) = sorted(runs.items())
-    marginal = (n2 - n1) / (r2["seconds"] - r1["seconds"])
-    results["whole_run"] = {str(n): {**r, "images_per_s": r["images"] / r["seconds"]} for n, r in runs.items()}
-    results["marginal_images_per_s"] = marginal
-    bound = max(bounds.values())
     results["encoder_only_images_per_s_by_layout"] = bounds
-    results["encoder_only_images_per_s"] = bound
-    results["ratio_whole_run_over_bound"] = {str(n): r["images"] / r["seconds"] / bound for n, r in runs.items()}
-    results["ratio_marginal_over_bound"] = marginal / bound
+    results.update(run_ratios(runs, max(bounds.values())))
     results["cache"] = sizes
     results["v2_payload_kib_per_sample"] = v2_payload_kib()
     emit(results, args.json)
