@@ -11,6 +11,7 @@ of them ~3 s of CPU.
 """
 
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -206,8 +207,10 @@ class EncodeStage:
     weights are shared, and a job's result is the same whichever thread runs it and whatever ran
     beside it. One image at a time on one thread is also the fastest way to run these networks on a
     CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
-    captions (the last one repeated), so that no kernel choice by batch size can differ. On GPU
-    the images are batched, padded the same way, on the device.
+    captions (the last one repeated), so that no kernel choice by batch size can differ. On CPU the
+    actor also runs two calls at a time (see `_prep_dataset`): both queue their jobs on the one pool,
+    and the shared tokenizer is called under a lock. On GPU the images are batched, padded the same
+    way, on the device, one call at a time.
     """
 
     def __init__(self, cfg: EncodeConfig):
@@ -224,6 +227,7 @@ class EncodeStage:
 
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.tokenizer_lock = threading.Lock()
         self.pool = None
         if self.device.type == "cpu":
             from concurrent.futures import ThreadPoolExecutor
@@ -267,7 +271,8 @@ class EncodeStage:
         import torch
 
         n = len(captions)
-        ids, mask = self.text.tokenize(captions + [captions[-1]] * (self.cfg.batch_size - n))
+        with self.tokenizer_lock:  # a Rust tokenizer may refuse calls from two threads at once
+            ids, mask = self.text.tokenize(captions + [captions[-1]] * (self.cfg.batch_size - n))
         with torch.no_grad(), self._autocast():
             if self.cfg.text_mode == "embeddings":
                 return {"text_embeddings": self.text(ids, mask).float()[:n]}

@@ -282,8 +282,12 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
         DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
         compute=ActorPoolStrategy(size=1), batch_size=DECODE_BATCH, num_cpus=0.25, batch_format="pyarrow",
     )
+    # On CPU an encoder actor runs two blocks at once: their jobs share its thread pool, so no job
+    # thread waits at the end of a block while the next one is fetched, unpacked and packed.
+    concurrent = {} if cfg.encode.use_gpu else {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
     return ds.map_batches(
-        EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode}, compute=ActorPoolStrategy(size=cfg.encode.num_encoders),
+        EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode},
+        compute=ActorPoolStrategy(size=cfg.encode.num_encoders, **concurrent),
         batch_size=cfg.encode.batch_size, num_gpus=1 if cfg.encode.use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
         batch_format="pyarrow",
     )

@@ -182,6 +182,33 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     assert latents[7] == b"" and len(latents[6]) == 16 * 3 * 3 * 2
 
 
+def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_gets_alone():
+    """On CPU the encoder actor runs two calls at a time on one thread pool (the tokenizer shared):
+    from its very first calls, each block gets what it gets when encoded alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep.config import EncodeConfig
+    from data_prep.ray_stages import EncodeStage
+
+    threads = torch.get_num_threads()
+    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=4, cpus_per_encoder=2))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    blocks = [pa.table({
+        "key": [f"b{b}k{i}" for i in range(6)],
+        "caption": [f"block {b} caption {i} " + "word " * (5 * i) for i in range(6)],
+        "drop_reason": [KEEP] * 6,
+        "pixels": [b""] * 6,
+        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(6)],
+    }) for b in range(4)]
+    with ThreadPoolExecutor(2) as calls:  # the first two calls start together, on a fresh tokenizer
+        together = list(calls.map(stage, blocks))
+    for block, out in zip(blocks, together):
+        alone = stage(block)
+        for name in ("stage_c_latents", "text_embeddings"):
+            assert out.column(name).equals(alone.column(name)), name
+
+
 def test_the_device_path_cuts_stage_a_into_fixed_parts_and_agrees_with_one_image_per_job():
     """The GPU path (batches padded to batch_size, Stage A in parts of stage_a_batch_size), run here
     on the CPU: every row gets its own latents, as the per-image jobs give them up to rounding."""
@@ -257,7 +284,7 @@ def test_training_pixels_are_the_centre_square_resampled_from_the_source():
     image.paste((255, 255, 255), (100, 0, 200, 100))  # the centre square is white, the sides black
     pixels, semantic = training_pixels(image, 64, (48, 48))
     assert pixels.shape == (64, 64, 3) and semantic.shape == (48, 48, 3)
-    assert pixels[:, 4:-4].min() == 255 and semantic[:, 4:-4].min() == 255  # bicubic may blur the edge columns
+    assert pixels[:, 4:-4].min() == 255 and semantic[:, 4:-4].min() == 255  # resampling may blur the edge columns
     none, semantic_alone = training_pixels(image, None, (48, 48))
     assert none is None and np.array_equal(semantic_alone, semantic)  # the same with or without Stage A
 
