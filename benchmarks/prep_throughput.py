@@ -11,12 +11,12 @@
    a long run gets.
 2. The encoder-only bound, on the same machine with Ray shut down, measured before the runs and
    again after them (each layout keeps the better of its two figures): EncodeStage in a tight loop
-   on already-decoded pixels, in blocks as the run gives them and with the run's batch
-   size, three ways, and the best of them is the bound: one EncodeStage with a job thread per core,
-   two blocks at a time as in a run (the default layout); one single-threaded EncodeStage process per core side by side; the
-   networks on whole batches with a torch thread per core (how the encoders ran on CPU before
-   they took one image per job, which a resumed run needs to reproduce an uninterrupted one bit
-   for bit).
+   on already-decoded pixels, in blocks as the run gives them and with the run's batch size, three
+   ways, and the best of them is the bound: one EncodeStage with a job thread per core, running as
+   many blocks at a time as in a run (the default layout); one single-threaded EncodeStage process
+   per core side by side; the networks on whole batches with a torch thread per core (how the
+   encoders ran on CPU before they took one image per job, which a resumed run needs to reproduce
+   an uninterrupted one bit for bit).
 3. Cache size: bytes per sample on disk against the raw tensor payload, for both text modes, and the
    v2 shapes' payload per sample computed from the schema.
 """
@@ -130,10 +130,12 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     if batched:
         for b in inputs[1:]:
             encode(b)
-    else:  # two blocks at a time on the stage's job threads, as a CPU encoder actor runs them
+    else:  # as many blocks at a time on the stage's job threads as a CPU encoder actor runs
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(2) as calls:
+        from data_prep.runner import CPU_ENCODER_CALLS
+
+        with ThreadPoolExecutor(CPU_ENCODER_CALLS) as calls:
             list(calls.map(encode, inputs[1:]))
     return start, time.perf_counter(), sum(b.num_rows for b in inputs[1:])
 

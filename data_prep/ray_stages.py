@@ -208,8 +208,8 @@ class EncodeStage:
     beside it. One image at a time on one thread is also the fastest way to run these networks on a
     CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
     captions (the last one repeated), so that no kernel choice by batch size can differ. On CPU the
-    actor also runs two calls at a time (see `_prep_dataset`): both queue their jobs on the one pool,
-    and the shared tokenizer is called under a lock. On GPU the images are batched, padded the same
+    actor also runs several calls at a time (`runner.CPU_ENCODER_CALLS`): they queue their jobs on
+    the one pool, and the shared tokenizer is called under a lock. On GPU the images are batched, padded the same
     way, on the device, one call at a time.
     """
 

@@ -36,6 +36,9 @@ from stages.latents import semantic_image_size
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 64  # samples per decode task, and rows per block from there to the encoders
+# Blocks a CPU encoder actor runs at a time: their jobs share its one thread pool, so no job thread
+# waits at the end of a block while the next one is fetched, unpacked and packed.
+CPU_ENCODER_CALLS = 2
 
 
 def list_source_shards(cfg: PrepConfig) -> list[tuple[str, str]]:
@@ -282,9 +285,9 @@ def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
         DeduplicateStage, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
         compute=ActorPoolStrategy(size=1), batch_size=DECODE_BATCH, num_cpus=0.25, batch_format="pyarrow",
     )
-    # On CPU an encoder actor runs two blocks at once: their jobs share its thread pool, so no job
-    # thread waits at the end of a block while the next one is fetched, unpacked and packed.
-    concurrent = {} if cfg.encode.use_gpu else {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+    concurrent = {}
+    if not cfg.encode.use_gpu:
+        concurrent = {"max_concurrent_calls_per_actor": CPU_ENCODER_CALLS, "enable_true_multi_threading": True}
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"cfg": cfg.encode},
         compute=ActorPoolStrategy(size=cfg.encode.num_encoders, **concurrent),
