@@ -12,6 +12,7 @@ of them ~3 s of CPU.
 
 import json
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +33,10 @@ ENCODERS_COLUMN = "encoders"
 
 # -- read -------------------------------------------------------------------------------------
 
-def read_shard(row: dict, source: SourceConfig) -> list[dict]:
-    """One source shard -> its raw samples (dropped ones included, with their reason)."""
+def read_shard(row: dict, source: SourceConfig) -> Iterator[dict]:
+    """One source shard -> its raw samples (dropped ones included, with their reason), streamed: a
+    web shard of 10,000 images is ~1 GB of encoded bytes, and Ray Data cuts the rows into blocks as
+    they come, so a read task never holds the whole shard."""
     if source.format == "twemoji":
         from data_prep.twemoji import iter_twemoji_shard
 
@@ -49,13 +52,11 @@ def read_shard(row: dict, source: SourceConfig) -> list[dict]:
             if source.image_column:
                 options["image_column"] = source.image_column
         samples = iter_shard(row["shard_url"], fs, row["path"], source.format, **options)
-    out = []
     for sample in samples:
         sample = dict(sample)
         sample["caption"] = sample.get("caption") or ""
         sample["drop_reason"] = sample.get("drop_reason") or KEEP
-        out.append(sample)
-    return out
+        yield sample
 
 
 # -- decode and filter -------------------------------------------------------------------------

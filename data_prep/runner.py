@@ -135,7 +135,7 @@ def _clear(fs, path: str) -> None:
 
 
 def _peek_samples(cfg: PrepConfig, shard: tuple[str, str], n: int = 200) -> list[dict]:
-    return read_shard({"shard_url": shard[0], "path": shard[1]}, cfg.source)[:n]
+    return list(itertools.islice(read_shard({"shard_url": shard[0], "path": shard[1]}, cfg.source), n))
 
 
 class _Wave:

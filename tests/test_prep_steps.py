@@ -1,15 +1,17 @@
 """The data-prep steps one at a time: CLIP-score filter, deduplication, finalize, configs."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig
+from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig, SourceConfig
 from data_prep.filters import check_rules, funnel
-from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize
+from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize, read_shard
+from prep_factory import write_tar
 from pipelines.config import ConfigError, load
 
 TINY_CLIP = {
@@ -31,6 +33,31 @@ def _batch(n: int, side: int = 64) -> dict:
         "content_hash": np.array([f"h{i}" for i in range(n)], dtype=object),
         "phash": rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1),  # far apart
     }
+
+
+def test_a_shard_is_read_as_a_stream_never_all_in_memory(tmp_path):
+    """A web shard is ~1 GB of encoded bytes: the read task hands on each sample as it comes (Ray
+    Data cuts them into blocks), so it holds at most the tar reader's window of open keys (64
+    samples), not the shard."""
+    size, n = 64 * 1024, 320  # 20 MiB of member bytes
+    rng = np.random.default_rng(0)
+    members = []
+    for i in range(n):
+        members += [(f"k{i:03d}.jpg", rng.bytes(size)), (f"k{i:03d}.txt", f"caption {i}".encode())]
+    shard = write_tar(tmp_path / "shard.tar", members)
+    source = SourceConfig(url=str(tmp_path), format="webdataset")
+
+    tracemalloc.start()
+    try:
+        keys = []
+        for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source):
+            assert len(sample["image_bytes"]) == size and sample["caption"] == f"caption {len(keys)}"
+            keys.append(sample["key"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert keys == [f"k{i:03d}" for i in range(n)]
+    assert peak < 100 * size, f"reading the shard held {peak / 2**20:.1f} MiB at once"
 
 
 def test_clip_score_filter_keeps_laion_semantics(tmp_path):
