@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from prep_factory import write_tar
 
 from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig, SourceConfig
 from data_prep.filters import check_rules, funnel
 from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize, read_shard
-from prep_factory import write_tar
 from pipelines.config import ConfigError, load
 
 TINY_CLIP = {
