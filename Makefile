@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/wuerstchen demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=20
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.stage_speed
