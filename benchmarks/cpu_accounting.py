@@ -62,14 +62,15 @@ class CpuAccounting:
         self.parts: dict[str, str] = {}  # pid -> the most specific part seen
         self._stop = threading.Event()
 
-    def _part(self, pid: str, title: str, parents: dict[str, str]) -> str:
+    def _part(self, pid: str, parents: dict[str, str]) -> str:
         if pid == self.me:
             return "driver"
         ancestor = parents.get(pid)
         while ancestor not in (None, "0", self.me):
             ancestor = parents.get(ancestor)
         if ancestor != self.me:
-            return "other"  # not started by this process: not this run's cluster
+            return "other"  # not started by this process: not this run's cluster (its title is not read)
+        title = _title(pid)
         for part, fragment in _PARTS:
             if fragment in title:
                 return part
@@ -79,7 +80,7 @@ class CpuAccounting:
         stats = {pid: stat for pid in os.listdir("/proc") if pid.isdigit() and (stat := _stat(pid)) is not None}
         parents = {pid: parent for pid, (parent, _) in stats.items()}
         for entry, (_, seconds) in stats.items():
-            part = self._part(entry, _title(entry), parents)
+            part = self._part(entry, parents)
             known = self.parts.get(entry)
             if known is None or _RANK.index(part) < _RANK.index(known):
                 self.parts[entry] = part

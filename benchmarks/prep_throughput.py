@@ -19,7 +19,7 @@
    an uninterrupted one bit for bit).
 3. Where the larger run's CPU time goes (`cpu_accounting`): core-seconds and shares of the
    machine for the encoder actors, the read + decode task workers, the dedup actor, the driver
-   (which also samples /proc every 0.5 s, ~2 ms a time), Ray's own processes and idle. The
+   (which also samples /proc every 0.5 s, ~1.5 ms a time), Ray's own processes and idle. The
    encoders at the bound's speed take `encoders_at_bound_share` of the machine, the whole-run ratio
    itself; what the encoder actors use beyond that is their start and their slowdown.
 4. Cache size: bytes per sample on disk against the raw tensor payload, for both text modes, and the
