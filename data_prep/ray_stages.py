@@ -210,8 +210,8 @@ class EncodeStage:
     CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
     captions (the last one repeated), so that no kernel choice by batch size can differ. On CPU the
     actor also runs several calls at a time (`runner.CPU_ENCODER_CALLS`): they queue their jobs on
-    the one pool, and the shared tokenizer is called under a lock. On GPU the images are batched, padded the same
-    way, on the device, one call at a time.
+    the one pool, and the shared tokenizer is called under a lock. On GPU the images are batched,
+    padded the same way, on the device, one call at a time.
     """
 
     def __init__(self, cfg: EncodeConfig):
