@@ -21,7 +21,7 @@ def _running(pid: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CpuAccounting reads /proc, which only Linux has")
 def test_cpu_time_is_counted_under_the_part_its_process_title_names():
     with CpuAccounting(interval=0.1) as cpu:
         # A child of this process, titled like an encoder actor, and one detached from it (its
