@@ -55,9 +55,23 @@ class ClipScoreConfig:
     """LAION-style: cosine similarity of the open_clip image and text embeddings, kept when >= min."""
 
     model: str = "ViT-B-32"  # an open_clip model name, or a path to an open_clip model config JSON
-    pretrained: str | None = None  # a tag of open_clip's or a local weights file; None = random (tests only)
+    pretrained: str | None = None  # a tag of open_clip's (e.g. laion2b_s34b_b79k) or a local weights file
     min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.28  # a cosine similarity
     batch_size: PositiveInt = 64
+    # Tests only: score with randomly initialised weights (open_clip's result when `pretrained` is
+    # None), which drops arbitrary samples. Without it, a missing `pretrained` is refused.
+    random_weights: bool = False
+
+    def __post_init__(self):
+        if self.pretrained is None and not self.random_weights:
+            raise ValueError(
+                "filters.clip_score.pretrained is not set: the CLIP score would come from random weights and "
+                "drop arbitrary samples. Set pretrained to an open_clip tag (e.g. laion2b_s34b_b79k) or a local "
+                "weights file (random_weights: true is for tests only)"
+            )
+        if self.pretrained is not None and self.random_weights:
+            raise ValueError(f"filters.clip_score sets both pretrained={self.pretrained!r} and random_weights: "
+                             f"true; keep one")
 
 
 @config_dataclass

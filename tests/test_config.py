@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import FilterConfig, PrepConfig
+from data_prep.config import ClipScoreConfig, FilterConfig, PrepConfig
 from pipelines.config import ConfigError, from_dict, load
 from pipelines.evaluate import EvalSpec
 from pipelines.promote import GateConfig
@@ -148,8 +148,8 @@ BAD_PREP = [
     ("filters.max_pixels=0", "filters.max_pixels"),
     ("filters.metadata={punsafe: {min: 0.9, max: 0.1}}", "filters.metadata.punsafe"),
     ("filters.dedup.near_max_distance=65", "filters.dedup.near_max_distance"),
-    ("filters.clip_score={min: 2}", "filters.clip_score.min"),
-    ("filters.clip_score={batch_size: 0}", "filters.clip_score.batch_size"),
+    ("filters.clip_score={min: 2, random_weights: true}", "filters.clip_score.min"),
+    ("filters.clip_score={batch_size: 0, random_weights: true}", "filters.clip_score.batch_size"),
     ("encode.resolution=0", "encode.resolution"),
     ("encode.batch_size=0", "encode.batch_size"),
     ("encode.stage_a_batch_size=0", "encode.stage_a_batch_size"),
@@ -236,3 +236,16 @@ def test_the_shipped_configs_still_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cls = {"prep": PrepConfig, "train": TrainConfig, "retrain": RetrainConfig}[path.name.split("_")[0]]
         load(cls, path)
+
+
+# -- the CLIP-score filter --------------------------------------------------------------------------
+
+def test_the_clip_score_filter_refuses_random_weights_unless_asked_for():
+    with pytest.raises(ConfigError, match="pretrained is not set.*random_weights: true"):
+        load(PrepConfig, None, ["filters.clip_score={min: 0.3}"])
+    with pytest.raises(ConfigError, match="pretrained"):
+        ClipScoreConfig()
+    with pytest.raises(ConfigError, match="both"):
+        ClipScoreConfig(pretrained="laion2b_s34b_b79k", random_weights=True)
+    assert ClipScoreConfig(random_weights=True).pretrained is None  # tests only
+    assert load(PrepConfig, None, ["filters.clip_score.pretrained=laion2b_s34b_b79k"]).filters.clip_score.min == 0.28

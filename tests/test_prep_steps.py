@@ -64,13 +64,14 @@ def test_clip_score_filter_keeps_laion_semantics(tmp_path):
     """Scores are cosine similarities of the normalised image and text embeddings; below `min` drops."""
     (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
     torch.manual_seed(0)
-    probe = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json")), resolution=64)
+    probe = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), random_weights=True), resolution=64)
     batch = _batch(6)
     batch["drop_reason"][5] = "too_small"
     images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(64, 64, 3) for i in range(5)]
     expected = probe.scores(images, [f"caption {i}" for i in range(5)])
     threshold = float(np.median(expected))  # a random model's scores: split them at their median
-    stage = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), min=threshold), resolution=64)
+    config = ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), min=threshold, random_weights=True)
+    stage = ClipScoreFilter(config, resolution=64)
     stage.model = probe.model
     out = stage(batch)
     np.testing.assert_allclose(out["clip_score"][:5], expected, rtol=1e-5)
