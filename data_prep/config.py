@@ -4,7 +4,8 @@ cache goes. The job reads it from YAML (`pipelines/config.py`); every field has 
 import dataclasses
 from typing import Annotated
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic_core import ArgsKwargs
 
 from data_prep.decode import DEFAULT_MAX_PIXELS
 from pipelines.config import config_dataclass
@@ -95,15 +96,33 @@ class FilterConfig:
     clip_score: ClipScoreConfig | None = None
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, given):
+        """The preset fills the fields that were not given: a given value wins even when it equals the
+        field's default (min_side: 0, max_side: null). Given metadata thresholds are merged into the
+        preset's key by key (a given key replaces that key's threshold), as one tightens or adds one
+        threshold without restating the others. Resolved here, where the given keys are still known;
+        the result is stable: building it again from its own fields changes nothing."""
+        if isinstance(given, ArgsKwargs):
+            values = {**dict(zip((f.name for f in dataclasses.fields(cls)), given.args)), **(given.kwargs or {})}
+        elif isinstance(given, dict):
+            values = dict(given)
+        else:
+            return given
+        preset = PRESETS.get(values.get("preset")) if isinstance(values.get("preset"), str) else None
+        if preset is None:  # none, or unknown: __post_init__ says which ones exist
+            return given
+        for name, value in preset.items():
+            if name not in values:
+                values[name] = dict(value) if isinstance(value, dict) else value
+            elif name == "metadata" and isinstance(values[name], dict):
+                values[name] = {**value, **values[name]}
+        return ArgsKwargs((), values) if isinstance(given, ArgsKwargs) else values
+
     def __post_init__(self):
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-            defaults = FilterConfig()
-            for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == getattr(defaults, name):  # explicit settings win over the preset
-                    setattr(self, name, value)
-        self.metadata = {k: Threshold(**v) if isinstance(v, dict) else v for k, v in self.metadata.items()}
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.max_side is not None and self.min_side > self.max_side:
             raise ValueError(f"filters.min_side={self.min_side} is above max_side={self.max_side}: no image could pass")
         if self.max_caption_chars is not None and self.min_caption_chars > self.max_caption_chars:

@@ -249,3 +249,32 @@ def test_the_clip_score_filter_refuses_random_weights_unless_asked_for():
         ClipScoreConfig(pretrained="laion2b_s34b_b79k", random_weights=True)
     assert ClipScoreConfig(random_weights=True).pretrained is None  # tests only
     assert load(PrepConfig, None, ["filters.clip_score.pretrained=laion2b_s34b_b79k"]).filters.clip_score.min == 0.28
+
+
+# -- filter presets ---------------------------------------------------------------------------------
+
+PRESET = "wuerstchen_original"
+
+
+def test_explicit_values_win_over_the_preset_even_when_they_equal_the_default(tmp_path):
+    cfg = FilterConfig(preset=PRESET, min_side=0, max_side=None)
+    assert (cfg.min_side, cfg.max_side) == (0, None)
+    path = tmp_path / "prep.yaml"
+    path.write_text(f"filters:\n  preset: {PRESET}\n  min_side: 0\n  max_side: null\n")
+    loaded = load(PrepConfig, path).filters
+    assert (loaded.min_side, loaded.max_side) == (0, None)
+    assert set(loaded.metadata) == {"pwatermark", "aesthetic|AESTHETIC_SCORE", "punsafe"}  # untouched: the preset's
+    plain = FilterConfig(preset=PRESET)
+    assert (plain.min_side, plain.max_side) == (512, 4096)
+
+
+def test_explicit_metadata_thresholds_merge_into_the_presets_key_by_key():
+    cfg = FilterConfig(preset=PRESET, metadata={"pwatermark": {"max": 0.8}, "nsfw": {"max": 0.1}})
+    assert {k: (t.min, t.max) for k, t in cfg.metadata.items()} == {
+        "pwatermark": (None, 0.8), "aesthetic|AESTHETIC_SCORE": (5.0, None), "punsafe": (None, 0.99), "nsfw": (None, 0.1),
+    }
+    loaded = load(PrepConfig, None, [f"filters.preset={PRESET}", "filters.metadata={punsafe: {max: 0.5}}"]).filters
+    assert (loaded.metadata["punsafe"].max, loaded.metadata["pwatermark"].max) == (0.5, 0.5)
+    # the resolved config describes itself: built again from its own dict (or copied), it is the same
+    assert from_dict(FilterConfig, dataclasses.asdict(cfg)) == cfg
+    assert dataclasses.replace(cfg) == cfg
