@@ -278,3 +278,18 @@ def test_explicit_metadata_thresholds_merge_into_the_presets_key_by_key():
     # the resolved config describes itself: built again from its own dict (or copied), it is the same
     assert from_dict(FilterConfig, dataclasses.asdict(cfg)) == cfg
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_the_demo_checks_both_configs_before_any_work(tmp_path, capsys, monkeypatch):
+    from pipelines import cli
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("filters: {min_side: 64\n")
+    assert cli.main(["demo", "--prep-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.yaml is not valid YAML" in err
+    assert cli.main(["demo", "--steps", "0"]) == 2  # was taken as "the config's steps"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "steps: Input should be greater than 0 (got 0)" in err
+    assert list(tmp_path.iterdir()) == [bad], "nothing was started"
