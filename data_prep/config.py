@@ -2,8 +2,13 @@
 cache goes. The job reads it from YAML (`pipelines/config.py`); every field has a working default."""
 
 import dataclasses
+from typing import Annotated
+
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic_core import ArgsKwargs
 
 from data_prep.decode import DEFAULT_MAX_PIXELS
+from pipelines.config import config_dataclass
 
 # The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
 # 512 <= original side <= 4096, pwatermark <= 0.5, aesthetic >= 5.0, punsafe <= 0.99.
@@ -22,71 +27,110 @@ SOURCE_FORMATS = ("webdataset", "parquet", "folder", "twemoji")
 TEXT_MODES = ("embeddings", "tokens")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class SourceConfig:
     url: str = "twemoji://"  # /path, file://, s3://bucket/prefix, a glob in the last part, or twemoji://
     format: str = "twemoji"
     image_column: str | None = None  # parquet sources: the image bytes column (auto-detected when None)
     caption_column: str = "caption"
-    shard_size: int = 256  # twemoji:// only: emoji per shard
-    render_size: int = 256  # twemoji:// only: the SVGs are rendered at this size
+    shard_size: PositiveInt = 256  # twemoji:// only: emoji per shard
+    render_size: PositiveInt = 256  # twemoji:// only: the SVGs are rendered at this size
 
     def __post_init__(self):
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"source.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class Threshold:
     min: float | None = None
     max: float | None = None
 
+    def __post_init__(self):
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min={self.min} is above max={self.max}: no sample could pass")
 
-@dataclasses.dataclass
+
+@config_dataclass
 class ClipScoreConfig:
     """LAION-style: cosine similarity of the open_clip image and text embeddings, kept when >= min."""
 
     model: str = "ViT-B-32"  # an open_clip model name, or a path to an open_clip model config JSON
-    pretrained: str | None = None  # a tag of open_clip's or a local weights file; None = random (tests only)
-    min: float = 0.28
-    batch_size: int = 64
+    pretrained: str | None = None  # a tag of open_clip's (e.g. laion2b_s34b_b79k) or a local weights file
+    min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.28  # a cosine similarity
+    batch_size: PositiveInt = 64
+    # Tests only: score with randomly initialised weights (open_clip's result when `pretrained` is
+    # None), which drops arbitrary samples. Without it, a missing `pretrained` is refused.
+    random_weights: bool = False
+
+    def __post_init__(self):
+        if self.pretrained is None and not self.random_weights:
+            raise ValueError(
+                "filters.clip_score.pretrained is not set: the CLIP score would come from random weights and "
+                "drop arbitrary samples. Set pretrained to an open_clip tag (e.g. laion2b_s34b_b79k) or a local "
+                "weights file (random_weights: true is for tests only)"
+            )
+        if self.pretrained is not None and self.random_weights:
+            raise ValueError(f"filters.clip_score sets both pretrained={self.pretrained!r} and random_weights: "
+                             f"true; keep one")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class DedupConfig:
     exact: bool = True  # the same image bytes
-    near_max_distance: int | None = None  # pHash Hamming distance; None = off
+    near_max_distance: Annotated[int, Field(ge=0, le=64)] | None = None  # pHash (64 bits) Hamming distance; None = off
 
 
-@dataclasses.dataclass
+@config_dataclass
 class FilterConfig:
     preset: str | None = None  # a named set of the fields below, which the fields below then override
-    min_side: int = 0
-    max_side: int | None = None
-    max_aspect: float | None = None
-    min_caption_words: int = 0
-    min_caption_chars: int = 1
-    max_caption_chars: int | None = None
+    min_side: NonNegativeInt = 0
+    max_side: PositiveInt | None = None
+    max_aspect: Annotated[float, Field(ge=1.0)] | None = None  # long side / short side
+    min_caption_words: NonNegativeInt = 0
+    min_caption_chars: NonNegativeInt = 1
+    max_caption_chars: PositiveInt | None = None
     # metadata key -> threshold; "a|b" takes whichever key the sample has (LAION's aesthetic columns)
     metadata: dict[str, Threshold] = dataclasses.field(default_factory=dict)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb bound (PIL's default)
+    max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # decompression-bomb bound (PIL's default)
     clip_score: ClipScoreConfig | None = None
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, given):
+        """The preset fills the fields that were not given: a given value wins even when it equals the
+        field's default (min_side: 0, max_side: null). Given metadata thresholds are merged into the
+        preset's key by key (a given key replaces that key's threshold), as one tightens or adds one
+        threshold without restating the others. Resolved here, where the given keys are still known;
+        the result is stable: building it again from its own fields changes nothing."""
+        if isinstance(given, ArgsKwargs):
+            values = {**dict(zip((f.name for f in dataclasses.fields(cls)), given.args)), **(given.kwargs or {})}
+        elif isinstance(given, dict):
+            values = dict(given)
+        else:
+            return given
+        preset = PRESETS.get(values.get("preset")) if isinstance(values.get("preset"), str) else None
+        if preset is None:  # none, or unknown: __post_init__ says which ones exist
+            return given
+        for name, value in preset.items():
+            if name not in values:
+                values[name] = dict(value) if isinstance(value, dict) else value
+            elif name == "metadata" and isinstance(values[name], dict):
+                values[name] = {**value, **values[name]}
+        return ArgsKwargs((), values) if isinstance(given, ArgsKwargs) else values
+
     def __post_init__(self):
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-            defaults = FilterConfig()
-            for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == getattr(defaults, name):  # explicit settings win over the preset
-                    setattr(self, name, value)
-        self.metadata = {k: Threshold(**v) if isinstance(v, dict) else v for k, v in self.metadata.items()}
-        if isinstance(self.dedup, dict):
-            self.dedup = DedupConfig(**self.dedup)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"filters.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.max_side is not None and self.min_side > self.max_side:
+            raise ValueError(f"filters.min_side={self.min_side} is above max_side={self.max_side}: no image could pass")
+        if self.max_caption_chars is not None and self.min_caption_chars > self.max_caption_chars:
+            raise ValueError(f"filters.min_caption_chars={self.min_caption_chars} is above "
+                             f"max_caption_chars={self.max_caption_chars}: no caption could pass")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class EncoderWeights:
     """A checkpoint for one encoder; None means random init with `seed` (for tiny/small demos), which
     the manifest records."""
@@ -95,21 +139,21 @@ class EncoderWeights:
     seed: int = 0
 
 
-@dataclasses.dataclass
+@config_dataclass
 class EncodeConfig:
     flavor: str = "small"  # the semantic compressor / Stage A / text encoder flavor
-    resolution: int = 256  # training image side (square center crop)
+    resolution: PositiveInt = 256  # training image side (square center crop)
     semantic: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     stage_a: EncoderWeights | None = None  # Stage A latents (for Stage B training); None = not encoded
     text_mode: str = "embeddings"  # "embeddings" (fp16 last_hidden_state) or "tokens" (ids + mask)
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
-    text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
-    batch_size: int = 32
+    text_width: PositiveInt | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
+    batch_size: PositiveInt = 32
     # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
-    stage_a_batch_size: int = 8
-    num_encoders: int = 1  # encoder actors; on CPU, one per node is enough (its threads share the weights)
-    cpus_per_encoder: int = 1  # CPUs each encoder actor reserves; on CPU also its threads, each encoding one image at a time
+    stage_a_batch_size: PositiveInt = 8
+    num_encoders: PositiveInt = 1  # encoder actors; on CPU, one per node is enough (its threads share the weights)
+    cpus_per_encoder: PositiveInt = 1  # CPUs each encoder actor reserves; on CPU also its threads, each encoding one image at a time
     use_gpu: bool = False
     precision: str = "fp16"  # on GPU: fp16 or bf16 autocast, or fp32 (no autocast)
 
@@ -118,25 +162,23 @@ class EncodeConfig:
             raise ValueError(f"encode.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
         if self.resolution % 32:
             raise ValueError(f"encode.resolution must be a multiple of 32, got {self.resolution}")
-        if self.stage_a_batch_size < 1:
-            raise ValueError(f"encode.stage_a_batch_size must be at least 1, got {self.stage_a_batch_size}")
         if self.precision not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"encode.precision must be fp16, bf16 or fp32, got {self.precision!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class OutputConfig:
     url: str = "runs/cache/twemoji"  # local path or s3://bucket/prefix
-    max_rows_per_file: int = 2048
-    shards_per_wave: int = 4  # source shards committed together; a killed run redoes at most one wave
+    max_rows_per_file: PositiveInt = 2048
+    shards_per_wave: PositiveInt = 4  # source shards committed together; a killed run redoes at most one wave
 
 
-@dataclasses.dataclass
+@config_dataclass
 class PrepConfig:
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     encode: EncodeConfig = dataclasses.field(default_factory=EncodeConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     ray_address: str | None = None  # None: the cluster of `ray job submit`, or a local one
-    num_cpus: int | None = None  # for a local cluster only
-    limit_shards: int | None = None  # process at most this many new shards (smoke runs)
+    num_cpus: PositiveInt | None = None  # for a local cluster only
+    limit_shards: PositiveInt | None = None  # process at most this many new shards (smoke runs)

@@ -84,25 +84,33 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
     return losses
 
 
-def prepare_data(config: Path, cache_url: str | None, limit_shards: int | None = None) -> str:
+def prep_config(config: Path, cache_url: str | None, limit_shards: int | None = None):
     from data_prep.config import PrepConfig
-    from data_prep.runner import format_summary, run_prep
     from pipelines.config import load
 
-    overrides = ([f"output.url={cache_url}"] if cache_url else []) + ([f"limit_shards={limit_shards}"] if limit_shards else [])
-    cfg = load(PrepConfig, config, overrides)
+    overrides = [f"output.url={cache_url}"] if cache_url else []
+    overrides += [f"limit_shards={limit_shards}"] if limit_shards is not None else []
+    return load(PrepConfig, config, overrides)
+
+
+def prepare_data(cfg) -> str:
+    from data_prep.runner import format_summary, run_prep
+
     print(f"\n== 1. Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
     print(format_summary(run_prep(cfg)), flush=True)
     return cfg.output.url
 
 
-def train(config: Path, cache_url: str, steps: int | None):
+def train_config(config: Path, cache_url: str, steps: int | None):
     from pipelines.config import load
-    from pipelines.train import run_training
     from pipelines.training.config import TrainConfig
 
-    overrides = [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps else [])
-    cfg = load(TrainConfig, config, overrides)
+    return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else []))
+
+
+def train(cfg):
+    from pipelines.train import run_training
+
     print(f"\n== 2. Training: {cfg.model.flavor} Stage C, {cfg.steps} steps, {cfg.parallel.num_workers} workers "
           f"({cfg.parallel.strategy}); checkpoints in {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}", flush=True)
     result, run_id = run_training(cfg)
@@ -227,9 +235,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
         run(args.flavor, args.image_size, args.out)
         return 0
+    from pipelines.config import ConfigError
+
+    try:  # both configs are checked before any work starts
+        prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)
+        cfg = train_config(args.train_config, prep_cfg.output.url, args.steps)
+    except ConfigError as err:
+        print(f"wuerstchen demo: {err}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    cache_url = prepare_data(args.prep_config, args.cache, args.limit_shards)
-    cfg, _ = train(args.train_config, cache_url, args.steps)
+    cache_url = prepare_data(prep_cfg)
+    cfg, _ = train(cfg)
     from pipelines.training.tracking import tracking_uri
 
     uri = tracking_uri(cfg.tracking.tracking_uri)

@@ -22,19 +22,22 @@ import logging
 import sys
 import tempfile
 
+from pydantic import PositiveInt
+
 from pipelines import registry
+from pipelines.config import HeldOutFraction, NoiseLevels, config_dataclass
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@config_dataclass
 class EvalSpec:
     cache: str
-    validation_fraction: float = 0.05
-    t_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    validation_fraction: HeldOutFraction = 0.05
+    t_grid: NoiseLevels = (0.1, 0.3, 0.5, 0.7, 0.9)
     seed: int = 0
     p2_weighting: bool = True
-    batch_size: int = 32  # does not change the result
+    batch_size: PositiveInt = 32  # does not change the result
 
     def spec_id(self, manifest: dict) -> str:
         """Covers everything that changes the number: the spec (not the batch size) and the cache content."""

@@ -16,20 +16,22 @@ so), or rolled back; 2 bad arguments (e.g. nothing to roll back to); 1 failed.
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
 
+from pydantic import NonNegativeFloat
+
 from pipelines import registry
+from pipelines.config import config_dataclass
 
 log = logging.getLogger(__name__)
 
-@dataclasses.dataclass
+@config_dataclass
 class GateConfig:
-    min_absolute_improvement: float = 0.0
-    min_relative_improvement: float = 0.01  # the challenger must be 1% better than the champion
+    min_absolute_improvement: NonNegativeFloat = 0.0
+    min_relative_improvement: NonNegativeFloat = 0.01  # the challenger must be 1% better than the champion
 
 
 def _score(mlflow_client, version, spec) -> tuple[float | None, str | None]:

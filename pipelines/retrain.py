@@ -28,8 +28,10 @@ import logging
 import sys
 import time
 
+from pydantic import NonNegativeFloat, PositiveFloat
+
 from data_prep.config import PrepConfig
-from pipelines.config import job_config
+from pipelines.config import Probability, config_dataclass, job_config
 from pipelines.promote import GateConfig
 from pipelines.training.config import TrainConfig
 
@@ -39,24 +41,29 @@ DONE, FAILED, BAD_CONFIG, ALREADY_RUNNING = 0, 1, 2, 4
 ATTEMPT = "attempt.json"
 
 
-@dataclasses.dataclass
+@config_dataclass
 class DataMix:
     mode: str = "all"  # "all": every row of the cache; "replay": the new rows + replay_fraction of the old
-    replay_fraction: float = 0.25
+    replay_fraction: Probability = 0.25
 
     def __post_init__(self):
         if self.mode not in ("all", "replay"):
             raise ValueError(f"data_mix.mode must be 'all' or 'replay', got {self.mode!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class LeaseConfig:
-    stale_after_s: float = 600.0
-    heartbeat_s: float = 30.0
-    settle_s: float = 2.0
+    stale_after_s: PositiveFloat = 600.0
+    heartbeat_s: PositiveFloat = 30.0
+    settle_s: NonNegativeFloat = 2.0
+
+    def __post_init__(self):
+        if self.heartbeat_s >= self.stale_after_s:
+            raise ValueError(f"lease.heartbeat_s={self.heartbeat_s} must be below lease.stale_after_s="
+                             f"{self.stale_after_s}: a running job's lease would look dead and be taken over")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class RetrainConfig:
     prep: PrepConfig = dataclasses.field(default_factory=PrepConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -2,16 +2,21 @@
 that trains the `small` Stage C on the bundled Twemoji cache on two CPU workers."""
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
 
 from data_prep.config import EncoderWeights
+from pipelines.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
 from stages.objectives import StageCObjective
+from stages.stage_c import StageC, StageCConfig
 
 STRATEGIES = ("ddp", "fsdp2")
 EMA_MODES = ("none", "every_step", "original")
+AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it would never forget
 
 
-@dataclasses.dataclass
+@config_dataclass
 class ModelConfig:
     flavor: str = "small"
     # None: from scratch; a diffusers-format folder or hub id (e.g. warp-ai/wuerstchen-prior); or an
@@ -20,74 +25,82 @@ class ModelConfig:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # StageCConfig fields
     gradient_checkpointing: bool = False
 
+    def __post_init__(self):
+        if self.flavor not in StageC.flavors:
+            raise ValueError(f"model.flavor must be one of {sorted(StageC.flavors)}, got {self.flavor!r}")
+        known = [f.name for f in dataclasses.fields(StageCConfig)]
+        unknown = sorted(set(self.overrides) - set(known))
+        if unknown:
+            raise ValueError(f"model.overrides: unknown Stage C fields {unknown}; known: {known}")
+        # The values get StageCConfig's own types (a YAML "0.1" is the float 0.1), checked by pydantic.
+        try:
+            typed = TypeAdapter(StageCConfig).validate_python(self.overrides)
+        except ValidationError as err:
+            raise ValueError(describe(err, "model.overrides")) from None
+        self.overrides = {name: getattr(typed, name) for name in self.overrides}
 
-@dataclasses.dataclass
+
+@config_dataclass
 class EncodersConfig:
     """The encoders the model was (or will be) trained with. Their fingerprints must equal the
     cache's, or the run is refused before any worker starts."""
 
     semantic: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
-    text_width: int | None = None
+    text_width: PositiveInt | None = None
 
 
-@dataclasses.dataclass
+@config_dataclass
 class DataConfig:
     cache: str = "runs/cache/twemoji"
-    validation_fraction: float = 0.05  # held out by a hash of the key: the same rows in every run
-    batch_size: int = 32  # per worker and micro-step
+    validation_fraction: HeldOutFraction = 0.05  # held out by a hash of the key: the same rows in every run
+    batch_size: PositiveInt = 32  # per worker and micro-step
     # Fine-tuning on new data: train on the rows of these source shards only, plus `replay_fraction`
     # of the other rows (None: every row). Validation always covers the whole cache's held-out rows.
     shards: list[str] | None = None
-    replay_fraction: float = 1.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if not 0.0 <= self.replay_fraction <= 1.0:
-            raise ValueError(f"data.replay_fraction must be in [0, 1], got {self.replay_fraction}")
+    replay_fraction: Probability = 1.0
 
 
-@dataclasses.dataclass
+@config_dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warmup, then constant (the original recipe uses 10,000)
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    lr: PositiveFloat = 1e-4
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.999)
+    weight_decay: NonNegativeFloat = 0.01
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 0  # linear warmup, then constant (the original recipe uses 10,000)
+    grad_clip: PositiveFloat = 1.0  # max gradient norm (0 would zero every gradient)
+    grad_accum: PositiveInt = 1
 
 
-@dataclasses.dataclass
+@config_dataclass
 class EmaConfig:
     # "every_step": ema = decay * ema + (1 - decay) * weights after every optimizer step.
     # "original": the Würstchen recipe: a plain copy every `every` steps until `copy_until`, then
     # every `every` steps ema = beta * ema + (1 - beta) * weights.
     mode: str = "every_step"
-    decay: float = 0.999
-    every: int = 100
-    beta: float = 0.9
-    copy_until: int = 5000
+    decay: Probability = 0.999
+    every: PositiveInt = 100
+    beta: Probability = 0.9
+    copy_until: NonNegativeInt = 5000
 
     def __post_init__(self):
         if self.mode not in EMA_MODES:
             raise ValueError(f"ema.mode must be one of {EMA_MODES}, got {self.mode!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class ValidationConfig:
-    every_steps: int = 100
-    t_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # every held-out sample at each of these t
+    every_steps: PositiveInt = 100
+    t_grid: NoiseLevels = (0.1, 0.3, 0.5, 0.7, 0.9)  # every held-out sample at each of these t
     seed: int = 0  # the fixed noise
 
 
-@dataclasses.dataclass
+@config_dataclass
 class CheckpointConfig:
     storage_path: str = "runs/train"  # local path or s3://bucket/prefix
     run_name: str = "stage-c-small"  # rerunning with the same name resumes from its latest checkpoint
-    every_steps: int = 100
-    num_to_keep: int = 2
+    every_steps: PositiveInt = 100
+    num_to_keep: PositiveInt = 2
     # FSDP2 only: "full" gathers the model and optimizer state to rank 0; "sharded" has every rank
     # write its own shard with torch.distributed.checkpoint (no gather; the EMA is still gathered,
     # written in the diffusers layout for consumers).
@@ -98,35 +111,35 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.fsdp_state_dict must be 'full' or 'sharded', got {self.fsdp_state_dict!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class ParallelConfig:
     strategy: str = "ddp"  # or "fsdp2"
-    num_workers: int = 2
+    num_workers: PositiveInt = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # leave CPUs for Ray Data ingest: workers that hold every CPU starve it
+    cpus_per_worker: NonNegativeFloat = 1.0  # leave CPUs for Ray Data ingest: workers that hold every CPU starve it
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
 
-@dataclasses.dataclass
+@config_dataclass
 class TrackingConfig:
     tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else an sqlite store under runs/
     experiment: str = "wuerstchen-stage-c"
-    log_every: int = 10
+    log_every: PositiveInt = 10
 
 
-@dataclasses.dataclass
+@config_dataclass
 class FaultConfig:
     """Test-only: make one worker fail once at a step, to exercise recovery."""
 
-    fail_at_step: int | None = None
-    rank: int = 1
+    fail_at_step: NonNegativeInt | None = None
+    rank: NonNegativeInt = 1
     marker: str | None = None  # a file whose existence means "already failed once"
 
 
-@dataclasses.dataclass
+@config_dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     encoders: EncodersConfig = dataclasses.field(default_factory=EncodersConfig)
@@ -139,8 +152,8 @@ class TrainConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
-    steps: int = 200
+    steps: PositiveInt = 200
     seed: int = 0
-    max_failures: int = 0
+    max_failures: Annotated[int, Field(ge=-1)] = 0  # -1: retry without limit (Ray's FailureConfig)
     ray_address: str | None = None
-    num_cpus: int | None = None  # for a local cluster only
+    num_cpus: PositiveInt | None = None  # for a local cluster only
