@@ -164,10 +164,10 @@ class DeduplicateStage:
 
     def __init__(self, cfg: DedupConfig, known: list[tuple[str, int | None]]):
         self.enabled = cfg.exact or cfg.near_max_distance is not None
-        self.dedup = Deduplicator(cfg.near_max_distance) if self.enabled else None
+        self.dedup = Deduplicator(cfg.near_max_distance, exact=cfg.exact) if self.enabled else None
         self.exact = cfg.exact
         if self.enabled:
-            self.dedup.preload((h if self.exact else None, p) for h, p in known)
+            self.dedup.preload(known)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Takes and returns Arrow tables (batch_format="pyarrow"): the pixel columns pass through

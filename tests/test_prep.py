@@ -148,6 +148,20 @@ def test_a_threshold_on_a_column_the_source_lacks_is_a_configuration_error(ray_c
         run_prep(cfg)
 
 
+def test_near_dedup_without_exact_dedup_keeps_distinct_images_run_after_run(ray_cluster, tmp_path):
+    """`dedup.exact: false` with `near_max_distance`: every distinct image is kept, in the first run and
+    in a second one against the (then non-empty) cache. The first run used to keep one row and drop the
+    rest as `duplicate_exact` (every content hash was None), the second to keep none."""
+    source = plain_shards(tmp_path / "src", shards=2, per_shard=4)
+    output = tmp_path / "cache"
+    dedup = {"filters.dedup.exact": "false", "filters.dedup.near_max_distance": "4"}
+    first = run_prep(tiny_config(str(source), str(output), limit_shards=1, **dedup))
+    assert (first["rows_written"], dict(first["dropped"])) == (4, {})
+    second = run_prep(tiny_config(str(source), str(output), **dedup))
+    assert (second["rows_written"], dict(second["dropped"])) == (4, {})
+    assert len(read_rows(str(output))) == 8
+
+
 def test_the_same_against_s3(ray_cluster, broken_source, local_run):
     import boto3
 

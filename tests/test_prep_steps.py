@@ -102,6 +102,21 @@ def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
     assert off.column("drop_reason").to_pylist() == [KEEP] * 3
 
 
+def test_dedup_stage_with_exact_off_keeps_distinct_images_against_a_cache():
+    """exact: false, near on: distinct images are all kept, in a fresh run and against a cache (no
+    content hash is looked up, so none can match)."""
+    batch = _batch(5)
+    batch["content_hash"][:] = ""  # what a run with exact dedup off must not key on
+    known = [("cached", 12345), ("cached", 67890)]
+    for cache in ([], known):
+        out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), cache)(pa.table(batch))
+        assert out.column("drop_reason").to_pylist() == [KEEP] * 5
+    near = dict(batch, phash=batch["phash"].copy())
+    near["phash"][3] = near["phash"][0] ^ np.uint64(0b11)
+    out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), known)(pa.table(near))
+    assert out.column("drop_reason").to_pylist() == [KEEP, KEEP, KEEP, "duplicate_near", KEEP]
+
+
 def test_finalize_keeps_only_kept_rows_as_fixed_shape_tensors():
     n = 3
     table = pa.table({
