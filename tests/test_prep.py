@@ -186,6 +186,24 @@ def test_the_same_against_s3(ray_cluster, broken_source, local_run):
             np.testing.assert_array_equal(value, local[key][name], err_msg=f"{key} {name}")
 
 
+def test_a_source_and_cache_in_another_region_than_the_default(ray_cluster, tmp_path):
+    """Buckets in eu-west-1 while AWS_DEFAULT_REGION says us-east-1: the listing finds the region and
+    the read tasks get its filesystem. (moto serves any region, so what is checked on the way is the
+    region the read tasks are handed; see test_storage.py.)"""
+    import boto3
+
+    from data_prep.runner import source_shards
+
+    source = plain_shards(tmp_path / "src", shards=1, per_shard=3)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="prep-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3.upload_file(str(source / "shard-000.tar"), "prep-eu", "shards/shard-000.tar")
+    cfg = tiny_config("s3://prep-eu/shards/", "s3://prep-eu/cache")
+    assert source_shards(cfg)[0].region == "eu-west-1" and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert run_prep(cfg)["rows_written"] == 3
+    assert Cache("s3://prep-eu/cache").fs.region == "eu-west-1"
+
+
 def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
     source = plain_shards(tmp_path / "src", shards=5, per_shard=6)
     reference = tmp_path / "reference"

@@ -5,6 +5,7 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 from prep_factory import write_tar
@@ -50,7 +51,7 @@ def test_a_shard_is_read_as_a_stream_never_all_in_memory(tmp_path):
     tracemalloc.start()
     try:
         keys = []
-        for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source):
+        for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source, pafs.LocalFileSystem()):
             assert len(sample["image_bytes"]) == size and sample["caption"] == f"caption {len(keys)}"
             keys.append(sample["key"])
         _, peak = tracemalloc.get_traced_memory()
