@@ -15,16 +15,14 @@ any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Colum
 """
 
 import json
-import os
-import posixpath
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+# The cache's storage goes through the project's one URL resolver; re-exported for existing callers.
+from data_prep.storage import join, read_text, resolve, write_text_atomically  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,51 +41,6 @@ DICTIONARY_COLUMNS = ("key", "caption", "source_shard", "metadata", "bucket")
 
 class CacheMismatchError(ValueError):
     """A cache made by other encoders (or settings) than the ones it is used with."""
-
-
-def resolve(url: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path, file:// or s3:// URL (AWS settings from the
-    standard environment: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, credentials)."""
-    if url.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        kwargs = {"region": region}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
-        return pafs.S3FileSystem(**kwargs), url[len("s3://") :].rstrip("/")
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return pafs.LocalFileSystem(), str(Path(url).expanduser().absolute())
-
-
-def join(base: str, *parts: str) -> str:
-    return posixpath.join(base, *parts)
-
-
-def write_text_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:
-    """Local: a temp file renamed over the target. S3: one PUT, which S3 makes visible all at once."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def read_text(fs: pafs.FileSystem, path: str) -> str | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError) as err:
-        if isinstance(err, FileNotFoundError) or "not exist" in str(err).lower() or "not found" in str(err).lower():
-            return None
-        raise
 
 
 def new_manifest(settings: dict, encoders: dict, shapes: dict) -> dict:

@@ -217,31 +217,36 @@ class Deduplicator:
 
     `check` both tests and registers, so a run keeps the first occurrence and drops later copies; `preload`
     registers what an existing cache holds, so an incremental run drops what is already cached.
-    `max_distance=None` turns near-duplicate detection off (exact only).
+    `max_distance=None` turns near-duplicate detection off (exact only); `exact=False` turns exact
+    detection off (near only): content hashes are then neither looked up nor registered.
     """
 
     EXACT = "duplicate_exact"
     NEAR = "duplicate_near"
 
-    def __init__(self, max_distance: int | None):
-        self._exact: dict[str, str | None] = {}
+    def __init__(self, max_distance: int | None, exact: bool = True):
+        if not exact and max_distance is None:
+            raise ValueError("a Deduplicator needs exact detection, a near max_distance, or both")
+        self._exact: dict[str, str | None] | None = {} if exact else None
         self._near = None if max_distance is None else NearDuplicateIndex(max_distance)
+        self._registered = 0
 
     @property
     def max_distance(self) -> int | None:
         return None if self._near is None else self._near.max_distance
 
     def __len__(self) -> int:
-        """Number of registered samples (distinct contents)."""
-        return len(self._exact)
+        """Number of registered samples."""
+        return self._registered
 
-    def check(self, content: str, phash: int | None, key: str) -> str | None:
+    def check(self, content: str | None, phash: int | None, key: str) -> str | None:
         """"duplicate_exact" / "duplicate_near" (the sample is not registered) or None (it is).
 
         Exact wins over near. A sample without a pHash (not decodable, or hashing skipped) can only be
-        an exact duplicate, and is registered for exact matching only.
+        an exact duplicate, and is registered for exact matching only. `content` is ignored when exact
+        detection is off.
         """
-        if content in self._exact:
+        if self._exact is not None and content in self._exact:
             return self.EXACT
         if self._near is not None and phash is not None and self._near.find(phash) is not None:
             return self.NEAR
@@ -252,10 +257,12 @@ class Deduplicator:
         """Registers (content hash, pHash or None) pairs without checking them against each other: a cache
         written with other settings may hold near duplicates of itself, and that is not this run's call."""
         for content, phash in pairs:
-            if content not in self._exact:
+            if self._exact is None or content not in self._exact:
                 self._register(content, phash, None)
 
-    def _register(self, content: str, phash: int | None, key: str | None) -> None:
-        self._exact[content] = key
+    def _register(self, content: str | None, phash: int | None, key: str | None) -> None:
+        self._registered += 1
+        if self._exact is not None:
+            self._exact[content] = key
         if self._near is not None and phash is not None:
             self._near.add(phash, key)

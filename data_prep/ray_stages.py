@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from data_prep.cache import TENSOR_DTYPES, binary_buffers, tensor_column
 from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
@@ -33,19 +34,20 @@ ENCODERS_COLUMN = "encoders"
 
 # -- read -------------------------------------------------------------------------------------
 
-def read_shard(row: dict, source: SourceConfig) -> Iterator[dict]:
+def read_shard(row: dict, source: SourceConfig, fs: pafs.FileSystem | None) -> Iterator[dict]:
     """One source shard -> its raw samples (dropped ones included, with their reason), streamed: a
     web shard of 10,000 images is ~1 GB of encoded bytes, and Ray Data cuts the rows into blocks as
-    they come, so a read task never holds the whole shard."""
+    they come, so a read task never holds the whole shard.
+
+    `fs` is the filesystem the shards were listed with (None for Twemoji): a task that built its own
+    from the URL would take the worker's default S3 region, not the one the listing found."""
     if source.format == "twemoji":
         from data_prep.twemoji import iter_twemoji_shard
 
         samples = iter_twemoji_shard(row["shard_url"], source.render_size, source.shard_size)
     else:
-        from data_prep.cache import resolve
         from data_prep.readers import iter_shard
 
-        fs, _ = resolve(row["shard_url"])
         options = {}
         if source.format == "parquet":
             options = {"caption_column": source.caption_column}
@@ -164,10 +166,10 @@ class DeduplicateStage:
 
     def __init__(self, cfg: DedupConfig, known: list[tuple[str, int | None]]):
         self.enabled = cfg.exact or cfg.near_max_distance is not None
-        self.dedup = Deduplicator(cfg.near_max_distance) if self.enabled else None
+        self.dedup = Deduplicator(cfg.near_max_distance, exact=cfg.exact) if self.enabled else None
         self.exact = cfg.exact
         if self.enabled:
-            self.dedup.preload((h if self.exact else None, p) for h, p in known)
+            self.dedup.preload(known)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Takes and returns Arrow tables (batch_format="pyarrow"): the pixel columns pass through

@@ -26,7 +26,6 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -34,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_prep.decode import DecodeError, DropReason, decode_caption
+from data_prep.storage import resolve
 
 log = logging.getLogger(__name__)
 
@@ -491,9 +491,9 @@ def list_shards(source_url: str, fmt: str) -> tuple[pafs.FileSystem, list[tuple[
     immediate subdirectory that holds images), or a glob in the last component (`shard-*.tar`).
     The shard URL (`file:///...`, `s3://...`) is the shard's identity downstream.
 
-    S3 settings come from the environment through `pyarrow.fs.FileSystem.from_uri`, which honours
-    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_DEFAULT_REGION and the credential chain. Without an
-    endpoint it asks AWS for the bucket's region (HeadBucket) unless the URL says `?region=...`.
+    The filesystem comes from `data_prep.storage.resolve` (S3: the bucket's own region, and a
+    `StorageError` for a missing bucket or a refusal). The read tasks must be given this filesystem,
+    not build their own, so that they use the region the listing found.
     """
     if fmt not in SHARD_FORMATS:
         raise ValueError(f"unknown shard format {fmt!r}; expected one of {SHARD_FORMATS}")
@@ -511,13 +511,11 @@ def _resolve_source(source_url: str) -> tuple[pafs.FileSystem, str, str | None, 
     """-> (filesystem, path, glob pattern of the last component or None, path -> shard URL)."""
     parts = urlsplit(source_url)
     if parts.scheme in ("", "file"):
-        local = parts.path if parts.scheme == "file" else source_url
-        path = str(Path(local).expanduser().absolute())
+        fs, path = resolve(source_url)
         parent, pattern = _split_glob(path)
-        return pafs.LocalFileSystem(), parent, pattern, lambda p: "file://" + p
+        return fs, parent, pattern, lambda p: "file://" + p
     parent_path, pattern = _split_glob(parts.path)
-    uri = urlunsplit((parts.scheme, parts.netloc, parent_path, parts.query, ""))
-    fs, parent = pafs.FileSystem.from_uri(uri)
+    fs, parent = resolve(urlunsplit((parts.scheme, parts.netloc, parent_path, parts.query, "")))
     scheme = parts.scheme
     return fs, parent.rstrip("/"), pattern, lambda p: f"{scheme}://{p}"
 

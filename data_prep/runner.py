@@ -43,14 +43,20 @@ CPU_ENCODER_CALLS = 2
 
 def list_source_shards(cfg: PrepConfig) -> list[tuple[str, str]]:
     """(shard URL, path) of every shard of the source, sorted."""
+    return source_shards(cfg)[1]
+
+
+def source_shards(cfg: PrepConfig):
+    """(the source's filesystem, None for Twemoji; (shard URL, path) of every shard, sorted). The read
+    tasks get this filesystem: it carries the region the listing found for an S3 bucket."""
     if cfg.source.format == "twemoji":
         from data_prep.twemoji import twemoji_shards
 
-        return [(url, "") for url, _ in twemoji_shards(cfg.source.shard_size)]
+        return None, [(url, "") for url, _ in twemoji_shards(cfg.source.shard_size)]
     from data_prep.readers import list_shards
 
-    _, shards = list_shards(cfg.source.url, cfg.source.format)
-    return list(shards)
+    fs, shards = list_shards(cfg.source.url, cfg.source.format)
+    return fs, list(shards)
 
 
 def tensor_shapes(cfg: PrepConfig, text_width: int) -> dict[str, list[int]]:
@@ -134,8 +140,8 @@ def _clear(fs, path: str) -> None:
         fs.delete_dir(path)
 
 
-def _peek_samples(cfg: PrepConfig, shard: tuple[str, str], n: int = 200) -> list[dict]:
-    return list(itertools.islice(read_shard({"shard_url": shard[0], "path": shard[1]}, cfg.source), n))
+def _peek_samples(cfg: PrepConfig, source_fs, shard: tuple[str, str], n: int = 200) -> list[dict]:
+    return list(itertools.islice(read_shard({"shard_url": shard[0], "path": shard[1]}, cfg.source, source_fs), n))
 
 
 class _Wave:
@@ -262,15 +268,16 @@ class _Waves:
                 self.current = _Wave(self.fs, self.root, self.waves[self.number], self.max_rows)
 
 
-def _prep_dataset(cfg: PrepConfig, pending: list[tuple[str, str]], known: list):
+def _prep_dataset(cfg: PrepConfig, source_fs, pending: list[tuple[str, str]], known: list):
     """read -> decode + filter -> (CLIP score) -> deduplicate -> encode, over every pending shard in
-    one streaming execution: the actors start once per run."""
+    one streaming execution: the actors start once per run. The read tasks get `source_fs`, the
+    filesystem of the listing (pickled with its S3 region)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     res = cfg.encode.resolution
     ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
-    ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source})
+    ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source, "fs": source_fs})
     full_pixels = cfg.encode.stage_a is not None or cfg.filters.clip_score is not None
     sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
     ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=DECODE_BATCH)
@@ -322,7 +329,7 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
     manifest = json.loads(text) if text is not None else None
     if manifest is not None:
         _check_settings(manifest, settings, cfg.output.url)
-    all_shards = list_source_shards(cfg)
+    source_fs, all_shards = source_shards(cfg)
     pending = [s for s in all_shards if manifest is None or s[0] not in manifest["shards"]]
     if cfg.limit_shards is not None:
         pending = pending[: cfg.limit_shards]
@@ -333,12 +340,12 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         summary.update(seconds=time.perf_counter() - start, manifest=manifest)
         return summary
     if cfg.filters.metadata:
-        check_metadata_columns(_peek_samples(cfg, pending[0]), cfg.filters, pending[0][0])
+        check_metadata_columns(_peek_samples(cfg, source_fs, pending[0]), cfg.filters, pending[0][0])
 
     connect(cfg.ray_address, cfg.num_cpus)
     DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
     known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
-    batches = iter(_prep_dataset(cfg, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
+    batches = iter(_prep_dataset(cfg, source_fs, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
     with contextlib.closing(batches):  # on any failure, the execution stops at once
         first = next((rows for rows in batches if rows.num_rows), None)  # waits while the actors start
         if first is not None:

@@ -215,3 +215,22 @@ def test_deduplicator_distance_zero_is_exact_phash():
     assert dedup.check("c1", 42, "a") is None
     assert dedup.check("c2", 42, "b") == "duplicate_near"
     assert dedup.check("c3", 43, "c") is None
+
+
+def test_deduplicator_without_exact_detection_keys_on_phash_only():
+    """`dedup.exact: false` with near detection on: no content hash is looked up or registered, so
+    distinct images are all kept (they used to share the content hash None and all but the first
+    were dropped as exact duplicates), and a preloaded cache adds pHashes only."""
+    dedup = Deduplicator(max_distance=4, exact=False)
+    h = 0x0123_4567_89AB_CDEF
+    assert dedup.check(None, h, "a") is None
+    assert dedup.check(None, ~h & ((1 << 64) - 1), "b") is None  # far: kept
+    assert dedup.check(None, h ^ 0b11, "c") == "duplicate_near"
+    assert len(dedup) == 2
+
+    resumed = Deduplicator(max_distance=4, exact=False)
+    resumed.preload([("c1", h), ("c2", None)])
+    assert resumed.check(None, ~h & ((1 << 64) - 1), "x") is None  # the cache held h only
+    assert resumed.check("c1", h ^ 1, "y") == "duplicate_near"
+    with pytest.raises(ValueError, match="exact"):
+        Deduplicator(max_distance=None, exact=False)

@@ -148,6 +148,20 @@ def test_a_threshold_on_a_column_the_source_lacks_is_a_configuration_error(ray_c
         run_prep(cfg)
 
 
+def test_near_dedup_without_exact_dedup_keeps_distinct_images_run_after_run(ray_cluster, tmp_path):
+    """`dedup.exact: false` with `near_max_distance`: every distinct image is kept, in the first run and
+    in a second one against the (then non-empty) cache. The first run used to keep one row and drop the
+    rest as `duplicate_exact` (every content hash was None), the second to keep none."""
+    source = plain_shards(tmp_path / "src", shards=2, per_shard=4)
+    output = tmp_path / "cache"
+    dedup = {"filters.dedup.exact": "false", "filters.dedup.near_max_distance": "4"}
+    first = run_prep(tiny_config(str(source), str(output), limit_shards=1, **dedup))
+    assert (first["rows_written"], dict(first["dropped"])) == (4, {})
+    second = run_prep(tiny_config(str(source), str(output), **dedup))
+    assert (second["rows_written"], dict(second["dropped"])) == (4, {})
+    assert len(read_rows(str(output))) == 8
+
+
 def test_the_same_against_s3(ray_cluster, broken_source, local_run):
     import boto3
 
@@ -170,6 +184,24 @@ def test_the_same_against_s3(ray_cluster, broken_source, local_run):
     for key in kept:
         for name, value in remote[key].items():
             np.testing.assert_array_equal(value, local[key][name], err_msg=f"{key} {name}")
+
+
+def test_a_source_and_cache_in_another_region_than_the_default(ray_cluster, tmp_path):
+    """Buckets in eu-west-1 while AWS_DEFAULT_REGION says us-east-1: the listing finds the region and
+    the read tasks get its filesystem. (moto serves any region, so what is checked on the way is the
+    region the read tasks are handed; see test_storage.py.)"""
+    import boto3
+
+    from data_prep.runner import source_shards
+
+    source = plain_shards(tmp_path / "src", shards=1, per_shard=3)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="prep-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3.upload_file(str(source / "shard-000.tar"), "prep-eu", "shards/shard-000.tar")
+    cfg = tiny_config("s3://prep-eu/shards/", "s3://prep-eu/cache")
+    assert source_shards(cfg)[0].region == "eu-west-1" and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert run_prep(cfg)["rows_written"] == 3
+    assert Cache("s3://prep-eu/cache").fs.region == "eu-west-1"
 
 
 def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):

@@ -5,6 +5,7 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import torch
 from prep_factory import write_tar
@@ -50,7 +51,7 @@ def test_a_shard_is_read_as_a_stream_never_all_in_memory(tmp_path):
     tracemalloc.start()
     try:
         keys = []
-        for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source):
+        for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source, pafs.LocalFileSystem()):
             assert len(sample["image_bytes"]) == size and sample["caption"] == f"caption {len(keys)}"
             keys.append(sample["key"])
         _, peak = tracemalloc.get_traced_memory()
@@ -101,6 +102,21 @@ def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
     assert pixels[3] == b"" and pixels[0] == batch["pixels"][0] and pixels[2] == batch["pixels"][2]
     off = DeduplicateStage(DedupConfig(exact=False, near_max_distance=None), [])(pa.table(_batch(3)))
     assert off.column("drop_reason").to_pylist() == [KEEP] * 3
+
+
+def test_dedup_stage_with_exact_off_keeps_distinct_images_against_a_cache():
+    """exact: false, near on: distinct images are all kept, in a fresh run and against a cache (no
+    content hash is looked up, so none can match)."""
+    batch = _batch(5)
+    batch["content_hash"][:] = ""  # what a run with exact dedup off must not key on
+    known = [("cached", 12345), ("cached", 67890)]
+    for cache in ([], known):
+        out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), cache)(pa.table(batch))
+        assert out.column("drop_reason").to_pylist() == [KEEP] * 5
+    near = dict(batch, phash=batch["phash"].copy())
+    near["phash"][3] = near["phash"][0] ^ np.uint64(0b11)
+    out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), known)(pa.table(near))
+    assert out.column("drop_reason").to_pylist() == [KEEP, KEEP, KEEP, "duplicate_near", KEEP]
 
 
 def test_finalize_keeps_only_kept_rows_as_fixed_shape_tensors():

@@ -555,18 +555,3 @@ def test_unknown_format(tmp_path):
         list_shards(str(tmp_path), "tfrecord")
     with pytest.raises(ValueError, match="tfrecord"):
         list(iter_shard("file:///x", LOCAL, "/x", "tfrecord"))
-
-
-def test_list_shards_s3_url_resolution_without_network(monkeypatch):
-    """Only how an s3:// URL is split and which endpoint pyarrow takes from the environment: with an
-    endpoint set, `FileSystem.from_uri` contacts nothing until a listing (S3 itself is tested elsewhere)."""
-    from data_prep.readers import _resolve_source
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
-    fs, parent, pattern, to_url = _resolve_source("s3://bucket/web/shard-*.tar")
-    assert isinstance(fs, pafs.S3FileSystem) and fs.region == "eu-west-3"
-    assert (parent, pattern) == ("bucket/web", "shard-*.tar")
-    assert to_url("bucket/web/shard-1.tar") == "s3://bucket/web/shard-1.tar"
-    _, parent, pattern, _ = _resolve_source("s3://bucket/web/")
-    assert (parent, pattern) == ("bucket/web", None)
