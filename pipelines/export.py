@@ -34,7 +34,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     """Refuses, before anything is read or written, a target that the export may not replace."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder: choose a folder path")
-    if Path.cwd().resolve().is_relative_to(out):
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
         raise FileExistsError(f"--out {out} is the working directory or holds it: choose a folder of its own")
     if not out.is_dir() or not any(out.iterdir()):
         return
@@ -85,7 +85,8 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     try:
         if config.get("decoders"):
             bundle: DecoderModel = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()
-            write_combined_pipeline(staging, stage_c, text_c, bundle.stage_b.cpu(), bundle.text_encoder.cpu(), bundle.stage_a.cpu())
+            write_combined_pipeline(staging, stage_c, text_c, bundle.stage_b.cpu(), bundle.text_encoder.cpu(),
+                                    bundle.stage_a.cpu())
         else:
             write_prior_pipeline(staging, stage_c, text_c)
         (staging / MARKER).write_text(f"{pinned}\n{version.tags.get(registry.SOURCE_TAG, '')}\n")
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--out", required=True, help="the folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a folder an earlier export wrote (never any other)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folder an earlier export wrote (never any other)")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
     try:

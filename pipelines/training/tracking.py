@@ -29,7 +29,8 @@ def tracking_uri(configured: str | None) -> str:
         # MLflow roots a local store's experiments (Default included, made with the database) at
         # ./mlruns of the working directory. It has no client setting for this; the variable below is
         # the one `mlflow server` sets for the stores it opens itself, read when a store is opened.
-        os.environ[LOCAL_ARTIFACT_ROOT_ENV] = str(Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts")
+        database = Path(uri.removeprefix("sqlite:///")).absolute()
+        os.environ[LOCAL_ARTIFACT_ROOT_ENV] = str(database.parent / "mlartifacts")
     return uri
 
 
