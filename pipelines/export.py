@@ -6,16 +6,58 @@ pipeline folder.
 DIR holds a `WuerstchenPriorPipeline` (prior/, text_encoder/, tokenizer/, scheduler/), or, when the
 version references a decoder bundle, a `WuerstchenCombinedPipeline` with Stage B, Stage A and the
 decoder's text encoder too. The referenced text encoders are materialised (their fingerprints are
-checked first). Exit codes: 0 written, 2 bad arguments, 1 failed.
+checked first). DIR is written beside itself and swapped in only once complete; `--overwrite` replaces
+only a folder an earlier export wrote (it holds REGISTRY_SOURCE.txt), and a failed export leaves it as
+it was. Exit codes: 0 written, 2 bad arguments, 1 failed.
 """
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from pipelines import registry
+
+# Written last into every exported folder: the registered version it came from. Its presence is what
+# lets `--overwrite` replace a folder: only a folder an earlier export wrote is ever deleted.
+MARKER = "REGISTRY_SOURCE.txt"
+
+
+def _is_export(folder: Path) -> bool:
+    marker = folder / MARKER
+    return marker.is_file() and marker.read_text().startswith("models:/")
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuses, before anything is read or written, a target that the export may not replace."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder: choose a folder path")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise FileExistsError(f"--out {out} is the working directory or holds it: choose a folder of its own")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not _is_export(out):
+        raise FileExistsError(
+            f"--out {out} is not empty and was not written by `wuerstchen export` (it has no {MARKER}): "
+            f"it is never replaced, not even with --overwrite; choose a new or empty folder"
+        )
+    if not overwrite:
+        raise FileExistsError(f"--out {out} holds an earlier export: pass --overwrite to replace it")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Puts the complete `staging` folder at `out`; an earlier export there is removed only afterwards."""
+    if out.is_dir() and any(out.iterdir()):
+        previous = out.with_name(f".{out.name}.previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        out.rename(previous)
+        staging.rename(out)
+        shutil.rmtree(previous)
+    else:
+        staging.rename(out)  # an empty folder is replaced by rename(2) itself
 
 
 def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, overwrite: bool = False) -> Path:
@@ -25,11 +67,8 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     from stages import StageC
     from stages.diffusers_pipeline import write_combined_pipeline, write_prior_pipeline
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    out = Path(os.path.abspath(out))  # `--out .` gets a name, without following links
+    _check_target(out, overwrite)
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve_version(mlflow_client, model_uri)
     pinned = f"models:/{version.name}/{version.version}"
@@ -38,16 +77,23 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
         config = registry.model_config(folder)
         stage_c = StageC.from_pretrained(registry.find_prior_folder(folder))
     text_c = TextEncoderRef.from_dict(config["text_encoder"]).load()
+    # Written beside the target and swapped in only when complete: a failed export leaves the earlier
+    # one as it was.
     staging = out.with_name(f".{out.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
-    if config.get("decoders"):
-        bundle: DecoderModel = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()
-        write_combined_pipeline(staging, stage_c, text_c, bundle.stage_b.cpu(), bundle.text_encoder.cpu(), bundle.stage_a.cpu())
-    else:
-        write_prior_pipeline(staging, stage_c, text_c)
-    (staging / "REGISTRY_SOURCE.txt").write_text(f"{pinned}\n{version.tags.get(registry.SOURCE_TAG, '')}\n")
-    staging.rename(out)  # the folder appears complete or not at all
+    try:
+        if config.get("decoders"):
+            bundle: DecoderModel = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()
+            write_combined_pipeline(staging, stage_c, text_c, bundle.stage_b.cpu(), bundle.text_encoder.cpu(),
+                                    bundle.stage_a.cpu())
+        else:
+            write_prior_pipeline(staging, stage_c, text_c)
+        (staging / MARKER).write_text(f"{pinned}\n{version.tags.get(registry.SOURCE_TAG, '')}\n")
+        _check_target(out, overwrite)  # again: the folder may have changed while the export ran
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -56,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--out", required=True, help="the folder to write")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folder an earlier export wrote (never any other)")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
     try:

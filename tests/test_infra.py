@@ -509,6 +509,176 @@ def test_network_policies_deny_by_default_and_cover_ray_mlflow_and_postgres():
         assert any(sel and sel.items() <= labels.items() for sel in selected), f"no policy selects the {kind}"
 
 
+def test_only_the_job_submitter_and_the_operator_reach_the_ray_jobs_api():
+    """The Jobs API (8265) runs any code it is sent: no peer but the RayJob's submitter pod (selected by
+    the labels rayjob.yaml's submitterPodTemplate gives it) and the KubeRay operator's namespace."""
+    policies = [doc for _, doc in _manifests() if doc["kind"] == "NetworkPolicy"]
+    ray = [p for p in policies if p["spec"]["podSelector"].get("matchLabels") == {"ray.io/is-ray-node": "yes"}]
+    assert len(ray) == 1
+    submitter = _rayjob()["spec"].get("submitterPodTemplate", {})
+    submitter_labels = submitter.get("metadata", {}).get("labels", {})
+    reaching_8265 = []
+    for rule in ray[0]["spec"]["ingress"]:
+        ports = [port["port"] for port in rule.get("ports", [])]
+        if ports and 8265 not in ports:
+            continue
+        for peer in rule["from"]:
+            if peer.get("podSelector", {}).get("matchLabels") == {"ray.io/is-ray-node": "yes"} and not ports:
+                continue  # the Ray pods among themselves
+            reaching_8265.append(peer)
+    for peer in reaching_8265:
+        if "namespaceSelector" in peer:
+            assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}, (
+                f"only the KubeRay operator's namespace may reach 8265 from outside: {peer}"
+            )
+            continue
+        selector = peer["podSelector"].get("matchLabels")
+        assert selector, f"{peer}: every pod of the namespace would reach the Jobs API"
+        assert selector.items() <= submitter_labels.items(), f"{peer} does not select the submitter pod"
+        for path, doc in _manifests():
+            for pod in _pod_templates(doc):
+                if pod == submitter:  # the RayCronJob carries the same submitter
+                    continue
+                assert not selector.items() <= pod.get("metadata", {}).get("labels", {}).items(), (
+                    f"{path.relative_to(ROOT)}: a {doc['kind']} pod carries the submitter's labels {selector}"
+                )
+    assert any("podSelector" in peer for peer in reaching_8265), "the submitter cannot reach the Jobs API"
+    assert submitter["spec"]["containers"][0]["image"] == _rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"][
+        "template"]["spec"]["containers"][0]["image"], "the submitter runs `ray job submit` of the same Ray"
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    """The pod templates (metadata and spec) an object carries, the RayJob's submitter included."""
+    kind, spec = doc["kind"], doc.get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "Job"):
+        return [spec["template"]]
+    if kind == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
+    if kind in ("RayJob", "RayCronJob"):
+        job = spec if kind == "RayJob" else spec["jobTemplate"]
+        cluster = job["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        return templates + ([job["submitterPodTemplate"]] if "submitterPodTemplate" in job else [])
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow authentication: basic-auth app, a writer for the jobs, a read-only user for consumers
+# (tests/test_mlflow_auth.py runs the server with this very configuration)
+
+
+def _secret_ref(container: dict, name: str) -> dict | None:
+    env = {e["name"]: e for e in container.get("env", [])}
+    return env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+
+
+def test_mlflow_server_runs_basic_auth_configured_from_the_configmap_and_secrets():
+    import configparser
+
+    container = _mlflow_container()
+    assert _arg(container["args"], "--app-name") == "basic-auth"
+    env = {e["name"]: e for e in container["env"]}
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    deployment = _one("Deployment", K8S / "mlflow" / "mlflow.yaml")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
+    configmap_name = volumes[mount["name"]]["configMap"]["name"]
+    configmap = next(d for _, d in _manifests() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == configmap_name)
+    ini = configparser.ConfigParser()
+    ini.read_string(configmap["data"][config_path.name])
+    auth = ini["mlflow"]
+    assert auth["default_permission"] == "READ", "consumers read; only granted users write"
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert "admin_password" not in auth, "the admin password comes from a Secret"
+    assert urlparse(auth["database_uri"]).password is None
+    assert urlparse(auth["database_uri"]).hostname == urlparse(_arg(container["args"], "--backend-store-uri")).hostname
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
+        assert _secret_ref(container, name), f"{name} must come from a Secret"
+
+
+def test_the_users_job_makes_the_writer_of_the_registry_and_experiments_the_jobs_use():
+    from pipelines import registry
+
+    job = next(d for _, d in _manifests() if d["kind"] == "Job" and d["metadata"]["name"] == "wuerstchen-mlflow-users")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert _split_image(container["image"])[0].endswith("wuerstchen-mlflow")
+    script = container["command"][-1]
+    copies = [a.split() for i, a in _dockerfile_instructions(INFRA / "docker" / "mlflow" / "Dockerfile") if i == "COPY"]
+    assert ["infra/docker/mlflow/mlflow_users.py", script] in copies, f"the MLflow image does not hold {script}"
+    models = _arg(container["args"], "--models").split(",")
+    assert set(models) == {registry.STAGE_C_MODEL, registry.DECODERS_MODEL}
+    experiments = set(_arg(container["args"], "--experiments").split(","))
+    for config, _ in _named(_CONFIG):
+        doc = yaml.safe_load((ROOT / config).read_text())
+        train = doc.get("train", doc)
+        if "tracking" in train:
+            assert train["tracking"]["experiment"] in experiments, f"{config}: its experiment is not the writer's"
+    for prefix in ("MLFLOW_WRITER", "MLFLOW_READER"):
+        for part in ("USERNAME", "PASSWORD"):
+            assert _secret_ref(container, f"{prefix}_{part}"), f"{prefix}_{part} must come from a Secret"
+    assert _secret_ref(container, "MLFLOW_TRACKING_PASSWORD")["name"] == _secret_ref(
+        _mlflow_container(), "MLFLOW_AUTH_ADMIN_PASSWORD")["name"], "the script runs as the admin"
+
+
+def test_the_jobs_log_to_mlflow_as_the_writer():
+    writer = next(
+        _secret_ref(c, "MLFLOW_WRITER_PASSWORD")["name"]
+        for _, d in _manifests() if d["kind"] == "Job" and d["metadata"]["name"] == "wuerstchen-mlflow-users"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    )
+    for kind, path in (("RayJob", RETRAIN / "rayjob.yaml"), ("RayCronJob", RETRAIN / "raycronjob.yaml")):
+        for pod in _pod_specs(_one(kind, path)):
+            for container in pod["containers"]:
+                for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    ref = _secret_ref(container, name)
+                    assert ref and ref["name"] == writer and not ref.get("optional"), f"{path.name}: {name}"
+    runtime_env = yaml.safe_load(_rayjob()["spec"]["runtimeEnvYAML"])
+    assert not any(k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_TRACKING_URI" for k in runtime_env["env_vars"])
+    mounts = yaml.safe_load(CLUSTER_YAML.read_text())["file_mounts"]
+    assert "~/.mlflow/credentials" in mounts, "the EC2 cluster's jobs need the writer's MLflow credentials file"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every local path a shipped cluster config names is there on the cluster
+
+
+def _local_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        return [p for v in node.values() for p in _local_paths(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _local_paths(v)]
+    if isinstance(node, str) and (node.startswith("/") or node.startswith("file://")):
+        return [node.removeprefix("file://")]
+    return []
+
+
+def _under(path: str, folder: str) -> bool:
+    return Path(path).is_relative_to(folder)
+
+
+def test_every_local_path_a_shipped_cluster_config_names_is_provided():
+    """Any config named in infra/ may be submitted to either cluster: an absolute path in it must be on a
+    volume every Ray container mounts and an init container fills (KubeRay), and on a host folder that
+    `initialization_commands` fill and every container mounts (EC2)."""
+    paths = sorted({(p, c) for c, _ in _named(_CONFIG) for p in _local_paths(yaml.safe_load((ROOT / c).read_text()))})
+    assert paths, "no shipped config names a local path: this test checks nothing (drop it)"
+    for kind, path in (("RayJob", RETRAIN / "rayjob.yaml"), ("RayCronJob", RETRAIN / "raycronjob.yaml")):
+        for pod in _pod_specs(_one(kind, path)):
+            filled = {m["name"] for c in pod.get("initContainers", []) for m in c.get("volumeMounts", [])
+                      if not m.get("readOnly")}
+            for container in pod["containers"]:
+                for local, config in paths:
+                    mounts = [m for m in container.get("volumeMounts", []) if _under(local, m["mountPath"])]
+                    assert mounts, f"{path.name}: {container['name']} does not mount {local} ({config})"
+                    assert mounts[0]["name"] in filled, f"{path.name}: nothing fills the volume holding {local}"
+    cluster = yaml.safe_load(CLUSTER_YAML.read_text())
+    volumes = [o.split(None, 1)[1].split(":") for o in cluster["docker"]["run_options"] if o.startswith("--volume ")]
+    for local, config in paths:
+        hosts = [host for host, inside, *_ in volumes if _under(local, inside)]
+        assert hosts, f"ray/cluster-aws.yaml: the containers do not mount {local} ({config})"
+        assert any(hosts[0] in cmd for cmd in cluster["initialization_commands"]), f"nothing fills {hosts[0]}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Modules, configs and images named in infra/ exist in the repository
 

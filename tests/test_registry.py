@@ -149,7 +149,14 @@ def test_export_loads_in_diffusers_and_matches_our_sampler(trained, tmp_path):
 
     uri = trained["uri"]
     version = register_stage_c(uri, NAME, run_id=trained["run_id"])["version"]
-    out = export(f"models:/{NAME}/{version}", tmp_path / "export", uri)
+    earlier = register_stage_c(uri, NAME, checkpoint=trained["worse"][0])["version"]
+    out = export(f"models:/{NAME}/{earlier}", tmp_path / "export", uri)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(f"models:/{NAME}/{version}", out, uri)
+    # Replacing an earlier export: the new folder is swapped in whole, nothing is left beside it.
+    assert export(f"models:/{NAME}/{version}", out, uri, overwrite=True) == out
+    assert (out / "REGISTRY_SOURCE.txt").read_text().startswith(f"models:/{NAME}/{version}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     pipe = WuerstchenPriorPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(["a cat", "a dog"], height=128, width=128, num_inference_steps=4, guidance_scale=3.0,

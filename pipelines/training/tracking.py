@@ -11,17 +11,27 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "wuerstchen.run_name"
 # The most metric values held back while the server is away (oldest dropped beyond it).
 MAX_PENDING = 100_000
+LOCAL_ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"  # mlflow.tracking._tracking_service.utils
 
 
 def tracking_uri(configured: str | None) -> str:
-    """The config's URI, else MLFLOW_TRACKING_URI, else an sqlite store under runs/."""
+    """The config's URI, else MLFLOW_TRACKING_URI, else an sqlite store under runs/. An sqlite store
+    keeps its artifacts beside its database file (runs/mlartifacts/), not in ./mlruns."""
     if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    path = Path("runs/mlflow.db").absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+        uri = configured
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        path = Path("runs/mlflow.db").absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    if uri.startswith("sqlite:///"):
+        # MLflow roots a local store's experiments (Default included, made with the database) at
+        # ./mlruns of the working directory. It has no client setting for this; the variable below is
+        # the one `mlflow server` sets for the stores it opens itself, read when a store is opened.
+        database = Path(uri.removeprefix("sqlite:///")).absolute()
+        os.environ[LOCAL_ARTIFACT_ROOT_ENV] = str(database.parent / "mlartifacts")
+    return uri
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
