@@ -11,14 +11,17 @@ scheduled retraining workflow, as one job.
 6. Write a summary (data, versions, scores, decision) to stdout, to `<state>/summaries/<attempt>.json`
    and as tags on the training run.
 
-Idempotent: a lease in `<state>` lets one run go at a time (another one refuses, exit code 4); an
+Idempotent: a lease in `<state>` lets one run go at a time (another one refuses, exit code 4; a run
+that loses its lease, taken over or its heartbeat failing, stops before its next phase, exit code 5); an
 attempt is recorded in `<state>/attempt.json` before any work, so a run that crashed is finished
 by rerunning the same command: data prep resumes, training resumes from its newest checkpoint, and
 registration finds the version it already made (no duplicate). `<state>` defaults to
 `<train.checkpoint.storage_path>/retrain`.
 
 Exit codes (what a Ray job's status and a scheduler see): 0 done (promoted, the champion kept, or
-nothing to do), 4 refused because another run is in progress, 2 bad configuration, 1 failed.
+nothing to do), 4 refused because another run is in progress, 5 stopped between phases because this run
+lost its lease (another run may have taken over: rerun later to finish the attempt), 2 bad configuration,
+1 failed.
 """
 
 import dataclasses
@@ -37,7 +40,7 @@ from pipelines.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, BAD_CONFIG, ALREADY_RUNNING = 0, 1, 2, 4
+DONE, FAILED, BAD_CONFIG, ALREADY_RUNNING, LEASE_LOST = 0, 1, 2, 4, 5
 ATTEMPT = "attempt.json"
 
 
@@ -55,7 +58,6 @@ class DataMix:
 class LeaseConfig:
     stale_after_s: PositiveFloat = 600.0
     heartbeat_s: PositiveFloat = 30.0
-    settle_s: NonNegativeFloat = 2.0
 
     def __post_init__(self):
         if self.heartbeat_s >= self.stale_after_s:
@@ -134,7 +136,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
     uri = tracking_uri(cfg.train.tracking.tracking_uri)
     state = state_url(cfg)
     fs, root = resolve(state)
-    lease = Lease(state, cfg.lease.stale_after_s, cfg.lease.heartbeat_s, cfg.lease.settle_s)
+    lease = Lease(state, cfg.lease.stale_after_s, cfg.lease.heartbeat_s)
     with lease:
         text = read_text(fs, join(root, ATTEMPT))
         if text is not None:
@@ -154,15 +156,18 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             print(f"attempt {attempt['attempt_id']}: {len(shards)} new shards; base champion "
                   f"{attempt['base_version'] or '(none yet: training from the configured init)'}", flush=True)
 
+        lease.check("data prep")
         print("== prep: the new shards only", flush=True)
         prep_summary = run_prep(cfg.prep)
         print(format_summary(prep_summary), flush=True)
 
+        lease.check("training")
         train_cfg = _train_config(cfg, attempt)
         print(f"== fine-tune: {train_cfg.steps} steps from {train_cfg.model.init or 'scratch'} "
               f"({cfg.data_mix.mode} data), run {train_cfg.checkpoint.run_name}", flush=True)
         _, run_id = run_training(train_cfg)
 
+        lease.check("registration")
         print("== register and gate", flush=True)
         version = register_stage_c(uri, cfg.model_name, run_id=run_id, decoders=cfg.decoders)
         mlflow_client = registry.client(uri)
@@ -170,6 +175,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
         if "promotion.decision" in recorded:  # decided by the run that crashed after the gate
             decision = {k.split(".", 1)[1]: v for k, v in recorded.items() if k.startswith("promotion.")}
         else:
+            lease.check("the promotion gate")
             decision = promote(uri, cfg.model_name, cfg.prep.output.url, cfg.gate)
         champion = _champion(uri, cfg.model_name)
         summary = {
@@ -191,6 +197,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             "champion_val_loss": decision.get("champion_val_loss"),
             "champion_version": champion.version if champion else None,
         }
+        lease.check("writing the summary")
         write_text_atomically(fs, join(root, "summaries", f"{attempt['attempt_id']}.json"), json.dumps(summary, indent=2) + "\n")
         for key in ("attempt_id", "decision", "candidate_version", "champion_version", "base_version"):
             mlflow_client.set_tag(run_id, f"retrain.{key}", str(summary[key]))
@@ -206,13 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return BAD_CONFIG
     from data_prep.cache import CacheMismatchError
-    from pipelines.lease import LeaseHeldError
+    from pipelines.lease import LeaseHeldError, LeaseLostError
 
     try:
         summary = run_retrain(cfg)
     except LeaseHeldError as err:
         print(f"wuerstchen retrain: refused: {err}", file=sys.stderr)
         return ALREADY_RUNNING
+    except LeaseLostError as err:
+        print(f"wuerstchen retrain: {err}", file=sys.stderr)
+        return LEASE_LOST
     except (CacheMismatchError, FileNotFoundError, ValueError) as err:
         print(f"wuerstchen retrain: {err}", file=sys.stderr)
         return BAD_CONFIG

@@ -383,6 +383,7 @@ def test_cronjob_pod_creates_the_mounted_rayjob_and_may_do_nothing_else():
         ("FAILED", "Failed", "Job entrypoint command failed with exit code 4, last available logs: ...", 1),
         ("FAILED", "Failed", "Job entrypoint command failed with exit code 1, last available logs: ...", 1),
         ("FAILED", "Failed", "Job entrypoint command failed with exit code 3, last available logs: ...", 1),
+        ("FAILED", "Failed", "Job entrypoint command failed with exit code 5, last available logs: ...", 1),
         ("", "ValidationFailed", "invalid RayJob", 1),
     ],
 )
@@ -410,7 +411,9 @@ def test_cronjob_pod_succeeds_exactly_when_the_ray_job_succeeded(tmp_path, job_s
     result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == expected, result.stdout + result.stderr
     if "exit code 4" in message:
-        assert "lease" in result.stdout
+        assert "refused: another retraining run holds the lease" in result.stdout
+    if "exit code 5" in message:
+        assert "lost its lease" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")

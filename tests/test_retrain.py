@@ -88,7 +88,7 @@ def _config(root: Path, uri: str, steps: int = 6, every: int = 3) -> Path:
         "model_name": MODEL,
         "gate": {"min_relative_improvement": 0.0},
         "data_mix": {"mode": "replay", "replay_fraction": 0.5},
-        "lease": {"stale_after_s": 8, "heartbeat_s": 2, "settle_s": 2},
+        "lease": {"stale_after_s": 8, "heartbeat_s": 2},
     }
     path = root / f"retrain-{steps}.yaml"
     path.write_text(yaml.safe_dump(config))
