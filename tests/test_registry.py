@@ -187,3 +187,34 @@ def test_decoder_bundle_is_referenced_and_gives_images(trained, tmp_path):
     image = pipe("a cat", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+
+
+def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypatch, capsys):
+    """The README's `wuerstchen register --decoder-bundle warp-ai/wuerstchen`, with the hub repository
+    in huggingface_hub's offline cache layout (no network here): decoder/, vqgan/, text_encoder/ and
+    tokenizer/ are all found in the repository."""
+    from test_pretrained_io import _offline_hub
+
+    from data_prep.config import EncoderWeights
+    from data_prep.encoders import text_fingerprint
+    from pipelines.register import main
+    from stages import StageA, StageB
+    from stages.diffusers_pipeline import write_decoder_pipeline
+    from stages.text_encoders import ClipTextEncoder
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--warp-ai--wuerstchen"
+    encoder = ClipTextEncoder.tiny(width=20, seed=4)
+    write_decoder_pipeline(repo / "snapshots" / ("2" * 40), StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("2" * 40)
+    _offline_hub(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)
+    name = "decoders-from-hub"
+    argv = ["--decoder-bundle", "warp-ai/wuerstchen", "--flavor", "tiny", "--name", name, "--tracking-uri", mlflow_server]
+    code, out = main(argv), capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert f"registered models:/{name}/1 (from warp-ai/wuerstchen)" in out.out
+    config = registry.model_config_of(f"models:/{name}/1")
+    assert config["text_encoder"]["path"] == "warp-ai/wuerstchen"
+    assert config["text_encoder"]["fingerprint"] == text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
