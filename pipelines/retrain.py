@@ -81,7 +81,8 @@ def new_shards(cfg: RetrainConfig) -> list[str]:
     fs, root = resolve(cfg.prep.output.url)
     text = read_text(fs, f"{root}/{MANIFEST}")
     held = set(json.loads(text)["shards"]) if text else set()
-    return [url for url, _ in list_source_shards(cfg.prep) if url not in held]
+    # prep.limit_shards caps an attempt as it caps prep: the attempt trains on exactly what it prepares.
+    return [url for url, _ in list_source_shards(cfg.prep) if url not in held][: cfg.prep.limit_shards]
 
 
 def _champion(uri: str, name: str):
@@ -147,8 +148,9 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             print(f"attempt {attempt['attempt_id']}: {len(shards)} new shards; base champion "
                   f"{attempt['base_version'] or '(none yet: training from the configured init)'}", flush=True)
 
-        print("== prep: the new shards only", flush=True)
-        prep_summary = run_prep(cfg.prep)
+        print("== prep: the attempt's new shards only", flush=True)
+        # Exactly the attempt's shards: one that arrived since it started is the next attempt's, in full.
+        prep_summary = run_prep(cfg.prep, shards=attempt["new_shards"])
         print(format_summary(prep_summary), flush=True)
 
         train_cfg = _train_config(cfg, attempt)
