@@ -7,7 +7,8 @@ scheduled retraining workflow, as one job.
 3. Fine-tune Stage C from the current champion (pinned to its version when the attempt starts) on
    the cache: every row, or the new rows plus a replay share of the old (`data_mix`).
 4.-5. Register the result as `challenger` and run the promotion gate (evaluation on the fixed
-   held-out rows of the whole cache, against the champion).
+   held-out rows of the whole cache, against the champion, as Ray tasks). An evaluation that fails
+   decides nothing: the run fails (exit code 1) and keeps its attempt, and rerunning it runs the gate again.
 6. Write a summary (data, versions, scores, decision) to stdout, to `<state>/summaries/<attempt>.json`
    and as tags on the training run.
 
@@ -117,6 +118,7 @@ def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
 def run_retrain(cfg: RetrainConfig) -> dict:
     """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
     from data_prep.cache import join, read_text, resolve, write_text_atomically
+    from data_prep.ray_cluster import connect
     from data_prep.runner import format_summary, run_prep
     from pipelines import registry
     from pipelines.lease import Lease
@@ -165,6 +167,10 @@ def run_retrain(cfg: RetrainConfig) -> dict:
         if "promotion.decision" in recorded:  # decided by the run that crashed after the gate
             decision = {k.split(".", 1)[1]: v for k, v in recorded.items() if k.startswith("promotion.")}
         else:
+            # The gate's evaluations run as Ray tasks on the cluster (a GPU node when it has one), not
+            # in this driver on the head node. A failed one raises: no decision, the attempt stays, and
+            # rerunning the job runs the gate again.
+            connect(cfg.prep.ray_address, cfg.prep.num_cpus)
             decision = promote(uri, cfg.model_name, cfg.prep.output.url, cfg.gate)
         champion = _champion(uri, cfg.model_name)
         summary = {
@@ -202,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_CONFIG
     from data_prep.cache import CacheMismatchError
     from pipelines.lease import LeaseHeldError
+    from pipelines.promote import EvaluationFailed
 
     try:
         summary = run_retrain(cfg)
     except LeaseHeldError as err:
         print(f"wuerstchen retrain: refused: {err}", file=sys.stderr)
         return ALREADY_RUNNING
+    except EvaluationFailed as err:
+        print(f"wuerstchen retrain: {err}", file=sys.stderr)
+        return FAILED
     except (CacheMismatchError, FileNotFoundError, ValueError) as err:
         print(f"wuerstchen retrain: {err}", file=sys.stderr)
         return BAD_CONFIG
