@@ -42,13 +42,17 @@ def unreadable_except_held_out(cache, fraction: float) -> int:
 def _cache(root, files: int = 2, rows: int = 30):
     """A committed cache of random latents and text embeddings, as data prep writes it."""
     rng = np.random.default_rng(0)
+
+    def tensors(*shape):
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(rng.standard_normal((rows, *shape)).astype(np.float16))
+
     entries = []
     for i in range(files):
         table = pa.table({
             "key": [f"f{i}/row{j}" for j in range(rows)],
             "caption": ["a caption"] * rows,
-            "stage_c_latents": pa.FixedShapeTensorArray.from_numpy_ndarray(rng.standard_normal((rows, 16, 2, 2)).astype(np.float16)),
-            "text_embeddings": pa.FixedShapeTensorArray.from_numpy_ndarray(rng.standard_normal((rows, 77, 8)).astype(np.float16)),
+            "stage_c_latents": tensors(16, 2, 2),
+            "text_embeddings": tensors(77, 8),
         })
         path = root / "data" / f"part-{i}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)

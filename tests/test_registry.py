@@ -116,7 +116,8 @@ def test_a_failed_evaluation_decides_nothing_and_a_rerun_decides(trained, tiny_c
     candidate = register_stage_c(uri, NAME, checkpoint=str(tmp_path / "candidate"))["version"]
     cache, away = tmp_path / "cache", tmp_path / "away"
     shutil.copytree(tiny_cache, away)
-    with pytest.raises(EvaluationFailed, match=rf"(?s)no cache at {re.escape(str(cache))}.*version {candidate} keeps the alias challenger"):
+    why = rf"(?s)no cache at {re.escape(str(cache))}.*version {candidate} keeps the alias challenger"
+    with pytest.raises(EvaluationFailed, match=why):
         promote(uri, NAME, cache=str(cache))
     assert not [key for key in _tags(uri, candidate) if key.startswith("promotion.")]
     assert _alias(uri, registry.CHALLENGER) == candidate and _alias(uri, registry.CHAMPION) == champion
@@ -260,16 +261,19 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     cache = tmp_path / "hub"
     repo = cache / "models--warp-ai--wuerstchen"
     encoder = ClipTextEncoder.tiny(width=20, seed=4)
-    write_decoder_pipeline(repo / "snapshots" / ("2" * 40), StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
+    snapshot = repo / "snapshots" / ("2" * 40)
+    write_decoder_pipeline(snapshot, StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("2" * 40)
     _offline_hub(monkeypatch, cache)
     monkeypatch.chdir(tmp_path)
     name = "decoders-from-hub"
-    argv = ["--decoder-bundle", "warp-ai/wuerstchen", "--flavor", "tiny", "--name", name, "--tracking-uri", mlflow_server]
+    argv = ["--decoder-bundle", "warp-ai/wuerstchen", "--flavor", "tiny", "--name", name,
+            "--tracking-uri", mlflow_server]
     code, out = main(argv), capsys.readouterr()
     assert code == 0, out.err[-2000:]
     assert f"registered models:/{name}/1 (from warp-ai/wuerstchen)" in out.out
     config = registry.model_config_of(f"models:/{name}/1")
     assert config["text_encoder"]["path"] == "warp-ai/wuerstchen"
-    assert config["text_encoder"]["fingerprint"] == text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
+    expected = text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
+    assert config["text_encoder"]["fingerprint"] == expected
