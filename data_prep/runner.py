@@ -314,8 +314,9 @@ def _checked_manifest(manifest: dict | None, settings: dict, fingerprints: dict,
     return manifest, shapes
 
 
-def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
-    """Prepares every source shard the cache does not hold yet; returns the run's summary.
+def run_prep(cfg: PrepConfig, on_wave=None, shards: list[str] | None = None) -> dict:
+    """Prepares every source shard the cache does not hold yet (with `shards`, only those of them:
+    what a retraining attempt recorded); returns the run's summary.
 
     One streaming execution runs over all pending shards, in source order; the driver counts each
     arriving row under its shard, writes the kept ones into their wave's files, and commits a wave
@@ -331,6 +332,15 @@ def run_prep(cfg: PrepConfig, on_wave=None) -> dict:
         _check_settings(manifest, settings, cfg.output.url)
     source_fs, all_shards = source_shards(cfg)
     pending = [s for s in all_shards if manifest is None or s[0] not in manifest["shards"]]
+    if shards is not None:
+        gone = sorted(set(shards) - {url for url, _ in all_shards} - set(manifest["shards"] if manifest else ()))
+        if gone:
+            raise FileNotFoundError(
+                f"source shards to prepare are neither in {cfg.source.url} nor in the cache {cfg.output.url}: "
+                f"{gone[:3]}; put them back, or drop the attempt that lists them"
+            )
+        wanted = set(shards)
+        pending = [s for s in pending if s[0] in wanted]
     if cfg.limit_shards is not None:
         pending = pending[: cfg.limit_shards]
     summary = {"cache": cfg.output.url, "shards_total": len(all_shards), "shards_new": len(pending), "rows_in": 0,

@@ -6,8 +6,10 @@ registered Stage C version, written to the version's tags.
 The metric is the training's validation loss: the p2-weighted noise MSE on every held-out row of
 the cache (chosen by a hash of its key, never trained on) at each t of a fixed grid, with noise fixed
 per (key, t). The same spec gives the same number for the same weights, on any machine and batch
-size. The spec (cache, held-out fraction, t grid, seed, weighting) defaults to the one the version
-was trained with; its id, which also covers the cache's content, keys the result:
+size. Only the held-out rows are read into memory (the split needs only the key column). Submitted
+to a cluster (`ray job submit` sets RAY_ADDRESS), it runs as a Ray task, on a GPU node when the
+cluster has one. The spec (cache, held-out fraction, t grid, seed, weighting) defaults to the one
+the version was trained with; its id, which also covers the cache's content, keys the result:
 
     eval.<spec id>.val_loss   eval.<spec id>.rows   eval.latest (JSON: spec, id, result)
 
@@ -19,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 import tempfile
 
@@ -54,15 +57,45 @@ def default_spec(mlflow_client, version, cache: str | None = None) -> EvalSpec:
     return spec
 
 
+def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int = 256):
+    """The held-out rows of the cache, with `columns`, as pyarrow RecordBatches.
+
+    The split is decided on the key column alone; the other columns are read only from the row groups
+    that hold a held-out row, streamed through in batches of `batch_rows` of which only the held-out
+    rows are kept. So memory holds the held-out rows (a small fraction of the cache: rows of v2 text
+    embeddings are ~200 KB each) plus one row group in decoding (measured: ~2x its tensor bytes, where
+    reading the whole table took ~5x the whole cache's), never the whole cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.training.data import is_validation
+
+    for path in cache.files:
+        with cache.fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.metadata.num_row_groups):
+                keys = parquet.read_row_group(group, columns=["key"]).column("key").to_pylist()
+                held = [is_validation(k, fraction) for k in keys]
+                if not any(held):
+                    continue  # nothing of this row group is read beyond its keys
+                start = 0
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+                    mask = pa.array(held[start : start + batch.num_rows], pa.bool_())
+                    start += batch.num_rows
+                    yield batch.filter(mask)
+
+
 def _validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[dict], int]:
     import numpy as np
+    import pyarrow as pa
 
-    from pipelines.training.data import is_validation, text_columns
+    from pipelines.training.data import text_columns
 
     columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
-    table = cache.read_table(columns=columns)
-    keep = [i for i, k in enumerate(table.column("key").to_pylist()) if is_validation(k, fraction)]
-    table = table.take(keep)
+    held = [b for b in held_out_batches(cache, fraction, columns) if b.num_rows]
+    if not held:
+        return [], 0
+    table = pa.Table.from_batches(held)
     batches = []
     for start in range(0, table.num_rows, batch_size):
         part = table.slice(start, batch_size)
@@ -114,6 +147,28 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     return {**result, "name": version.name, "version": version.version}
 
 
+def evaluation_resources() -> dict:
+    """What the evaluation task asks Ray for: a GPU when the cluster has one. The driver of a job runs
+    on the head node, which usually has none."""
+    import ray
+
+    return {"num_cpus": 1, "num_gpus": 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0}
+
+
+def run_evaluation(model_uri: str, spec: EvalSpec | None = None, tracking_uri: str | None = None) -> dict:
+    """`evaluate_model` as a Ray task when this process is connected to a Ray cluster (on a GPU node
+    when the cluster has GPUs), else here. Its errors are raised here, as the task's cause's type."""
+    import ray
+
+    from pipelines.training.tracking import tracking_uri as resolved_uri
+
+    uri = resolved_uri(tracking_uri)  # the worker has another working directory and environment
+    if not ray.is_initialized():
+        return evaluate_model(model_uri, spec, uri)
+    task = ray.remote(max_retries=0, **evaluation_resources())(evaluate_model)
+    return ray.get(task.remote(model_uri, spec, uri))
+
+
 def recorded(version, spec_id: str) -> float | None:
     """The val_loss a version was given under a spec id, or None when never evaluated under it."""
     value = version.tags.get(f"eval.{spec_id}.val_loss")
@@ -130,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from data_prep.cache import CacheMismatchError
 
+    if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster (`ray job submit`): evaluate on its nodes
+        from data_prep.ray_cluster import connect
+
+        connect()
     try:
         spec = None
         if args.cache:
             mlflow_client = registry.client(args.tracking_uri)
             spec = default_spec(mlflow_client, registry.resolve_version(mlflow_client, args.model), args.cache)
-        result = evaluate_model(args.model, spec, args.tracking_uri)
+        result = run_evaluation(args.model, spec, args.tracking_uri)
     except (ValueError, FileNotFoundError, CacheMismatchError) as err:
         print(f"wuerstchen evaluate: {err}", file=sys.stderr)
         return 2

@@ -7,17 +7,21 @@ The gate evaluates `challenger` and `champion` on the same evaluation (the chall
 `wuerstchen evaluate`; a score already recorded under the same spec id is reused) and moves
 `champion` to the challenger only when its validation loss is lower by more than the margin
 (max(absolute, relative x champion's loss)). With no champion yet, the challenger becomes the first.
-An evaluation that fails or is missing never promotes. The decision, the reason and both scores are
-written as tags on the challenger (`promotion.*`); the `challenger` alias is then removed, and every
-champion is appended to the registered model's `champion_history`, which `--rollback` walks back.
+The evaluations run as Ray tasks (on a GPU node when the cluster has one) when the job is connected
+to a cluster (`ray job submit` sets RAY_ADDRESS), else in this process. The decision, the reason and
+both scores are written as tags on the challenger (`promotion.*`); the `challenger` alias is then
+removed, and every champion is appended to the registered model's `champion_history`, which
+`--rollback` walks back. An evaluation that fails (which may be transient) decides nothing: no tag is
+written, the challenger keeps its alias, and the job fails, so that running it again decides.
 
 Exit codes: 0 decided (promoted or kept the champion), nothing to decide (no challenger: it says
-so), or rolled back; 2 bad arguments (e.g. nothing to roll back to); 1 failed.
+so), or rolled back; 2 bad arguments (e.g. nothing to roll back to); 1 failed (an evaluation too).
 """
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -34,26 +38,36 @@ class GateConfig:
     min_relative_improvement: NonNegativeFloat = 0.01  # the challenger must be 1% better than the champion
 
 
-def _score(mlflow_client, version, spec) -> tuple[float | None, str | None]:
-    """(val_loss, None) under the spec, evaluated now unless recorded; (None, why) when it failed."""
-    from data_prep.cache import Cache
-    from pipelines.evaluate import evaluate_model, recorded
+class EvaluationFailed(RuntimeError):
+    """The gate could not score a version: nothing is decided, and the challenger keeps its alias."""
 
+
+def _undecided(what: str, err: Exception, challenger) -> EvaluationFailed:
+    return EvaluationFailed(
+        f"{what}: {type(err).__name__}: {err}. Nothing was decided: version {challenger.version} keeps the alias "
+        f"{registry.CHALLENGER}; run the gate again once this is fixed"
+    )
+
+
+def _score(version, spec, tracking_uri: str, challenger) -> float:
+    """The version's val_loss under the spec: recorded, or evaluated now (a Ray task on a connected
+    cluster). Any failure may be transient (storage away, a node lost), so none is a decision."""
+    from data_prep.cache import Cache
+    from pipelines.evaluate import recorded, run_evaluation
+
+    uri = f"models:/{version.name}/{version.version}"
     try:
-        spec_id = spec.spec_id(Cache(spec.cache).manifest)
-        known = recorded(version, spec_id)
-        if known is not None:
-            return known, None
-        return evaluate_model(f"models:/{version.name}/{version.version}", spec)["val_loss"], None
-    except Exception as err:  # any failure is a failed evaluation, which never promotes
-        log.warning("evaluation of models:/%s/%s failed: %s: %s", version.name, version.version, type(err).__name__, err)
-        return None, f"{type(err).__name__}: {err}"
+        known = recorded(version, spec.spec_id(Cache(spec.cache).manifest))
+        return known if known is not None else run_evaluation(uri, spec, tracking_uri)["val_loss"]
+    except Exception as err:
+        raise _undecided(f"the gate could not evaluate {uri} on {spec.cache}", err, challenger) from err
 
 
 def promote(tracking_uri: str | None = None, name: str = registry.STAGE_C_MODEL, cache: str | None = None,
             gate: GateConfig | None = None) -> dict:
     """Runs the gate once; returns the decision record (decision: promoted / kept / nothing_to_do)."""
     from pipelines.evaluate import default_spec
+    from pipelines.training.tracking import tracking_uri as resolved_uri
 
     gate = gate or GateConfig()
     mlflow_client = registry.client(tracking_uri)
@@ -64,33 +78,25 @@ def promote(tracking_uri: str | None = None, name: str = registry.STAGE_C_MODEL,
     record = {"challenger_version": challenger.version, "champion_version": champion.version if champion else None}
     try:
         spec = default_spec(mlflow_client, challenger, cache)
-        record["cache"] = spec.cache
     except Exception as err:
-        spec = None
-        record.update(decision="kept", reason=f"no evaluation spec for the challenger: {err}")
-    if spec is not None:
-        challenger_loss, failure = _score(mlflow_client, challenger, spec)
-        record["challenger_val_loss"] = challenger_loss
-        if failure:
-            record.update(decision="kept", reason=f"the challenger's evaluation failed: {failure}")
-        elif champion is None:
-            record.update(decision="promoted", reason="first champion")
-        elif champion.version == challenger.version:
-            record.update(decision="kept", reason="the challenger is already the champion")
-        else:
-            champion_loss, failure = _score(mlflow_client, champion, spec)
-            record["champion_val_loss"] = champion_loss
-            if failure:
-                record.update(decision="kept", reason=f"the champion could not be evaluated on the same spec: {failure}")
-            else:
-                needed = max(gate.min_absolute_improvement, gate.min_relative_improvement * champion_loss)
-                gain = champion_loss - challenger_loss
-                better = gain > needed
-                record.update(
-                    decision="promoted" if better else "kept",
-                    reason=f"val_loss {challenger_loss:.6g} vs champion {champion_loss:.6g}: improvement {gain:.6g} "
-                           f"{'>' if better else '<='} required {needed:.6g}",
-                )
+        raise _undecided(f"no evaluation spec for models:/{name}/{challenger.version}", err, challenger) from err
+    record["cache"] = spec.cache
+    tracking_uri = resolved_uri(tracking_uri)
+    challenger_loss = record["challenger_val_loss"] = _score(challenger, spec, tracking_uri, challenger)
+    if champion is None:
+        record.update(decision="promoted", reason="first champion")
+    elif champion.version == challenger.version:
+        record.update(decision="kept", reason="the challenger is already the champion")
+    else:
+        champion_loss = record["champion_val_loss"] = _score(champion, spec, tracking_uri, challenger)
+        needed = max(gate.min_absolute_improvement, gate.min_relative_improvement * champion_loss)
+        gain = champion_loss - challenger_loss
+        better = gain > needed
+        record.update(
+            decision="promoted" if better else "kept",
+            reason=f"val_loss {challenger_loss:.6g} vs champion {champion_loss:.6g}: improvement {gain:.6g} "
+                   f"{'>' if better else '<='} required {needed:.6g}",
+        )
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for key, value in record.items():
         if value is not None and key != "challenger_version":
@@ -131,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("RAY_ADDRESS") and not args.rollback:  # submitted to a cluster: evaluate on its nodes
+        from data_prep.ray_cluster import connect
+
+        connect()
     try:
         if args.rollback:
             out = rollback(args.tracking_uri, args.name)
@@ -141,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"wuerstchen promote: {err}", file=sys.stderr)
         return 2
+    except EvaluationFailed as err:
+        print(f"wuerstchen promote: {err}", file=sys.stderr)
+        return 1
     print(f"{args.name}: {out['decision']}: {out['reason']}")
     return 0
 

@@ -7,7 +7,8 @@ scheduled retraining workflow, as one job.
 3. Fine-tune Stage C from the current champion (pinned to its version when the attempt starts) on
    the cache: every row, or the new rows plus a replay share of the old (`data_mix`).
 4.-5. Register the result as `challenger` and run the promotion gate (evaluation on the fixed
-   held-out rows of the whole cache, against the champion).
+   held-out rows of the whole cache, against the champion, as Ray tasks). An evaluation that fails
+   decides nothing: the run fails (exit code 1) and keeps its attempt, and rerunning it runs the gate again.
 6. Write a summary (data, versions, scores, decision) to stdout, to `<state>/summaries/<attempt>.json`
    and as tags on the training run.
 
@@ -90,7 +91,8 @@ def new_shards(cfg: RetrainConfig) -> list[str]:
     fs, root = resolve(cfg.prep.output.url)
     text = read_text(fs, f"{root}/{MANIFEST}")
     held = set(json.loads(text)["shards"]) if text else set()
-    return [url for url, _ in list_source_shards(cfg.prep) if url not in held]
+    # prep.limit_shards caps an attempt as it caps prep: the attempt trains on exactly what it prepares.
+    return [url for url, _ in list_source_shards(cfg.prep) if url not in held][: cfg.prep.limit_shards]
 
 
 def _champion(uri: str, name: str):
@@ -125,6 +127,7 @@ def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
 def run_retrain(cfg: RetrainConfig) -> dict:
     """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
     from data_prep.cache import join, read_text, resolve, write_text_atomically
+    from data_prep.ray_cluster import connect
     from data_prep.runner import format_summary, run_prep
     from pipelines import registry
     from pipelines.lease import Lease
@@ -157,8 +160,9 @@ def run_retrain(cfg: RetrainConfig) -> dict:
                   f"{attempt['base_version'] or '(none yet: training from the configured init)'}", flush=True)
 
         lease.check("data prep")
-        print("== prep: the new shards only", flush=True)
-        prep_summary = run_prep(cfg.prep)
+        print("== prep: the attempt's new shards only", flush=True)
+        # Exactly the attempt's shards: one that arrived since it started is the next attempt's, in full.
+        prep_summary = run_prep(cfg.prep, shards=attempt["new_shards"])
         print(format_summary(prep_summary), flush=True)
 
         lease.check("training")
@@ -176,6 +180,10 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             decision = {k.split(".", 1)[1]: v for k, v in recorded.items() if k.startswith("promotion.")}
         else:
             lease.check("the promotion gate")
+            # The gate's evaluations run as Ray tasks on the cluster (a GPU node when it has one), not
+            # in this driver on the head node. A failed one raises: no decision, the attempt stays, and
+            # rerunning the job runs the gate again.
+            connect(cfg.prep.ray_address, cfg.prep.num_cpus)
             decision = promote(uri, cfg.model_name, cfg.prep.output.url, cfg.gate)
         champion = _champion(uri, cfg.model_name)
         summary = {
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_CONFIG
     from data_prep.cache import CacheMismatchError
     from pipelines.lease import LeaseHeldError, LeaseLostError
+    from pipelines.promote import EvaluationFailed
 
     try:
         summary = run_retrain(cfg)
@@ -223,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseLostError as err:
         print(f"wuerstchen retrain: {err}", file=sys.stderr)
         return LEASE_LOST
+    except EvaluationFailed as err:
+        print(f"wuerstchen retrain: {err}", file=sys.stderr)
+        return FAILED
     except (CacheMismatchError, FileNotFoundError, ValueError) as err:
         print(f"wuerstchen retrain: {err}", file=sys.stderr)
         return BAD_CONFIG

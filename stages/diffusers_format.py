@@ -76,7 +76,7 @@ def save_folder(model: Any, directory: str | Path, dtype: torch.dtype | None = N
     return directory
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
@@ -104,7 +104,7 @@ def resolve_folder(
     name = str(path_or_hub_id)
     base = Path(name).expanduser()
     if not base.exists():
-        if not _looks_like_hub_id(name):
+        if not looks_like_hub_id(name):
             raise FileNotFoundError(f"{name!r} is neither an existing folder nor a hub id of the form 'org/name'")
         base = _download(name, subfolder, cls.default_subfolder, revision)
     if not base.is_dir():

@@ -94,6 +94,27 @@ def load_clip_tokenizer(path_or_hub_id: str | Path, subfolder: str | None = None
     return tokenizer
 
 
+def _has_subfolder(path_or_hub_id: str | Path, subfolder: str, marker: str) -> bool:
+    """Whether a pipeline folder or hub repository (like warp-ai/wuerstchen) keeps a component in
+    `subfolder`, i.e. holds `subfolder/marker`: looked up on disk for a local folder, and through
+    huggingface_hub for a hub id (from its local cache when offline), as the loaders will fetch it."""
+    from stages.diffusers_format import looks_like_hub_id
+
+    name = str(path_or_hub_id)
+    local = Path(name).expanduser()
+    if local.exists():
+        return (local / subfolder / marker).is_file()
+    if not looks_like_hub_id(name):
+        return False
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name, marker, subfolder=subfolder)
+    except Exception:  # not in the repository, or the hub cannot be asked: the loader then says why it fails
+        return False
+    return True
+
+
 class ClipTextEncoder(nn.Module):
     """Tokenizer + frozen CLIP text tower: prompts -> (B, 77, width) hidden states after the final LN."""
 
@@ -135,10 +156,9 @@ class ClipTextEncoder(nn.Module):
         text_encoder/ and tokenizer/ subfolders, or a hub id (e.g. STAGE_C_TEXT_ENCODER)."""
         from transformers import CLIPTextModel
 
-        root = Path(str(path_or_hub_id))
-        if text_encoder_subfolder is None and (root / "text_encoder" / "config.json").is_file():
+        if text_encoder_subfolder is None and _has_subfolder(path_or_hub_id, "text_encoder", "config.json"):
             text_encoder_subfolder = "text_encoder"
-        if tokenizer_subfolder is None and (root / "tokenizer").is_dir():
+        if tokenizer_subfolder is None and _has_subfolder(path_or_hub_id, "tokenizer", "tokenizer_config.json"):
             tokenizer_subfolder = "tokenizer"
         tokenizer = load_clip_tokenizer(path_or_hub_id, tokenizer_subfolder)
         kwargs = {"subfolder": text_encoder_subfolder} if text_encoder_subfolder else {}

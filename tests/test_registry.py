@@ -4,6 +4,8 @@ loaded by diffusers."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -11,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_bucket
+from test_evaluate import unreadable_except_held_out
 from test_train import train_config
 
 from pipelines import registry
 from pipelines.export import export
-from pipelines.promote import promote, rollback
+from pipelines.promote import EvaluationFailed, promote, rollback
 from pipelines.register import register_decoders, register_stage_c
 from pipelines.train import run_training
 from pipelines.training import checkpoint as ckpt_io
@@ -88,11 +91,12 @@ def test_gate_promotes_the_better_keeps_the_worse_and_rolls_back(trained):
     assert _alias(uri, registry.CHAMPION) == better["version"]
     assert _tags(uri, worse["version"])["promotion.decision"] == "kept"
 
-    # a failed evaluation never promotes
+    # a failed evaluation never promotes (nor decides anything: see the test below)
     registry.client(uri).set_registered_model_alias(NAME, registry.CHALLENGER, worse["version"])
-    decision = promote(uri, NAME, cache="s3://no-such-bucket/cache")
-    assert decision["decision"] == "kept" and "evaluation failed" in decision["reason"]
+    with pytest.raises(EvaluationFailed, match="no-such-bucket"):
+        promote(uri, NAME, cache="s3://no-such-bucket/cache")
     assert _alias(uri, registry.CHAMPION) == better["version"]
+    registry.client(uri).delete_registered_model_alias(NAME, registry.CHALLENGER)
 
     out = rollback(uri, NAME)
     assert out == {"decision": "rolled_back", "from_version": better["version"], "to_version": first["version"]}
@@ -101,6 +105,58 @@ def test_gate_promotes_the_better_keeps_the_worse_and_rolls_back(trained):
         rollback(uri, NAME)
     # back to the better one for the consumer tests
     registry.set_champion(registry.client(uri), NAME, better["version"], [first["version"], better["version"]])
+
+
+def test_a_failed_evaluation_decides_nothing_and_a_rerun_decides(trained, tiny_cache, tmp_path):
+    """An evaluation can fail for a passing reason (here its cache is away while the gate runs): the
+    challenger keeps its alias and gets no decision, so the next run of the gate decides."""
+    uri = trained["uri"]
+    champion = _alias(uri, registry.CHAMPION)
+    shutil.copytree(trained["worse"][1], tmp_path / "candidate")
+    candidate = register_stage_c(uri, NAME, checkpoint=str(tmp_path / "candidate"))["version"]
+    cache, away = tmp_path / "cache", tmp_path / "away"
+    shutil.copytree(tiny_cache, away)
+    why = rf"(?s)no cache at {re.escape(str(cache))}.*version {candidate} keeps the alias challenger"
+    with pytest.raises(EvaluationFailed, match=why):
+        promote(uri, NAME, cache=str(cache))
+    assert not [key for key in _tags(uri, candidate) if key.startswith("promotion.")]
+    assert _alias(uri, registry.CHALLENGER) == candidate and _alias(uri, registry.CHAMPION) == champion
+
+    away.rename(cache)
+    decision = promote(uri, NAME, cache=str(cache))
+    assert decision["decision"] in ("promoted", "kept") and decision["challenger_val_loss"] > 0
+    assert _tags(uri, candidate)["promotion.decision"] == decision["decision"]
+    assert _alias(uri, registry.CHALLENGER) is None
+
+
+def test_evaluation_reads_only_the_held_out_rows_as_a_ray_task(trained, tiny_cache, tmp_path):
+    """The held-out rows are found from the keys alone, and only they are read: every other row's
+    tensors are unreadable here, and the number is the one of the intact cache. With this process
+    connected to Ray (the session's local cluster), the evaluation runs as a Ray task, asking for a
+    GPU only when the cluster has one."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from pipelines.evaluate import default_spec, evaluate_model, evaluation_resources, run_evaluation
+
+    uri = trained["uri"]
+    version = register_stage_c(uri, NAME, run_id=trained["run_id"])["version"]
+    model = f"models:/{NAME}/{version}"
+    spec = default_spec(registry.client(uri), registry.resolve_version(registry.client(uri), model), tiny_cache)
+    intact = evaluate_model(model, spec, uri)
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    held = unreadable_except_held_out(cache, spec.validation_fraction)
+    assert 0 < held == intact["rows"] < 38
+
+    assert ray.is_initialized() and evaluation_resources() == {"num_cpus": 1, "num_gpus": 0}
+    spec.cache = str(cache)
+    result = run_evaluation(model, spec, uri)
+    assert result["rows"] == held and result["val_loss"] == pytest.approx(intact["val_loss"], rel=1e-6)
+    spec.cache = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no cache at") as failed:
+        run_evaluation(model, spec, uri)
+    assert isinstance(failed.value, RayTaskError)  # raised in the task, with its cause's type here
 
 
 CONSUMER = """
@@ -194,3 +250,37 @@ def test_decoder_bundle_is_referenced_and_gives_images(trained, tmp_path):
     image = pipe("a cat", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+
+
+def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypatch, capsys):
+    """The README's `wuerstchen register --decoder-bundle warp-ai/wuerstchen`, with the hub repository
+    in huggingface_hub's offline cache layout (no network here): decoder/, vqgan/, text_encoder/ and
+    tokenizer/ are all found in the repository."""
+    from test_pretrained_io import _offline_hub
+
+    from data_prep.config import EncoderWeights
+    from data_prep.encoders import text_fingerprint
+    from pipelines.register import main
+    from stages import StageA, StageB
+    from stages.diffusers_pipeline import write_decoder_pipeline
+    from stages.text_encoders import ClipTextEncoder
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--warp-ai--wuerstchen"
+    encoder = ClipTextEncoder.tiny(width=20, seed=4)
+    snapshot = repo / "snapshots" / ("2" * 40)
+    write_decoder_pipeline(snapshot, StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("2" * 40)
+    _offline_hub(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)
+    name = "decoders-from-hub"
+    argv = ["--decoder-bundle", "warp-ai/wuerstchen", "--flavor", "tiny", "--name", name,
+            "--tracking-uri", mlflow_server]
+    code, out = main(argv), capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert f"registered models:/{name}/1 (from warp-ai/wuerstchen)" in out.out
+    config = registry.model_config_of(f"models:/{name}/1")
+    assert config["text_encoder"]["path"] == "warp-ai/wuerstchen"
+    expected = text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
+    assert config["text_encoder"]["fingerprint"] == expected

@@ -209,3 +209,26 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     assert run.data.tags["retrain.decision"] == second["decision"]
     assert [v.version for v in _versions(uri)] == ["1", "2"]
     assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists()
+
+
+def test_a_resumed_attempt_prepares_only_its_own_shards(ray_cluster, mlflow_server, tmp_path):
+    """A shard that arrives while an attempt is unfinished is the next attempt's, in full: the resumed
+    attempt prepares exactly the shards it recorded. (Prepared now, the newcomer would be trained on
+    only as replay, and no later run would find it new.)"""
+    from pipelines.config import load
+    from pipelines.retrain import RetrainConfig, new_shards, run_retrain
+
+    _shard(tmp_path / "src", 0, rows=6)
+    # Training refuses this batch size before any worker starts: each run stops right after prep, as
+    # one killed during training would.
+    cfg = load(RetrainConfig, _config(tmp_path, mlflow_server), ["train.data.batch_size=1000"])
+    first, second = (f"file://{tmp_path}/src/shard-00{i}.tar" for i in (0, 1))
+    with pytest.raises(ValueError, match="fewer than data.batch_size"):
+        run_retrain(cfg)
+    assert json.loads((tmp_path / "runs" / "retrain" / "attempt.json").read_text())["new_shards"] == [first]
+
+    _shard(tmp_path / "src", 1, rows=6)
+    with pytest.raises(ValueError, match="fewer than data.batch_size"):
+        run_retrain(cfg)  # resumes the same attempt
+    assert sorted(json.loads((tmp_path / "cache" / "manifest.json").read_text())["shards"]) == [first]
+    assert new_shards(cfg) == [second]

@@ -154,3 +154,35 @@ def test_open_clip_backend_gives_the_same_output_as_transformers_for_the_same_we
     prompts = ["a watercolor painting of a lighthouse", ""]
     assert open_clip_encoder.width == reference.width == 32
     torch.testing.assert_close(open_clip_encoder.encode(prompts), reference.encode(prompts), atol=1e-5, rtol=1e-4)
+
+
+def _decoder_repo(root, encoder: ClipTextEncoder) -> None:
+    """The file layout of warp-ai/wuerstchen: the text encoder and tokenizer in subfolders."""
+    from stages import StageA, StageB
+    from stages.diffusers_pipeline import write_decoder_pipeline
+
+    write_decoder_pipeline(root, StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
+
+
+def test_the_text_encoder_of_a_decoder_pipeline_folder_is_found(tmp_path):
+    encoder = ClipTextEncoder.tiny(width=24, seed=3)
+    _decoder_repo(tmp_path / "wuerstchen", encoder)
+    loaded = ClipTextEncoder.from_pretrained(tmp_path / "wuerstchen")
+    torch.testing.assert_close(loaded.encode(["a red apple"]), encoder.encode(["a red apple"]))
+
+
+def test_the_text_encoder_of_a_decoder_pipeline_hub_id_is_found(tmp_path, monkeypatch):
+    """`register --decoder-bundle warp-ai/wuerstchen`: the hub path for real, through a repository
+    snapshot in the cache layout huggingface_hub reads offline."""
+    from test_pretrained_io import _offline_hub
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--warp-ai--wuerstchen"
+    encoder = ClipTextEncoder.tiny(width=24, seed=3)
+    _decoder_repo(repo / "snapshots" / ("1" * 40), encoder)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("1" * 40)
+    _offline_hub(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    loaded = ClipTextEncoder.from_pretrained("warp-ai/wuerstchen")
+    torch.testing.assert_close(loaded.encode(["a red apple"]), encoder.encode(["a red apple"]))
