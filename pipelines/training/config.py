@@ -40,12 +40,26 @@ class DataConfig:
     # of the other rows (None: every row). Validation always covers the whole cache's held-out rows.
     shards: list[str] | None = None
     replay_fraction: float = 1.0
+    # Rows in each worker's local shuffle buffer (Ray Data's iter_batches): every epoch each worker
+    # draws a new order of its rows, seeded by (seed, epoch, rank), so a resumed or rerun run sees the
+    # same order again. 0: no shuffle. 2048 holds the whole Twemoji demo cache; a v2 row with bigG
+    # embeddings is ~0.2 MB, so 2048 rows cost ~0.4 GB per worker.
+    shuffle_buffer: int = 2048
+    # A folder where each rank appends the keys of every batch it trains on (rank<N>.jsonl, one JSON
+    # line per batch), to audit the data order; None: not written.
+    order_log: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise ValueError(f"data.replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        # Below two batches, Ray's shuffling batcher hands out short batches in mid-epoch (ray#66085).
+        if self.shuffle_buffer != 0 and self.shuffle_buffer < 2 * self.batch_size:
+            raise ValueError(
+                f"data.shuffle_buffer must be 0 (no shuffle) or at least 2 * data.batch_size = {2 * self.batch_size} rows, "
+                f"got {self.shuffle_buffer}"
+            )
 
 
 @dataclasses.dataclass

@@ -171,6 +171,7 @@ def train_func(config: dict) -> None:
     train_batches = EqualStepBatches(
         ray.train.get_dataset_shard("train"), cfg.data.batch_size, device,
         skip_batches=position["batch_in_epoch"], epoch=position["epoch"],
+        shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank, order_log=cfg.data.order_log,
     )
     val_set = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size)
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
