@@ -9,6 +9,7 @@ from stages.objectives import StageCObjective
 
 STRATEGIES = ("ddp", "fsdp2")
 EMA_MODES = ("none", "every_step", "original")
+FAULT_ACTIONS = ("raise", "stall")
 
 
 @dataclasses.dataclass
@@ -133,11 +134,22 @@ class TrackingConfig:
 
 @dataclasses.dataclass
 class FaultConfig:
-    """Test-only: make one worker fail once at a step, to exercise recovery."""
+    """Test-only: make one worker fail once at a step, to exercise recovery; or make one rank's share
+    of the data one batch short in every epoch, to exercise equal steps on uneven shares."""
 
     fail_at_step: int | None = None
     rank: int = 1
     marker: str | None = None  # a file whose existence means "already failed once"
+    # "raise": an exception in the train function; "stall": write the marker (with the worker's pid)
+    # and wait there, for a test to kill the worker process.
+    action: str = "raise"
+    short_rank: int | None = None  # this rank drops the first batch of each epoch
+
+    def __post_init__(self):
+        if self.action not in FAULT_ACTIONS:
+            raise ValueError(f"fault.action must be one of {FAULT_ACTIONS}, got {self.action!r}")
+        if self.action == "stall" and not self.marker:
+            raise ValueError("fault.action 'stall' needs fault.marker: the file that tells the test where the worker waits")
 
 
 @dataclasses.dataclass
