@@ -55,7 +55,7 @@ def run_training(cfg: TrainConfig):
 
     from data_prep.cache import Cache, resolve
     from pipelines.training import checkpoint as ckpt_io
-    from pipelines.training.data import datasets
+    from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
     from pipelines.training.tracking import flatten, start_or_resume_run, tracking_uri
     from stages import StageC
@@ -92,7 +92,7 @@ def run_training(cfg: TrainConfig):
     from data_prep.ray_cluster import connect
 
     connect(cfg.ray_address, cfg.num_cpus)
-    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction)
+    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
     fs, root = resolve(cfg.checkpoint.storage_path)
     resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
     if resume is not None:
@@ -124,7 +124,7 @@ def run_training(cfg: TrainConfig):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=data_config(),
     )
     try:
         result = trainer.fit()

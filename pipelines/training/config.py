@@ -14,6 +14,7 @@ from stages.stage_c import StageC, StageCConfig
 STRATEGIES = ("ddp", "fsdp2")
 EMA_MODES = ("none", "every_step", "original")
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it would never forget
+FAULT_ACTIONS = ("raise", "stall")
 
 
 @config_dataclass
@@ -59,6 +60,22 @@ class DataConfig:
     # of the other rows (None: every row). Validation always covers the whole cache's held-out rows.
     shards: list[str] | None = None
     replay_fraction: Probability = 1.0
+    # Rows in each worker's local shuffle buffer (Ray Data's iter_batches): every epoch each worker
+    # draws a new order of its rows, seeded by (seed, epoch, rank), so a resumed or rerun run sees the
+    # same order again. 0: no shuffle. 2048 holds the whole Twemoji demo cache; a v2 row with bigG
+    # embeddings is ~0.2 MB, so 2048 rows cost ~0.4 GB per worker.
+    shuffle_buffer: NonNegativeInt = 2048
+    # A folder where each rank appends the keys of every batch it trains on (rank<N>.jsonl, one JSON
+    # line per batch), to audit the data order; None: not written.
+    order_log: str | None = None
+
+    def __post_init__(self):
+        # Below two batches, Ray's shuffling batcher hands out short batches in mid-epoch (ray#66085).
+        if self.shuffle_buffer != 0 and self.shuffle_buffer < 2 * self.batch_size:
+            raise ValueError(
+                f"data.shuffle_buffer must be 0 (no shuffle) or at least 2 * data.batch_size = {2 * self.batch_size} rows, "
+                f"got {self.shuffle_buffer}"
+            )
 
 
 @config_dataclass
@@ -132,11 +149,22 @@ class TrackingConfig:
 
 @config_dataclass
 class FaultConfig:
-    """Test-only: make one worker fail once at a step, to exercise recovery."""
+    """Test-only: make one worker fail once at a step, to exercise recovery; or make one rank's share
+    of the data one batch short in every epoch, to exercise equal steps on uneven shares."""
 
     fail_at_step: NonNegativeInt | None = None
     rank: NonNegativeInt = 1
     marker: str | None = None  # a file whose existence means "already failed once"
+    # "raise": an exception in the train function; "stall": write the marker (with the worker's pid)
+    # and wait there, for a test to kill the worker process.
+    action: str = "raise"
+    short_rank: NonNegativeInt | None = None  # this rank drops the first batch of each epoch
+
+    def __post_init__(self):
+        if self.action not in FAULT_ACTIONS:
+            raise ValueError(f"fault.action must be one of {FAULT_ACTIONS}, got {self.action!r}")
+        if self.action == "stall" and not self.marker:
+            raise ValueError("fault.action 'stall' needs fault.marker: the file that tells the test where the worker waits")
 
 
 @config_dataclass

@@ -1,8 +1,11 @@
 """Training data from the latent cache: a held-out split by key hash, each worker's shard as torch
-batches, and a step loop in which every rank takes exactly the same number of batches."""
+batches in a new seeded order every epoch, and a step loop in which every rank takes exactly the same
+number of batches."""
 
+import json
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -39,10 +42,20 @@ def _mix(batch: pa.Table, shards: list[str], replay_fraction: float, columns: li
     return batch.filter(pa.array(mask, pa.bool_())).select(columns)
 
 
-def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None = None, replay_fraction: float = 1.0):
+def _scatter(batch: pa.Table, seed: int) -> pa.Table:
+    """The rows of a block in an order drawn from their keys and the seed. Ray Train hands each worker
+    whole blocks or contiguous pieces of one, and a cache file holds its rows in prep order (source
+    shard after source shard): scattered first, a worker's share mixes the file's source shards."""
+    order = np.argsort([zlib.crc32(f"{seed}:{k}".encode()) for k in batch.column("key").to_pylist()], kind="stable")
+    return batch.take(pa.array(order))
+
+
+def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None = None, replay_fraction: float = 1.0,
+             seed: int = 0):
     """(train, validation) Ray Datasets with the columns the Stage C objective needs. With `shards`,
     training sees the rows of those source shards plus `replay_fraction` of the others; validation
-    always covers the held-out rows of the whole cache (the fixed evaluation)."""
+    always covers the held-out rows of the whole cache (the fixed evaluation). The training rows of
+    each block are scattered by `seed` (see `_scatter`)."""
     columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
     ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []))
     kwargs = {"batch_format": "pyarrow", "fn_kwargs": {"fraction": validation_fraction}}
@@ -52,7 +65,26 @@ def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None 
         train = train.map_batches(_mix, batch_format="pyarrow",
                                   fn_kwargs={"shards": list(shards), "replay_fraction": replay_fraction, "columns": columns})
         val = val.select_columns(columns)
-    return train, val
+    return train.map_batches(_scatter, batch_format="pyarrow", fn_kwargs={"seed": seed}), val
+
+
+def data_config():
+    """Ray Train's dataset config: `train` split across the workers, in order (`preserve_order`), so
+    that each worker gets the same rows in the same order in every run with the same data and seed:
+    only then does a seeded local shuffle give the same order again when a run is resumed (and the
+    batches a checkpoint already used are the ones skipped)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed for one rank's epoch: a new order every epoch, the same one whenever
+    (seed, epoch, rank) comes again. numpy's SeedSequence mixes the three into independent streams (it
+    takes non-negative numbers only: a negative seed is read modulo 2**64)."""
+    return int(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank]).generate_state(1)[0])
 
 
 def to_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,18 +115,36 @@ class EqualStepBatches:
     when any rank's epoch runs out, all of them start the next epoch together. So every rank runs
     the same number of steps whatever the block sizes or the split (ray#66085), and no rank waits
     forever in a collective its peers never enter.
+
+    With `shuffle_buffer` rows, each epoch's batches come from Ray Data's local shuffle seeded by
+    `epoch_seed(seed, epoch, rank)`: a new order every epoch, and on resume the same order as the
+    interrupted epoch, so skipping the batches the checkpoint used skips exactly those rows.
     """
 
-    def __init__(self, shard, batch_size: int, device: torch.device, skip_batches: int = 0, epoch: int = 0):
+    def __init__(self, shard, batch_size: int, device: torch.device, skip_batches: int = 0, epoch: int = 0,
+                 shuffle_buffer: int = 0, seed: int = 0, rank: int = 0, order_log: str | None = None):
         self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
         self.epoch = epoch
         self.batch_in_epoch = 0
         self.wait_seconds = 0.0
         self._iterator = None
         self._skip = skip_batches  # resuming inside an epoch: the batches the checkpoint already used
+        self._order_log = Path(order_log, f"rank{rank}.jsonl") if order_log else None
+        self._record({"start": {"epoch": epoch, "skip": skip_batches}})
+
+    def _record(self, entry: dict) -> None:
+        if self._order_log is not None:
+            self._order_log.parent.mkdir(parents=True, exist_ok=True)
+            with self._order_log.open("a") as f:  # a line at a time: a killed worker leaves whole lines
+                f.write(json.dumps(entry) + "\n")
 
     def _new_epoch_iterator(self):
-        return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+        shuffle = {}
+        if self.shuffle_buffer:
+            shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer,
+                       "local_shuffle_seed": epoch_seed(self.seed, self.epoch, self.rank)}
+        return iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True, **shuffle))
 
     def next(self) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
@@ -110,7 +160,10 @@ class EqualStepBatches:
                     self._skip -= 1
                     continue
                 self.wait_seconds += time.perf_counter() - start
+                self._record({"epoch": self.epoch, "batch": self.batch_in_epoch - 1, "keys": [str(k) for k in batch["key"]]})
                 return to_tensors(batch, self.device)
+            if batch is not None:  # a peer's epoch ran out first: left out, as the epoch ends for all
+                self._record({"epoch": self.epoch, "left_out": len(batch["key"])})
             self._iterator = None
             self.epoch += 1
             empty_epochs = empty_epochs + 1 if self.batch_in_epoch == 0 else 0

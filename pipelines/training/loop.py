@@ -8,6 +8,7 @@ reports to Ray Train (a barrier) so that a failed run restarts from the newest o
 import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
 import zlib
@@ -97,6 +98,10 @@ def validation_loss(model, val_set: ValidationSet, cfg: TrainConfig, device, tex
     return total / max(count, 1)
 
 
+# How long a "stall" fault waits for the test to kill the worker before failing by itself.
+_STALL_SECONDS = 600
+
+
 def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
@@ -108,9 +113,25 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
     marker = Path(fault.marker) if fault.marker else None
     if marker is not None and marker.exists():
         return
-    if marker is not None:
+    if fault.action == "stall":
+        marker.write_text(f"stalled at step {step}, pid {os.getpid()}\n")
+        time.sleep(_STALL_SECONDS)  # until the test kills this process
+    elif marker is not None:
         marker.write_text(f"failed once at step {step}\n")
     raise RuntimeError(f"injected test fault at step {step} on rank {rank}")
+
+
+class _OneBatchShort:
+    """Test-only (fault.short_rank): a worker's dataset shard without the first batch of each epoch,
+    so that the ranks' shares are really uneven."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def iter_batches(self, **kwargs):
+        batches = iter(self.shard.iter_batches(**kwargs))
+        next(batches, None)
+        return batches
 
 
 def train_func(config: dict) -> None:
@@ -168,9 +189,11 @@ def train_func(config: dict) -> None:
         text_encoder = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width)).to(device)
     empty_text = torch.tensor(np.asarray(config["empty_text"], dtype=np.float32), device=device)[None]
 
+    shard = ray.train.get_dataset_shard("train")
     train_batches = EqualStepBatches(
-        ray.train.get_dataset_shard("train"), cfg.data.batch_size, device,
+        _OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size, device,
         skip_batches=position["batch_in_epoch"], epoch=position["epoch"],
+        shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank, order_log=cfg.data.order_log,
     )
     val_set = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size)
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
@@ -182,11 +205,18 @@ def train_func(config: dict) -> None:
             from data_prep.encoders import weights_digest
 
             logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(resumed_state, unwrap(model).config)))
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + rank * 7919 + step)
+            logger.skip_logged("loss")
+    generator = torch.Generator()
     samples_per_step = cfg.data.batch_size * o.grad_accum * world
 
     while step < cfg.steps:
         step_start = time.perf_counter()
+        # Seeded per step, not once per start: a step rerun after a restart draws the same t, noise,
+        # caption dropout (generator) and dropout masks (torch's global RNG) as the first time, so
+        # the rerun computes what the failed attempt logged (see MetricLogger.skip_logged).
+        noise_seed, dropout_seed = np.random.SeedSequence([cfg.seed % 2**64, rank, step]).generate_state(2)
+        generator.manual_seed(int(noise_seed))
+        torch.manual_seed(int(dropout_seed))
         wait_before = train_batches.wait_seconds
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0

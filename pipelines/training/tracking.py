@@ -78,10 +78,22 @@ class MetricLogger:
         self.run_id = run_id
         self.pending = []
         self.failing_since = None
+        self.logged_through = 0  # steps up to this one are in the run already (see skip_logged)
+
+    def skip_logged(self, key: str) -> None:
+        """After a restart from a checkpoint: the steps after it that the failed attempt already
+        logged are rerun but not logged again, so the run holds one value per step. (The rerun
+        computes the same values: the data order and the noise are seeded by step and epoch.)"""
+        try:
+            self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as err:  # training goes on; at worst a few steps are logged twice
+            log.warning("could not read the logged steps of MLflow run %s: %s", self.run_id, err)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         del self.pending[:-MAX_PENDING]
