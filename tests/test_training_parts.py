@@ -124,3 +124,35 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path, caplog):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def _write_checkpoint(root: Path, step: int, model: torch.nn.Module) -> Path:
+    from pipelines.training import checkpoint as ckpt_io
+
+    folder = root / ckpt_io.checkpoint_name(step)
+    folder.mkdir(parents=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return ckpt_io.write(folder, model.config, state, state, {"state": {}, "param_groups": []},
+                         {"step": step, "data_position": {"epoch": 0, "batch_in_epoch": step}})
+
+
+def test_a_truncated_file_of_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """Ray uploads a checkpoint file by file: a killed upload leaves every file in place but one
+    cut short. Resuming must not take it for complete."""
+    from pipelines.training import checkpoint as ckpt_io
+    from stages import StageC
+
+    model = StageC.from_flavor("tiny")
+    _write_checkpoint(tmp_path / "run", 3, model)
+    newest = _write_checkpoint(tmp_path / "run", 6, model)
+    weights = newest / "ema" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+
+    with pytest.raises(ckpt_io.IncompleteCheckpointError, match=r"ema/diffusion_pytorch_model.safetensors"):
+        ckpt_io.read_train_state(newest)
+    found = ckpt_io.latest(str(tmp_path), "run")
+    assert found is not None and Path(found.path).name == "checkpoint_00000003"
+    assert "checkpoint_00000006 is incomplete" in caplog.text and "ema/diffusion_pytorch_model.safetensors" in caplog.text
+    assert ckpt_io.read(Path(found.path))["train_state"]["step"] == 3
+
