@@ -212,7 +212,7 @@ def train_func(config: dict) -> None:
         optimizer.step()
         scheduler.step()
         step += 1
-        ema.update(model, step)
+        ema.update(model, step, last=step == cfg.steps)
         _maybe_fail(cfg, step, rank)
         seconds = time.perf_counter() - step_start
         metrics = {
