@@ -124,3 +124,69 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path, caplog):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def _write_checkpoint(root: Path, step: int, model: torch.nn.Module) -> Path:
+    from pipelines.training import checkpoint as ckpt_io
+
+    folder = root / ckpt_io.checkpoint_name(step)
+    folder.mkdir(parents=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return ckpt_io.write(folder, model.config, state, state, {"state": {}, "param_groups": []},
+                         {"step": step, "data_position": {"epoch": 0, "batch_in_epoch": step}})
+
+
+def test_a_truncated_file_of_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """Ray uploads a checkpoint file by file: a killed upload leaves every file in place but one
+    cut short. Resuming must not take it for complete."""
+    from pipelines.training import checkpoint as ckpt_io
+    from stages import StageC
+
+    model = StageC.from_flavor("tiny")
+    _write_checkpoint(tmp_path / "run", 3, model)
+    newest = _write_checkpoint(tmp_path / "run", 6, model)
+    weights = newest / "ema" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+
+    with pytest.raises(ckpt_io.IncompleteCheckpointError, match=r"ema/diffusion_pytorch_model.safetensors"):
+        ckpt_io.read_train_state(newest)
+    found = ckpt_io.latest(str(tmp_path), "run")
+    assert found is not None and Path(found.path).name == "checkpoint_00000003"
+    assert "checkpoint_00000006 is incomplete" in caplog.text and "ema/diffusion_pytorch_model.safetensors" in caplog.text
+    assert ckpt_io.read(Path(found.path))["train_state"]["step"] == 3
+
+
+def test_the_original_ema_schedule_takes_the_last_step_even_off_its_grid():
+    """steps % every != 0: the weights of the last steps must still reach the EMA that is registered."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    original = Ema(model, EmaConfig(mode="original", every=4, beta=0.5, copy_until=4))
+    for step in range(1, 7):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        original.update(model, step, last=step == 6)
+    assert original.shadow["weight"][0, 0].item() == pytest.approx(0.5 * 4 + 0.5 * 6)
+
+
+def test_an_original_ema_schedule_that_never_averages_is_refused():
+    """A fine-tune of 2,000 steps with the pre-training's copy_until=5,000 only ever copies the
+    weights: its "EMA" is the raw weights. Refused when the config is read, before any work."""
+    from pipelines.config import ConfigError, load
+    from pipelines.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"ema.copy_until=5000 .* steps=2000"):
+        load(TrainConfig, None, ["ema.mode=original", "ema.copy_until=5000", "steps=2000"])
+    assert load(TrainConfig, None, ["ema.mode=original", "ema.copy_until=1999", "steps=2000"]).ema.copy_until == 1999
+    assert load(TrainConfig, None, ["ema.mode=every_step", "ema.copy_until=5000", "steps=2000"]).steps == 2000
+
+
+def test_the_shipped_configs_average_their_ema():
+    from pipelines.config import load
+    from pipelines.retrain import RetrainConfig
+    from pipelines.training.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("train_*.yaml")):
+        load(TrainConfig, path)
+    for path in sorted(root.glob("retrain_*.yaml")):
+        load(RetrainConfig, path)

@@ -5,13 +5,15 @@ storage (local or S3) and keeps the newest `num_to_keep`.
         model/   config.json + diffusion_pytorch_model.safetensors   the raw weights (diffusers layout)
         ema/     config.json + diffusion_pytorch_model.safetensors   the EMA weights (what gets registered)
         optimizer.pt         optimizer state (tensors and numbers only: read back with weights_only=True)
-        train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config
+        train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config,
+                             and the size of every other file (a resume checks them: see `latest`)
     or, with FSDP2 and fsdp_state_dict "sharded", instead of model/ and optimizer.pt:
         sharded/             torch.distributed.checkpoint of model, optimizer and EMA, one file per rank
                              (every rank reports its part; Ray Train merges them into one folder)
 """
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +23,13 @@ from stages import StageC
 TRAIN_STATE = "train_state.json"
 OPTIMIZER = "optimizer.pt"
 SHARDED = "sharded"
+
+log = logging.getLogger(__name__)
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint folder whose files are missing or not of the size its train_state records (an
+    upload cut short)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -47,9 +56,33 @@ def write(
         holder.save_pretrained(directory / name)
     if optimizer_state is not None:
         torch.save(optimizer_state, directory / OPTIMIZER)
-    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    (directory / TRAIN_STATE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")
+    (directory / TRAIN_STATE).write_text(json.dumps({**train_state, "files": _local_sizes(directory)}, indent=2) + "\n")
     return directory
+
+
+def _local_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def problems(state: dict, sizes: dict[str, int]) -> list[str]:
+    """What is wrong with a checkpoint's files (`sizes`: every file found in its folder, by relative
+    path) against its train_state; empty when it is complete. Sizes, not hashes: a cut-short upload
+    shows in the size, and sizes come with the folder's listing (a hash would read every byte)."""
+    recorded = state["files"]
+    if isinstance(recorded, list):  # written before sizes were recorded: existence only
+        recorded = dict.fromkeys(recorded)
+    out = []
+    for name, size in recorded.items():
+        if name not in sizes:
+            out.append(f"{name} is missing")
+        elif size is not None and sizes[name] != size:
+            out.append(f"{name} has {sizes[name]} bytes, not the {size} written")
+    world = state.get("sharded_world_size")
+    if world:  # the other ranks' shard files are not listed (rank 0 writes train_state): count them
+        shards = sum(name.startswith(f"{SHARDED}/") and name.endswith(".distcp") for name in sizes)
+        if shards < world:
+            out.append(f"{SHARDED}/ has {shards} of {world} rank files")
+    return out
 
 
 def save_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
@@ -78,15 +111,13 @@ def load_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
 
 
 def read_train_state(directory: Path) -> dict:
+    """The train_state of a checkpoint folder, after checking that every file it lists is there at
+    the size it was written (else IncompleteCheckpointError: nothing of it may be loaded)."""
     directory = Path(directory)
     state = json.loads((directory / TRAIN_STATE).read_text())
-    missing = [f for f in state["files"] if not (directory / f).is_file()]
-    if state.get("sharded_world_size"):
-        shards = list((directory / SHARDED).glob("*.distcp"))
-        if len(shards) < state["sharded_world_size"]:
-            missing.append(f"{SHARDED}/ ({len(shards)} of {state['sharded_world_size']} rank files)")
-    if missing:
-        raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {missing}")
+    found = problems(state, _local_sizes(directory))
+    if found:
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete: {'; '.join(found)}")
     return state
 
 
@@ -107,11 +138,12 @@ def read(directory: Path) -> dict:
 def latest(storage_path: str, run_name: str):
     """The newest complete checkpoint of a run in its storage (a ray.train.Checkpoint), or None.
 
-    Complete means its train_state.json is there, written last, and every file it lists exists."""
+    Complete means its train_state.json is there and every file it lists is there at the size it
+    was written; an incomplete one is skipped with a warning, for the one before it."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from data_prep.cache import join, read_text, resolve
+    from data_prep.cache import join, resolve
 
     fs, root = resolve(storage_path)
     run_dir = join(root, run_name)
@@ -120,14 +152,24 @@ def latest(storage_path: str, run_name: str):
         (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True
     )
     for path in candidates:
-        text = read_text(fs, join(path, TRAIN_STATE))
-        if text is None:
-            continue
-        state = json.loads(text)
-        complete = all(fs.get_file_info(join(path, f)).type == pafs.FileType.File for f in state["files"])
-        if state.get("sharded_world_size"):
-            shards = fs.get_file_info(pafs.FileSelector(join(path, SHARDED), allow_not_found=True))
-            complete &= sum(i.path.endswith(".distcp") for i in shards) >= state["sharded_world_size"]
-        if complete:
-            return Checkpoint(path=path, filesystem=fs)
+        checkpoint = Checkpoint(path=path, filesystem=fs)
+        found = incomplete(checkpoint)
+        if not found:
+            return checkpoint
+        log.warning("checkpoint %s is incomplete (%s): falling back to the one before it", path, "; ".join(found))
     return None
+
+
+def incomplete(checkpoint) -> list[str]:
+    """What is wrong with a ray.train.Checkpoint in its storage, read from one listing of its
+    folder (nothing downloaded); empty when it is complete."""
+    import pyarrow.fs as pafs
+
+    from data_prep.cache import join, read_text
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    text = read_text(fs, join(path, TRAIN_STATE))
+    if text is None:
+        return [f"no {TRAIN_STATE}"]
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return problems(json.loads(text), {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})

@@ -93,7 +93,8 @@ class OptimConfig:
 class EmaConfig:
     # "every_step": ema = decay * ema + (1 - decay) * weights after every optimizer step.
     # "original": the Würstchen recipe: a plain copy every `every` steps until `copy_until`, then
-    # every `every` steps ema = beta * ema + (1 - beta) * weights.
+    # every `every` steps (and at the last step) ema = beta * ema + (1 - beta) * weights. Steps
+    # count from the run's start; copy_until must be below `steps` (else it never averages).
     mode: str = "every_step"
     decay: Probability = 0.999
     every: PositiveInt = 100
@@ -185,3 +186,13 @@ class TrainConfig:
     max_failures: Annotated[int, Field(ge=-1)] = 0  # -1: retry without limit (Ray's FailureConfig)
     ray_address: str | None = None
     num_cpus: PositiveInt | None = None  # for a local cluster only
+
+    def __post_init__(self):
+        # The step count is the run's own (a fine-tune starts at 0): a copy phase as long as the run
+        # leaves an "EMA" that is the raw weights. The last step is always an update (see Ema.update).
+        if self.ema.mode == "original" and self.ema.copy_until >= self.steps:
+            raise ValueError(
+                f"ema.copy_until={self.ema.copy_until} is not below steps={self.steps}: the original EMA schedule would only "
+                f"copy the weights and never average them; set ema.copy_until below steps (0 for a fine-tune, whose "
+                f"starting weights are already trained) or use ema.mode=every_step"
+            )

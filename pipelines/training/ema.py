@@ -14,14 +14,15 @@ class Ema:
         self.shadow = {name: p.detach().clone() for name, p in unwrap(model).named_parameters()} if cfg.mode != "none" else {}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Called after optimizer step `step` (1-based)."""
+    def update(self, model: nn.Module, step: int, last: bool = False) -> None:
+        """Called after optimizer step `step` (1-based); `last`: the run's final step, which the
+        original schedule takes too when it falls between two of its updates."""
         cfg = self.cfg
         if cfg.mode == "none":
             return
         if cfg.mode == "every_step":
             weight = 1.0 - cfg.decay
-        elif step % cfg.every != 0:
+        elif step % cfg.every != 0 and not last:
             return
         else:  # original: copy during the first `copy_until` steps, then a sparse average
             weight = 1.0 if step <= cfg.copy_until else 1.0 - cfg.beta

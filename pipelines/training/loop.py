@@ -7,6 +7,7 @@ reports to Ray Train (a barrier) so that a failed run restarts from the newest o
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import tempfile
@@ -34,6 +35,8 @@ from pipelines.training.tracking import MetricLogger
 from stages import StageC, StageCConfig
 from stages.diffusion import add_noise
 from stages.objectives import stage_c_loss, weighted_mse
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: TrainConfig, init_state: dict | None) -> StageC:
@@ -148,6 +151,13 @@ def train_func(config: dict) -> None:
     np.random.seed(cfg.seed + rank)
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and (found := ckpt_io.incomplete(checkpoint)):
+        # Ray's own record names its newest checkpoint, but a file of it is missing or cut short:
+        # take the driver's pick instead (the newest complete one, see checkpoint.latest).
+        if rank == 0:
+            log.warning("checkpoint %s is incomplete (%s): resuming from %s instead", checkpoint.path, "; ".join(found),
+                        config.get("resume_checkpoint") or "the start")
+        checkpoint = None
     if checkpoint is None and config.get("resume_checkpoint"):
         from data_prep.cache import resolve
 
@@ -232,7 +242,7 @@ def train_func(config: dict) -> None:
         optimizer.step()
         scheduler.step()
         step += 1
-        ema.update(model, step)
+        ema.update(model, step, last=step == cfg.steps)
         _maybe_fail(cfg, step, rank)
         seconds = time.perf_counter() - step_start
         metrics = {
