@@ -64,7 +64,6 @@ def test_every_epoch_is_a_new_order_of_the_training_rows_and_batches_mix_source_
         assert set(seen) <= training
     for rank in (0, 1):
         assert by_epoch[rank, 0] != by_epoch[rank, 1], f"rank {rank} saw the same order in both epochs"
-        assert sorted(sum(by_epoch[rank, 0], [])) == sorted(sum(by_epoch[rank, 1], [])), "a rank's rows stay its own"
     mixed = [b for b in by_epoch[0, 0] + by_epoch[1, 0] if len({shard_of[k] for k in b}) > 1]
     assert len(mixed) >= 4, "batches must mix the cache's source shards"
 
@@ -131,10 +130,18 @@ def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_serv
         "data.order_log": str(tmp_path / "order"), "fault.short_rank": 1,
     })
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg)), daemon=True)
+
+    def train():
+        try:
+            outcome["result"] = run_training(cfg)
+        except Exception as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=train, daemon=True)
     runner.start()
     runner.join(timeout=600)
     assert not runner.is_alive(), "training with uneven shares hung"
+    assert "error" not in outcome, outcome.get("error")
     result, run_id = outcome["result"]
     assert result.metrics["step"] == steps
     logs = {rank: order_log(tmp_path / "order", rank) for rank in (0, 1)}
