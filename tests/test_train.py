@@ -162,3 +162,20 @@ def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlf
     assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert tags["resume.step_3.weights_sha256"] == weights_digest_of(state["model"])
+
+
+def test_a_rerun_resumes_from_the_previous_checkpoint_when_the_newest_is_cut_short(tiny_cache, mlflow_server, tmp_path):
+    """Ray's own record of the run names checkpoint 6; a file of it is cut short (an upload killed
+    half-way, a full disk): the rerun must resume from checkpoint 3, not load half a file."""
+    storage = str(tmp_path / "runs")
+    _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "cut-short", steps=6))
+    newest = tmp_path / "runs" / "cut-short" / "checkpoint_00000006" / "model" / "diffusion_pytorch_model.safetensors"
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size - 100)
+    saved = ckpt_io.read(tmp_path / "runs" / "cut-short" / "checkpoint_00000003")
+
+    result, again = run_training(train_config(tiny_cache, storage, mlflow_server, "cut-short", steps=9))
+    assert again == run_id and result.metrics["step"] == 9
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert tags["resume.step_3.weights_sha256"] == weights_digest_of(saved["model"])
+    assert "resume.step_6.weights_sha256" not in tags
