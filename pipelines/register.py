@@ -10,8 +10,8 @@ registry as a pyfunc model, as a new version of a named model with the alias `ch
 
 Registering the same checkpoint again returns the version it already has (no duplicate). The
 version is tagged with the code version, the cache manifest fingerprint, the training run and step,
-the training's last validation loss and the encoder fingerprints. Exit codes: 0 registered (or
-already there), 2 bad arguments or inputs, 1 failed.
+the validation loss of the registered (EMA) weights at that step and the encoder fingerprints. Exit
+codes: 0 registered (or already there), 2 bad arguments or inputs, 1 failed.
 """
 
 import argparse
@@ -54,14 +54,6 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
     if found is None:
         raise FileNotFoundError(f"training run {run_id} ({join(storage, name)}) has no complete checkpoint")
     return found, join(storage.rstrip("/"), name, Path(found.path).name)
-
-
-def _last_metric(mlflow_client, run_id: str, key: str) -> float | None:
-    try:
-        history = mlflow_client.get_metric_history(run_id, key)
-    except Exception:
-        return None
-    return max(history, key=lambda m: m.step).value if history else None
 
 
 def _set_challenger(mlflow_client, name: str, version) -> None:
@@ -135,7 +127,9 @@ def register_stage_c(
         }
         if decoders:
             tags["decoders"] = decoders
-        val_loss = _last_metric(mlflow_client, train_run, "val_loss") if train_run else None
+        # What the registered weights themselves scored at this checkpoint's step (not the newest
+        # figure of the run, nor that of the other weights); absent when the step was not validated.
+        val_loss = state.get("validation", {}).get(ckpt_io.VAL_LOSS[weights.name])
         if val_loss is not None:
             tags["training.val_loss"] = f"{val_loss:.6g}"
         run_context = mlflow.start_run(run_id=train_run) if train_run else mlflow.start_run(run_name=f"register-{name}")

@@ -103,6 +103,20 @@ def test_gate_promotes_the_better_keeps_the_worse_and_rolls_back(trained):
     registry.set_champion(registry.client(uri), NAME, better["version"], [first["version"], better["version"]])
 
 
+def test_the_training_val_loss_tag_is_that_of_the_registered_weights(trained):
+    """The version holds the EMA weights: its training.val_loss is what they score, the same number
+    the evaluation job measures on them (same held-out rows, t grid, noise), not the trained
+    weights' loss."""
+    from pipelines.evaluate import evaluate_model
+
+    uri = trained["uri"]
+    version = register_stage_c(uri, NAME, run_id=trained["run_id"])["version"]
+    tags = _tags(uri, version)
+    assert tags["weights"] == "ema"
+    measured = evaluate_model(f"models:/{NAME}/{version}", tracking_uri=uri)["val_loss"]
+    assert float(tags["training.val_loss"]) == pytest.approx(measured, rel=1e-5)
+
+
 CONSUMER = """
 import json, sys
 import mlflow

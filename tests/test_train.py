@@ -41,8 +41,9 @@ def test_two_workers_train_checkpoint_to_s3_and_track_in_mlflow(tiny_cache, mlfl
     assert result.metrics["step"] == 6
     steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
-    val = _history(mlflow_server, run_id, "val_loss")
-    assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val)
+    for key in ("val_loss_ema", "val_loss_raw"):  # the EMA weights (registered) and the trained ones
+        val = _history(mlflow_server, run_id, key)
+        assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val), key
     for key in ("lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
         assert len(_history(mlflow_server, run_id, key)) == 6, key
     run = MlflowClient(mlflow_server).get_run(run_id)
@@ -142,7 +143,7 @@ def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(ray_cluster, m
     cfg = train_config(str(tmp_path / "cache"), str(tmp_path / "runs"), mlflow_server, "tokens", steps=2, **{
         "parallel.num_workers": 1, "checkpoint.every_steps": 2, "validation.every_steps": 2, "data.batch_size": 4})
     result, _ = run_training(cfg)
-    assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss"]) and np.isfinite(result.metrics["loss"])
+    assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss_ema"]) and np.isfinite(result.metrics["loss"])
 
 
 def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlflow_server, tmp_path):

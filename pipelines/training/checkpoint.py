@@ -6,6 +6,7 @@ storage (local or S3) and keeps the newest `num_to_keep`.
         ema/     config.json + diffusion_pytorch_model.safetensors   the EMA weights (what gets registered)
         optimizer.pt         optimizer state (tensors and numbers only: read back with weights_only=True)
         train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config,
+                             the validation losses of model/ and ema/ when measured at this step,
                              and the size of every other file (a resume checks them: see `latest`)
     or, with FSDP2 and fsdp_state_dict "sharded", instead of model/ and optimizer.pt:
         sharded/             torch.distributed.checkpoint of model, optimizer and EMA, one file per rank
@@ -21,6 +22,8 @@ import torch
 from stages import StageC
 
 TRAIN_STATE = "train_state.json"
+# The validation loss of each weights folder's weights, by its metric name (MLflow, train_state).
+VAL_LOSS = {"model": "val_loss_raw", "ema": "val_loss_ema"}
 OPTIMIZER = "optimizer.pt"
 SHARDED = "sharded"
 
