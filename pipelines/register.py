@@ -41,18 +41,29 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
 
     from data_prep.cache import join, resolve
     from pipelines.training import checkpoint as ckpt_io
+    from pipelines.training.tracking import CONFIG_HASH_TAG, config_hash
 
     if checkpoint_uri:
         fs, path = resolve(checkpoint_uri)
         return Checkpoint(path=path, filesystem=fs), checkpoint_uri.rstrip("/")
-    params = mlflow_client.get_run(run_id).data.params
+    run = mlflow_client.get_run(run_id)
     try:
-        storage, name = params["checkpoint.storage_path"], params["checkpoint.run_name"]
+        storage, name = run.data.params["checkpoint.storage_path"], run.data.params["checkpoint.run_name"]
     except KeyError as err:
         raise ValueError(f"MLflow run {run_id} is not a training run of this project (no param {err})") from None
     found = ckpt_io.latest(storage, name)
     if found is None:
         raise FileNotFoundError(f"training run {run_id} ({join(storage, name)}) has no complete checkpoint")
+    # The checkpoint folder is found by name: make sure this run wrote it, under this run's config,
+    # or the version would pair one run's weights with another's metrics and config.
+    state = ckpt_io.train_state_of(found)
+    recorded = run.data.tags.get(CONFIG_HASH_TAG)
+    if state.get("mlflow_run_id") != run_id or (recorded is not None and recorded != config_hash(state["config"])):
+        raise ValueError(
+            f"the newest checkpoint of training run {run_id}, {found.path}, was written by MLflow run "
+            f"{state.get('mlflow_run_id')} with config hash {config_hash(state['config'])} (run {run_id}: {recorded}): it is "
+            f"not this run's; register it with --checkpoint if it is the one you want"
+        )
     return found, join(storage.rstrip("/"), name, Path(found.path).name)
 
 

@@ -180,3 +180,22 @@ def test_a_rerun_resumes_from_the_previous_checkpoint_when_the_newest_is_cut_sho
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert tags["resume.step_3.weights_sha256"] == weights_digest_of(saved["model"])
     assert "resume.step_6.weights_sha256" not in tags
+
+
+def test_a_run_name_with_another_config_or_storage_is_refused_not_continued(tiny_cache, mlflow_server, tmp_path):
+    """A run name is one MLflow run and one checkpoint folder: rerunning it with another learning
+    rate (or another storage path) must not continue the old MLflow run nor its checkpoints."""
+    from pipelines.config import ConfigError
+
+    storage = str(tmp_path / "runs")
+    _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "one-config", steps=3))
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002.*new checkpoint\.run_name"):
+        run_training(train_config(tiny_cache, storage, mlflow_server, "one-config", steps=6, **{"optim.lr": 2e-3}))
+    with pytest.raises(ConfigError, match=rf"MLflow run {run_id} .*checkpoint\.storage_path: {storage} -> {tmp_path}/elsewhere"):
+        run_training(train_config(tiny_cache, str(tmp_path / "elsewhere"), mlflow_server, "one-config", steps=6))
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              filter_string="tags.`wuerstchen.run_name` = 'one-config'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3], "nothing trained on"
+    assert sorted(p.name for p in (tmp_path / "runs" / "one-config").glob("checkpoint_*")) == ["checkpoint_00000003"]

@@ -222,3 +222,28 @@ def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
     assert out["val_loss_ema"] == validation_loss(on_ema, batches, cfg, torch.device("cpu"), None)
     assert out["val_loss_ema"] != out["val_loss_raw"]
     assert validate(model, Ema(model, EmaConfig(mode="none")), batches, cfg, torch.device("cpu"), None).keys() == {"val_loss_raw"}
+
+
+def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():
+    import dataclasses
+
+    from pipelines.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.tracking import config_hash
+
+    def digest(*sets: str) -> str:
+        return config_hash(dataclasses.asdict(load(TrainConfig, None, list(sets))))
+
+    base = digest()
+    for resumable in ("steps=900", "max_failures=3", "tracking.log_every=1", "tracking.experiment=other",
+                      "checkpoint.every_steps=7", "validation.every_steps=7", "ray_address=auto",
+                      "parallel.cpus_per_worker=2", "model.gradient_checkpointing=true", "fault.fail_at_step=3"):
+        assert digest(resumable) == base, resumable
+    for defining in ("optim.lr=0.5", "checkpoint.storage_path=s3://b/runs", "data.cache=other", "ema.decay=0.5",
+                     "model.init=models:/m/1", "parallel.num_workers=4", "seed=1", "validation.t_grid=[0.5]",
+                     "data.shards=[a]", "model.overrides={depth: 1}"):
+        assert digest(defining) != base, defining
+    # the same values read back from a checkpoint's train_state.json (tuples become lists)
+    import json
+
+    assert config_hash(json.loads(json.dumps(dataclasses.asdict(load(TrainConfig))))) == base

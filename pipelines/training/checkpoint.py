@@ -163,16 +163,25 @@ def latest(storage_path: str, run_name: str):
     return None
 
 
+def train_state_of(checkpoint) -> dict:
+    """The train_state of a ray.train.Checkpoint in its storage, read without downloading it."""
+    from data_prep.cache import join, read_text
+
+    text = read_text(checkpoint.filesystem, join(checkpoint.path.rstrip("/"), TRAIN_STATE))
+    if text is None:
+        raise IncompleteCheckpointError(f"checkpoint {checkpoint.path} has no {TRAIN_STATE}")
+    return json.loads(text)
+
+
 def incomplete(checkpoint) -> list[str]:
     """What is wrong with a ray.train.Checkpoint in its storage, read from one listing of its
     folder (nothing downloaded); empty when it is complete."""
     import pyarrow.fs as pafs
 
-    from data_prep.cache import join, read_text
-
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    text = read_text(fs, join(path, TRAIN_STATE))
-    if text is None:
+    try:
+        state = train_state_of(checkpoint)
+    except IncompleteCheckpointError:
         return [f"no {TRAIN_STATE}"]
     listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return problems(json.loads(text), {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})
+    return problems(state, {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})
