@@ -116,8 +116,8 @@ def train(cfg):
     result, run_id = run_training(cfg)
     metrics = result.metrics or {}
     if "step" in metrics:
-        print(f"   step {metrics['step']}: loss {metrics['loss']:.5f}, validation loss {metrics.get('val_loss', float('nan')):.5f}; "
-              f"MLflow run {run_id}", flush=True)
+        print(f"   step {metrics['step']}: loss {metrics['loss']:.5f}, validation loss of the EMA weights "
+              f"{metrics.get('val_loss_ema', float('nan')):.5f}; MLflow run {run_id}", flush=True)
     else:
         print(f"   already trained to step {cfg.steps} (raise --steps to train on); MLflow run {run_id}", flush=True)
     return cfg, result

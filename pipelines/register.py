@@ -10,8 +10,8 @@ registry as a pyfunc model, as a new version of a named model with the alias `ch
 
 Registering the same checkpoint again returns the version it already has (no duplicate). The
 version is tagged with the code version, the cache manifest fingerprint, the training run and step,
-the training's last validation loss and the encoder fingerprints. Exit codes: 0 registered (or
-already there), 2 bad arguments or inputs, 1 failed.
+the validation loss of the registered (EMA) weights at that step and the encoder fingerprints. Exit
+codes: 0 registered (or already there), 2 bad arguments or inputs, 1 failed.
 """
 
 import argparse
@@ -41,27 +41,30 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
 
     from data_prep.cache import join, resolve
     from pipelines.training import checkpoint as ckpt_io
+    from pipelines.training.tracking import CONFIG_HASH_TAG, config_hash
 
     if checkpoint_uri:
         fs, path = resolve(checkpoint_uri)
         return Checkpoint(path=path, filesystem=fs), checkpoint_uri.rstrip("/")
-    params = mlflow_client.get_run(run_id).data.params
+    run = mlflow_client.get_run(run_id)
     try:
-        storage, name = params["checkpoint.storage_path"], params["checkpoint.run_name"]
+        storage, name = run.data.params["checkpoint.storage_path"], run.data.params["checkpoint.run_name"]
     except KeyError as err:
         raise ValueError(f"MLflow run {run_id} is not a training run of this project (no param {err})") from None
     found = ckpt_io.latest(storage, name)
     if found is None:
         raise FileNotFoundError(f"training run {run_id} ({join(storage, name)}) has no complete checkpoint")
+    # The checkpoint folder is found by name: make sure this run wrote it, under this run's config,
+    # or the version would pair one run's weights with another's metrics and config.
+    state = ckpt_io.train_state_of(found)
+    recorded = run.data.tags.get(CONFIG_HASH_TAG)
+    if state.get("mlflow_run_id") != run_id or (recorded is not None and recorded != config_hash(state["config"])):
+        raise ValueError(
+            f"the newest checkpoint of training run {run_id}, {found.path}, was written by MLflow run "
+            f"{state.get('mlflow_run_id')} with config hash {config_hash(state['config'])} (run {run_id}: {recorded}): it is "
+            f"not this run's; register it with --checkpoint if it is the one you want"
+        )
     return found, join(storage.rstrip("/"), name, Path(found.path).name)
-
-
-def _last_metric(mlflow_client, run_id: str, key: str) -> float | None:
-    try:
-        history = mlflow_client.get_metric_history(run_id, key)
-    except Exception:
-        return None
-    return max(history, key=lambda m: m.step).value if history else None
 
 
 def _set_challenger(mlflow_client, name: str, version) -> None:
@@ -135,7 +138,9 @@ def register_stage_c(
         }
         if decoders:
             tags["decoders"] = decoders
-        val_loss = _last_metric(mlflow_client, train_run, "val_loss") if train_run else None
+        # What the registered weights themselves scored at this checkpoint's step (not the newest
+        # figure of the run, nor that of the other weights); absent when the step was not validated.
+        val_loss = state.get("validation", {}).get(ckpt_io.VAL_LOSS[weights.name])
         if val_loss is not None:
             tags["training.val_loss"] = f"{val_loss:.6g}"
         run_context = mlflow.start_run(run_id=train_run) if train_run else mlflow.start_run(run_name=f"register-{name}")

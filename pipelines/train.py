@@ -3,9 +3,11 @@ Stage C on the latent cache with Ray Train (DDP or FSDP2), checkpointing to loca
 tracking in MLflow.
 
 Rerunning the same command (same checkpoint.run_name and storage_path) resumes from the newest
-checkpoint, with more steps if `steps` was raised; a worker failure is retried from the newest
-checkpoint up to `max_failures` times. Exit codes: 0 done, 2 bad configuration (including a cache
-made by other encoders), 1 training failed.
+complete checkpoint, with more steps if `steps` was raised; a worker failure is retried from the
+newest checkpoint up to `max_failures` times. A run name is one config: rerunning it with a value
+changed that defines the run (anything but tracking.RESUMABLE_KEYS) is refused. Exit codes: 0 done,
+2 bad configuration (including a cache made by other encoders, or a run name taken by another
+config), 1 training failed.
 """
 
 import dataclasses
@@ -57,7 +59,7 @@ def run_training(cfg: TrainConfig):
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
-    from pipelines.training.tracking import flatten, start_or_resume_run, tracking_uri
+    from pipelines.training.tracking import start_or_resume_run, tracking_uri
     from stages import StageC
 
     cache = Cache(cfg.data.cache)
@@ -83,9 +85,16 @@ def run_training(cfg: TrainConfig):
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
     config_dict = dataclasses.asdict(cfg)
+    resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    owner = None
+    if resume is not None:
+        resumed = ckpt_io.train_state_of(resume)
+        check_resumable(resumed["config"], config_dict, resume.path)
+        owner = resumed["mlflow_run_id"]
+        log.info("resuming %s from %s", cfg.checkpoint.run_name, resume.path)
     run_id = start_or_resume_run(
-        uri, cfg.tracking.experiment, cfg.checkpoint.run_name, flatten(config_dict),
-        tags={"cache": cfg.data.cache, **{f"fingerprint.{k}": v for k, v in expected.items()}},
+        uri, cfg.tracking.experiment, cfg.checkpoint.run_name, config_dict,
+        tags={"cache": cfg.data.cache, **{f"fingerprint.{k}": v for k, v in expected.items()}}, owner=owner,
     )
     _log_manifest(uri, run_id, cache)
 
@@ -94,9 +103,6 @@ def run_training(cfg: TrainConfig):
     connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
     fs, root = resolve(cfg.checkpoint.storage_path)
-    resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
-    if resume is not None:
-        log.info("resuming %s from %s", cfg.checkpoint.run_name, resume.path)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -133,6 +139,22 @@ def run_training(cfg: TrainConfig):
         raise
     _end_run(uri, run_id, "FINISHED")
     return result, run_id
+
+
+def check_resumable(saved: dict, config: dict, where: str) -> None:
+    """Refuses (ConfigError) to resume a checkpoint trained under another config: its weights would
+    go on under values they were not trained with, in the same run."""
+    import json
+
+    from pipelines.config import ConfigError
+    from pipelines.training.tracking import RESUMABLE_KEYS, config_changes, config_hash, flatten
+
+    if config_hash(saved) != config_hash(config):
+        changes = config_changes(flatten(saved), json.loads(json.dumps(config)))  # tuples as the saved lists
+        raise ConfigError(
+            f"checkpoint {where} was trained with another config ({'; '.join(changes[:10])}): give this config a new "
+            f"checkpoint.run_name, or restore those values to resume it (only {', '.join(RESUMABLE_KEYS)} may change)"
+        )
 
 
 def _log_manifest(uri: str, run_id: str, cache) -> None:

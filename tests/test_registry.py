@@ -159,6 +159,48 @@ def test_evaluation_reads_only_the_held_out_rows_as_a_ray_task(trained, tiny_cac
     assert isinstance(failed.value, RayTaskError)  # raised in the task, with its cause's type here
 
 
+def test_the_training_val_loss_tag_is_that_of_the_registered_weights(trained):
+    """The version holds the EMA weights: its training.val_loss is what they score, the same number
+    the evaluation job measures on them (same held-out rows, t grid, noise), not the trained
+    weights' loss."""
+    from pipelines.evaluate import evaluate_model
+
+    uri = trained["uri"]
+    version = register_stage_c(uri, NAME, run_id=trained["run_id"])["version"]
+    tags = _tags(uri, version)
+    assert tags["weights"] == "ema"
+    measured = evaluate_model(f"models:/{NAME}/{version}", tracking_uri=uri)["val_loss"]
+    assert float(tags["training.val_loss"]) == pytest.approx(measured, rel=1e-5)
+
+
+def test_a_run_is_not_registered_with_a_checkpoint_it_did_not_write(trained):
+    """register --run-id finds the checkpoint folder by the run's storage path and name: a run
+    whose folder holds another run's checkpoint, or a checkpoint of another config, is refused."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.training.tracking import CONFIG_HASH_TAG
+
+    uri, client = trained["uri"], MlflowClient(trained["uri"])
+    real = client.get_run(trained["run_id"])
+    digest = real.data.tags.get(CONFIG_HASH_TAG)
+    other = client.create_run(real.info.experiment_id, tags={CONFIG_HASH_TAG: digest} if digest else {}).info.run_id
+    for key in ("checkpoint.storage_path", "checkpoint.run_name"):
+        client.log_param(other, key, real.data.params[key])
+    with pytest.raises(ValueError, match=rf"written by MLflow run {trained['run_id']}.*not this run's"):
+        register_stage_c(uri, "stage-c-not-mine", run_id=other)
+
+    client.set_tag(trained["run_id"], CONFIG_HASH_TAG, "0" * 16)
+    try:
+        with pytest.raises(ValueError, match=rf"\(run {trained['run_id']}: 0000000000000000\)"):
+            register_stage_c(uri, "stage-c-not-mine", run_id=trained["run_id"])
+    finally:
+        if digest:
+            client.set_tag(trained["run_id"], CONFIG_HASH_TAG, digest)
+        else:
+            client.delete_tag(trained["run_id"], CONFIG_HASH_TAG)
+    assert registry.client(uri).search_model_versions("name='stage-c-not-mine'") == []
+
+
 CONSUMER = """
 import json, sys
 import mlflow

@@ -41,8 +41,9 @@ def test_two_workers_train_checkpoint_to_s3_and_track_in_mlflow(tiny_cache, mlfl
     assert result.metrics["step"] == 6
     steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
-    val = _history(mlflow_server, run_id, "val_loss")
-    assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val)
+    for key in ("val_loss_ema", "val_loss_raw"):  # the EMA weights (registered) and the trained ones
+        val = _history(mlflow_server, run_id, key)
+        assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val), key
     for key in ("lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
         assert len(_history(mlflow_server, run_id, key)) == 6, key
     run = MlflowClient(mlflow_server).get_run(run_id)
@@ -140,7 +141,7 @@ def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(ray_cluster, m
     cfg = train_config(str(tmp_path / "cache"), str(tmp_path / "runs"), mlflow_server, "tokens", steps=2, **{
         "parallel.num_workers": 1, "checkpoint.every_steps": 2, "validation.every_steps": 2, "data.batch_size": 4})
     result, _ = run_training(cfg)
-    assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss"]) and np.isfinite(result.metrics["loss"])
+    assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss_ema"]) and np.isfinite(result.metrics["loss"])
 
 
 def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlflow_server, tmp_path):
@@ -160,3 +161,39 @@ def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlf
     assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert tags["resume.step_3.weights_sha256"] == weights_digest_of(state["model"])
+
+
+def test_a_rerun_resumes_from_the_previous_checkpoint_when_the_newest_is_cut_short(tiny_cache, mlflow_server, tmp_path):
+    """Ray's own record of the run names checkpoint 6; a file of it is cut short (an upload killed
+    half-way, a full disk): the rerun must resume from checkpoint 3, not load half a file."""
+    storage = str(tmp_path / "runs")
+    _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "cut-short", steps=6))
+    newest = tmp_path / "runs" / "cut-short" / "checkpoint_00000006" / "model" / "diffusion_pytorch_model.safetensors"
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size - 100)
+    saved = ckpt_io.read(tmp_path / "runs" / "cut-short" / "checkpoint_00000003")
+
+    result, again = run_training(train_config(tiny_cache, storage, mlflow_server, "cut-short", steps=9))
+    assert again == run_id and result.metrics["step"] == 9
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert tags["resume.step_3.weights_sha256"] == weights_digest_of(saved["model"])
+    assert "resume.step_6.weights_sha256" not in tags
+
+
+def test_a_run_name_with_another_config_or_storage_is_refused_not_continued(tiny_cache, mlflow_server, tmp_path):
+    """A run name is one MLflow run and one checkpoint folder: rerunning it with another learning
+    rate (or another storage path) must not continue the old MLflow run nor its checkpoints."""
+    from pipelines.config import ConfigError
+
+    storage = str(tmp_path / "runs")
+    _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "one-config", steps=3))
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002.*new checkpoint\.run_name"):
+        run_training(train_config(tiny_cache, storage, mlflow_server, "one-config", steps=6, **{"optim.lr": 2e-3}))
+    with pytest.raises(ConfigError, match=rf"MLflow run {run_id} .*checkpoint\.storage_path: {storage} -> {tmp_path}/elsewhere"):
+        run_training(train_config(tiny_cache, str(tmp_path / "elsewhere"), mlflow_server, "one-config", steps=6))
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              filter_string="tags.`wuerstchen.run_name` = 'one-config'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3], "nothing trained on"
+    assert sorted(p.name for p in (tmp_path / "runs" / "one-config").glob("checkpoint_*")) == ["checkpoint_00000003"]

@@ -190,3 +190,60 @@ def test_the_shipped_configs_average_their_ema():
         load(TrainConfig, path)
     for path in sorted(root.glob("retrain_*.yaml")):
         load(RetrainConfig, path)
+
+
+def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
+    """What gets registered is the EMA: its loss is measured on the EMA weights, beside the trained
+    weights' loss under its own name, and the model trains on with its own weights afterwards."""
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.loop import validate, validation_loss
+    from stages import StageC
+
+    model = StageC.from_flavor("tiny")
+    ema = Ema(model, EmaConfig(mode="every_step", decay=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # the trained weights move away from the EMA
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = {k: v.clone() for k, v in ema.shadow.items()}
+    rng = np.random.default_rng(0)
+    batches = [{"key": np.array([f"k{i}", f"k{i}x"], dtype=object),
+                "stage_c_latents": rng.standard_normal((2, 16, 3, 3)).astype(np.float32),
+                "text_embeddings": rng.standard_normal((2, 4, 32)).astype(np.float32)} for i in range(2)]
+    cfg = TrainConfig()
+
+    out = validate(model, ema, batches, cfg, torch.device("cpu"), None)
+    assert set(out) == {"val_loss_raw", "val_loss_ema"}
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items()), "the trained weights come back"
+    assert all(torch.equal(v, shadow[k]) for k, v in ema.shadow.items()), "the EMA is left as it was"
+    assert out["val_loss_raw"] == validation_loss(model, batches, cfg, torch.device("cpu"), None)
+    on_ema = StageC.from_flavor("tiny")
+    on_ema.load_state_dict({**trained, **shadow})
+    assert out["val_loss_ema"] == validation_loss(on_ema, batches, cfg, torch.device("cpu"), None)
+    assert out["val_loss_ema"] != out["val_loss_raw"]
+    assert validate(model, Ema(model, EmaConfig(mode="none")), batches, cfg, torch.device("cpu"), None).keys() == {"val_loss_raw"}
+
+
+def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():
+    import dataclasses
+
+    from pipelines.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.tracking import config_hash
+
+    def digest(*sets: str) -> str:
+        return config_hash(dataclasses.asdict(load(TrainConfig, None, list(sets))))
+
+    base = digest()
+    for resumable in ("steps=900", "max_failures=3", "tracking.log_every=1", "tracking.experiment=other",
+                      "checkpoint.every_steps=7", "validation.every_steps=7", "ray_address=auto",
+                      "parallel.cpus_per_worker=2", "model.gradient_checkpointing=true", "fault.fail_at_step=3"):
+        assert digest(resumable) == base, resumable
+    for defining in ("optim.lr=0.5", "checkpoint.storage_path=s3://b/runs", "data.cache=other", "ema.decay=0.5",
+                     "model.init=models:/m/1", "parallel.num_workers=4", "seed=1", "validation.t_grid=[0.5]",
+                     "data.shards=[a]", "model.overrides={depth: 1}"):
+        assert digest(defining) != base, defining
+    # the same values read back from a checkpoint's train_state.json (tuples become lists)
+    import json
+
+    assert config_hash(json.loads(json.dumps(dataclasses.asdict(load(TrainConfig))))) == base

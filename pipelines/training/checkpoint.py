@@ -6,6 +6,7 @@ storage (local or S3) and keeps the newest `num_to_keep`.
         ema/     config.json + diffusion_pytorch_model.safetensors   the EMA weights (what gets registered)
         optimizer.pt         optimizer state (tensors and numbers only: read back with weights_only=True)
         train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config,
+                             the validation losses of model/ and ema/ when measured at this step,
                              and the size of every other file (a resume checks them: see `latest`)
     or, with FSDP2 and fsdp_state_dict "sharded", instead of model/ and optimizer.pt:
         sharded/             torch.distributed.checkpoint of model, optimizer and EMA, one file per rank
@@ -21,6 +22,8 @@ import torch
 from stages import StageC
 
 TRAIN_STATE = "train_state.json"
+# The validation loss of each weights folder's weights, by its metric name (MLflow, train_state).
+VAL_LOSS = {"model": "val_loss_raw", "ema": "val_loss_ema"}
 OPTIMIZER = "optimizer.pt"
 SHARDED = "sharded"
 
@@ -160,16 +163,25 @@ def latest(storage_path: str, run_name: str):
     return None
 
 
+def train_state_of(checkpoint) -> dict:
+    """The train_state of a ray.train.Checkpoint in its storage, read without downloading it."""
+    from data_prep.cache import join, read_text
+
+    text = read_text(checkpoint.filesystem, join(checkpoint.path.rstrip("/"), TRAIN_STATE))
+    if text is None:
+        raise IncompleteCheckpointError(f"checkpoint {checkpoint.path} has no {TRAIN_STATE}")
+    return json.loads(text)
+
+
 def incomplete(checkpoint) -> list[str]:
     """What is wrong with a ray.train.Checkpoint in its storage, read from one listing of its
     folder (nothing downloaded); empty when it is complete."""
     import pyarrow.fs as pafs
 
-    from data_prep.cache import join, read_text
-
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    text = read_text(fs, join(path, TRAIN_STATE))
-    if text is None:
+    try:
+        state = train_state_of(checkpoint)
+    except IncompleteCheckpointError:
         return [f"no {TRAIN_STATE}"]
     listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return problems(json.loads(text), {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})
+    return problems(state, {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})

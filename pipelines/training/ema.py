@@ -1,11 +1,13 @@
 """An exponential moving average of the weights, kept in the same layout as the parameters (plain
 tensors for DDP, sharded DTensors for FSDP2), with the original Würstchen schedule as an option."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 from pipelines.training.config import EmaConfig
-from pipelines.training.parallel import full_tensor, shard_like, unwrap
+from pipelines.training.parallel import full_tensor, reshard, shard_like, unwrap
 
 
 class Ema:
@@ -28,6 +30,25 @@ class Ema:
             weight = 1.0 if step <= cfg.copy_until else 1.0 - cfg.beta
         for name, p in unwrap(model).named_parameters():
             self.shadow[name].lerp_(p.detach(), weight)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """The model holds the EMA weights inside the block (to validate what gets registered) and
+        its own weights again after it. Swapped in place, one parameter at a time: no second copy of
+        the model is held, whatever its size. Every rank must enter it (FSDP2)."""
+        self._swap(model)
+        try:
+            yield model
+        finally:
+            self._swap(model)
+
+    @torch.no_grad()
+    def _swap(self, model: nn.Module) -> None:
+        reshard(model)  # FSDP2: the parameters in their sharded layout, which the shadow has
+        for name, p in unwrap(model).named_parameters():
+            held = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name].copy_(held)
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The EMA weights as a full state dict (buffers from the model); every rank must call it."""

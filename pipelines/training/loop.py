@@ -105,6 +105,16 @@ def validation_loss(model, val_set: ValidationSet, cfg: TrainConfig, device, tex
 _STALL_SECONDS = 600
 
 
+def validate(model, ema: Ema, val_set, cfg: TrainConfig, device, text_encoder) -> dict[str, float]:
+    """The validation loss of the trained weights and, with an EMA, of the EMA weights (what a
+    checkpoint's ema/ holds and what gets registered), named as in checkpoint.VAL_LOSS."""
+    out = {ckpt_io.VAL_LOSS["model"]: validation_loss(model, val_set, cfg, device, text_encoder)}
+    if ema.shadow:
+        with ema.swapped_in(model):
+            out[ckpt_io.VAL_LOSS["ema"]] = validation_loss(model, val_set, cfg, device, text_encoder)
+    return out
+
+
 def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
@@ -252,9 +262,10 @@ def train_func(config: dict) -> None:
         }
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the loss is {loss_sum} at step {step}: stopping before the weights are ruined")
-        if step % cfg.validation.every_steps == 0 or step == cfg.steps:
-            metrics["val_loss"] = validation_loss(model, val_set, cfg, device, text_encoder)
-        if logger is not None and (step % cfg.tracking.log_every == 0 or "val_loss" in metrics or step == cfg.steps):
+        validated = step % cfg.validation.every_steps == 0 or step == cfg.steps
+        if validated:
+            metrics.update(validate(model, ema, val_set, cfg, device, text_encoder))
+        if logger is not None and (step % cfg.tracking.log_every == 0 or validated or step == cfg.steps):
             logger.log(metrics, step)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             print(f"step {step}/{cfg.steps}: {shown}", flush=True)  # Ray forwards it to the driver
@@ -285,6 +296,8 @@ def _save_and_report(model, ema, optimizer, cfg, config, step, batches, metrics,
                 "cache_fingerprints": config["cache_fingerprints"],
                 "config": config["train"],
                 "sharded_world_size": ray.train.get_context().get_world_size() if sharded else None,
+                # What the weights of this very checkpoint scored (register tags the version with it).
+                "validation": {k: metrics[k] for k in ckpt_io.VAL_LOSS.values() if k in metrics},
             }
             ckpt_io.write(Path(tmp), unwrap(model).config, model_state, ema_state, opt_state, train_state)
         part = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or sharded) else None

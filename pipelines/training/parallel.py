@@ -34,6 +34,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters gathered after a forward that no backward follows (a
+    validation pass): shards them again, the layout the optimizer and the EMA hold."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered to its full value (a collective), or the tensor itself."""
     from torch.distributed.tensor import DTensor

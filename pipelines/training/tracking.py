@@ -1,14 +1,37 @@
 """MLflow tracking from world rank 0 that survives a tracking server that is briefly away: metrics
 that cannot be sent are kept, a warning is logged, and they are sent with the next batch."""
 
+import copy
+import hashlib
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
+from pipelines.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "wuerstchen.run_name"
+CONFIG_HASH_TAG = "wuerstchen.config_hash"
+# The train config keys that may change when a run is resumed: how long it trains, where it runs,
+# with what failure budget, how often it logs, validates and checkpoints, how it saves memory.
+# Every other key defines the run (a key added later does too, until listed here): the same
+# run name with another value is another run, refused (see start_or_resume_run).
+RESUMABLE_KEYS = (
+    "steps",
+    "max_failures",
+    "ray_address",
+    "num_cpus",
+    "tracking",
+    "fault",
+    "checkpoint.every_steps",
+    "checkpoint.num_to_keep",
+    "validation.every_steps",
+    "parallel.cpus_per_worker",
+    "model.gradient_checkpointing",
+)
 # The most metric values held back while the server is away (oldest dropped beyond it).
 MAX_PENDING = 100_000
 LOCAL_ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"  # mlflow.tracking._tracking_service.utils
@@ -45,23 +68,87 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict) -> str:
-    """The id of this run name's MLflow run: the existing one when the run is resumed, else a new one."""
+def defining_config(config: dict) -> dict:
+    """A train config (as a dict) without the keys that may change on resume."""
+    out = copy.deepcopy(config)
+    for key in RESUMABLE_KEYS:
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """The hash of what defines a training run: the same for a resume, another for another run."""
+    return hashlib.sha256(json.dumps(defining_config(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(recorded: dict[str, str], config: dict) -> list[str]:
+    """The defining keys whose flattened value differs between `recorded` (a run's params) and `config`."""
+    current = flatten(defining_config(config))
+    defined = flatten(defining_config(_unflatten(recorded)))
+    return [f"{k}: {defined.get(k, '(absent)')} -> {current.get(k, '(absent)')}"
+            for k in sorted(set(current) | set(defined)) if current.get(k) != defined.get(k)]
+
+
+def _unflatten(flat: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict, owner: str | None = None) -> str:
+    """The id of this run name's MLflow run: the existing one when the run is resumed, else a new one.
+
+    A run name is one config: an existing run with another config hash is refused (ConfigError),
+    not continued, since its checkpoints (same name) would be resumed under a config they were not
+    trained with. `owner`: the MLflow run that wrote the checkpoint to resume from, which must be
+    the one found."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    digest = config_hash(config)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
-    items = list(params.items())
+        run = found[0]
+        recorded = run.data.tags.get(CONFIG_HASH_TAG)
+        changes = config_changes(run.data.params, config)
+        if recorded != digest and (recorded is not None or changes):  # no tag: a run of older code, judged by its params
+            raise ConfigError(
+                f"checkpoint.run_name={run_name!r} is MLflow run {run.info.run_id} (experiment {experiment!r}), started with "
+                f"another config (hash {recorded}, this one {digest}): {'; '.join(changes[:10]) or 'see its params'}. "
+                f"To train this config, give it a new checkpoint.run_name; to resume that run, restore its values "
+                f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)"
+            )
+        if owner is not None and owner != run.info.run_id:
+            raise ConfigError(_not_the_owner(run_name, owner, f"MLflow run {run.info.run_id}"))
+        if recorded is None:
+            client.set_tag(run.info.run_id, CONFIG_HASH_TAG, digest)
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    if owner is not None:
+        raise ConfigError(_not_the_owner(run_name, owner, f"no run of that name in experiment {experiment!r} at {uri}"))
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, CONFIG_HASH_TAG: digest, **tags})
+    items = list(flatten(config).items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
     return run.info.run_id
+
+
+def _not_the_owner(run_name: str, owner: str, found: str) -> str:
+    return (f"the checkpoints of checkpoint.run_name={run_name!r} were written by MLflow run {owner}, but the tracking "
+            f"server has {found}: point tracking.tracking_uri / tracking.experiment at the server and experiment of run "
+            f"{owner} to resume it, or give this run a new checkpoint.run_name")
 
 
 class MetricLogger:
