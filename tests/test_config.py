@@ -232,10 +232,12 @@ def test_model_overrides_are_stage_c_fields():
         load(TrainConfig, None, ["model.overrides={dpeth: 3}"])
 
 
-def test_the_shipped_configs_still_load():
+def test_the_shipped_configs_still_load_and_rebuild_from_their_dicts():
+    """The training workers rebuild the config from dataclasses.asdict: the same config comes back."""
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cls = {"prep": PrepConfig, "train": TrainConfig, "retrain": RetrainConfig}[path.name.split("_")[0]]
-        load(cls, path)
+        cfg = load(cls, path)
+        assert from_dict(cls, dataclasses.asdict(cfg)) == cfg, path
 
 
 # -- the CLIP-score filter --------------------------------------------------------------------------
