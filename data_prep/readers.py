@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_prep.decode import DecodeError, DropReason, decode_caption
-from data_prep.storage import resolve
+from data_prep.storage import raise_for_storage_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,8 @@ def iter_shard(url: str, fs: pafs.FileSystem, path: str, fmt: str, **options) ->
     """The samples of one shard in format `fmt`, never raising for bad data: a shard that cannot
     be opened at all (missing, not a tar/parquet) yields one `unreadable_shard` sample (key ""), and
     a failure a reader did not foresee after some samples yields one `truncated_member` (key "").
-    `ShardSchemaError` (parquet columns not as configured) is raised: it is the job's mistake.
+    `ShardSchemaError` (parquet columns not as configured) and a `StorageError` (access denied) are
+    raised: they are the job's mistakes, which every shard would repeat.
     """
     if fmt not in READERS:
         raise ValueError(f"unknown shard format {fmt!r}; expected one of {SHARD_FORMATS}")
@@ -476,6 +477,10 @@ def iter_shard(url: str, fs: pafs.FileSystem, path: str, fmt: str, **options) ->
     except ShardSchemaError:
         raise
     except Exception as err:  # noqa: BLE001 - one bad shard must not fail the job
+        if isinstance(err, OSError):
+            # ... but a refusal (or a missing bucket) is the job's setup, not a bad shard: counted as
+            # unreadable, the shard would be committed and never read again.
+            raise_for_storage_error(err, path)
         reason = DropReason.TRUNCATED_MEMBER if yielded else DropReason.UNREADABLE_SHARD
         log.warning("shard %s: %s after %d samples (%s: %s)", url, reason, yielded, type(err).__name__, err)
         yield raw_sample("", url, drop_reason=reason)

@@ -31,6 +31,7 @@ from data_prep.ray_stages import (
     read_shard,
     stated_encoders,
 )
+from data_prep.storage import StorageError
 from stages.latents import semantic_image_size
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,28 @@ def _checked_manifest(manifest: dict | None, settings: dict, fingerprints: dict,
     return manifest, shapes
 
 
+@contextlib.contextmanager
+def _storage_errors_unwrapped():
+    """A StorageError raised in a Ray task (a read task refused by S3) reaches the driver inside
+    Ray's wrappers (RayTaskError, UserCodeException), whose text is a remote traceback: re-raised
+    as the task raised it, so that the job says one line and exits 2."""
+    try:
+        yield
+    except Exception as err:
+        found, seen = None, set()
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, StorageError):
+                found = err  # the innermost one is the task's own, with its own message
+            err = getattr(err, "cause", None) or err.__cause__
+        if found is None:
+            raise
+        # Ray Data appends lines of retry advice to the message, and Ray may have mixed its error
+        # class into the type: the job gets our own class and our one line.
+        kind = next(c for c in type(found).__mro__ if c.__module__ == StorageError.__module__)
+        raise kind(str(found).splitlines()[0]) from None
+
+
 def run_prep(cfg: PrepConfig, on_wave=None, shards: list[str] | None = None) -> dict:
     """Prepares every source shard the cache does not hold yet (with `shards`, only those of them:
     what a retraining attempt recorded); returns the run's summary.
@@ -356,7 +379,7 @@ def run_prep(cfg: PrepConfig, on_wave=None, shards: list[str] | None = None) -> 
     DataContext.get_current().execution_options.preserve_order = True  # the same input gives the same cache, run after run
     known = cache_io.existing_hashes(cache_io.Cache(cfg.output.url)) if manifest and manifest["files"] else []
     batches = iter(_prep_dataset(cfg, source_fs, pending, known).iter_batches(batch_format="pyarrow", batch_size=None))
-    with contextlib.closing(batches):  # on any failure, the execution stops at once
+    with contextlib.closing(batches), _storage_errors_unwrapped():  # on any failure, the execution stops at once
         first = next((rows for rows in batches if rows.num_rows), None)  # waits while the actors start
         if first is not None:
             # The encoders are the actors' own, as they state them; none is built here. Nothing is

@@ -83,7 +83,7 @@ def write_text_atomically(fs: pafs.FileSystem, path: str, text: str) -> None:
         with fs.open_output_stream(path) as f:
             f.write(text.encode())
     except OSError as err:
-        _raise_storage_error(err, path)
+        raise_for_storage_error(err, path)
         raise
 
 
@@ -93,7 +93,7 @@ def read_text(fs: pafs.FileSystem, path: str) -> str | None:
         with fs.open_input_stream(path) as f:
             return f.read().decode()
     except OSError as err:
-        _raise_storage_error(err, path)
+        raise_for_storage_error(err, path)
         if isinstance(err, FileNotFoundError) or "not exist" in str(err).lower() or "not found" in str(err).lower():
             return None
         raise
@@ -178,8 +178,9 @@ def _wrong_region(url: str, region: str, stated: str | None) -> WrongRegionError
     return WrongRegionError(f"{url}: the bucket is in region {region}, {said}. Drop ?region= or set it to {region}.")
 
 
-def _raise_storage_error(err: OSError, path: str) -> None:
-    """Raises the StorageError that a pyarrow S3 error stands for, if it stands for one."""
+def raise_for_storage_error(err: OSError, path: str) -> None:
+    """Raises the StorageError that a pyarrow S3 error on `path` stands for, if it stands for one
+    (for code that reads through a resolved filesystem itself, like the shard readers)."""
     text = str(err)
     url = f"s3://{path}"
     if "ACCESS_DENIED" in text:

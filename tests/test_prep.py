@@ -204,6 +204,28 @@ def test_a_source_and_cache_in_another_region_than_the_default(ray_cluster, tmp_
     assert Cache("s3://prep-eu/cache").fs.region == "eu-west-1"
 
 
+def test_a_source_the_bucket_refuses_to_read_stops_the_run_uncommitted(ray_cluster, tmp_path):
+    """Listing allowed, reading the shards denied (a bucket policy; moto enforces it on objects): the
+    run ends with AccessDeniedError and one line, committing nothing. It used to count every shard as
+    `unreadable_shard` and commit them, so that no rerun would read them again."""
+    import boto3
+
+    from data_prep.storage import AccessDeniedError
+
+    source = plain_shards(tmp_path / "src", shards=1, per_shard=2)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="prep-refused")
+    s3.upload_file(str(source / "shard-000.tar"), "prep-refused", "shards/shard-000.tar")
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": ["arn:aws:s3:::prep-refused/*"]}
+    s3.put_bucket_policy(Bucket="prep-refused", Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
+    output = tmp_path / "cache"
+    with pytest.raises(AccessDeniedError) as refused:
+        run_prep(tiny_config("s3://prep-refused/shards/", str(output)))
+    assert str(refused.value).startswith("s3://prep-refused/shards/shard-000.tar: access denied")
+    assert "\n" not in str(refused.value)
+    assert not (output / "manifest.json").exists()
+
+
 def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
     source = plain_shards(tmp_path / "src", shards=5, per_shard=6)
     reference = tmp_path / "reference"
