@@ -194,7 +194,8 @@ class Lease:
 
     @staticmethod
     def _describe(record: dict) -> str:
-        return f"started {record.get('started')} on {record.get('host')} (pid {record.get('pid')}, owner {record.get('owner')})"
+        return (f"started {record.get('started')} on {record.get('host')} "
+                f"(pid {record.get('pid')}, owner {record.get('owner')})")
 
     def acquire(self) -> "Lease":
         for _ in range(3):  # the lease may be released or replaced between two of our steps: look again
@@ -264,7 +265,8 @@ class Lease:
                 self._lose(f"reading it failed: {type(err).__name__}: {err}")
             else:
                 if record is None or record.get("owner") != self.owner:
-                    self._lose("it is gone" if record is None else f"another run took it over: {self._describe(record)}")
+                    self._lose("it is gone" if record is None
+                               else f"another run took it over: {self._describe(record)}")
         if self.lost is not None:
             raise LeaseLostError(
                 f"stopped before {phase}: this run no longer holds the lease {self.url}: {self.lost}. Another run may "

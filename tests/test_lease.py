@@ -1,6 +1,7 @@
 """The storage lease that lets one retraining run go at a time (local files and moto's S3)."""
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -151,4 +152,49 @@ def test_a_holder_whose_storage_fails_is_lost(state):
     assert expected in holder.lost
     with pytest.raises(LeaseLostError, match=f"before registration.*{expected}"):
         holder.check("registration")
-    holder.release()  # nothing left to release: it says so in the log and returns
+    holder.release()  # not ours any more: it leaves the storage alone
+
+
+def test_a_retrain_run_that_loses_its_lease_stops_before_training_with_exit_code_5(
+        ray_cluster, mlflow_server, tmp_path, capsys):
+    """The retraining job, in process: as soon as it holds its lease, another run takes it over. It
+    stops at the next phase check, before any training or registration, with exit code 5 and a message
+    naming the other run; the attempt record stays for the rerun that finishes it."""
+    import yaml
+    from prep_factory import plain_shards
+
+    from pipelines import registry, retrain
+
+    source = plain_shards(tmp_path / "src", shards=1, per_shard=6)
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "prep": {"source": {"url": str(source), "format": "webdataset"}, "filters": {"min_side": 64},
+                 "encode": {"flavor": "tiny", "resolution": 128, "batch_size": 16},
+                 "output": {"url": str(tmp_path / "cache")}},
+        "train": {"model": {"flavor": "tiny"}, "data": {"batch_size": 2},
+                  "checkpoint": {"storage_path": str(tmp_path / "runs"), "run_name": "lost"},
+                  "parallel": {"num_workers": 1, "cpus_per_worker": 1},
+                  "tracking": {"tracking_uri": mlflow_server, "experiment": "tests-lease"}, "steps": 2},
+        "model_name": "stage-c-lease-lost",
+        "lease": {"stale_after_s": 30, "heartbeat_s": 0.2},
+    }))
+    state = tmp_path / "runs" / "retrain"
+
+    def take_over() -> None:  # as soon as the run holds the lease: mostly before prep, else during it
+        deadline = time.monotonic() + 120
+        while not (state / LEASE).exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        (state / LEASE).write_text(json.dumps(_other_run(heartbeat=time.time())))
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    code = retrain.main(["--config", str(config)])
+    thief.join()
+    err = capsys.readouterr().err
+    assert code == retrain.LEASE_LOST, err
+    assert re.search(r"stopped before (data prep|training): this run no longer holds the lease .*someone-else",
+                     err), err
+    assert (state / "attempt.json").exists() and not (state / "summaries").exists()
+    assert json.loads((state / LEASE).read_text())["owner"] == "someone-else"  # left to its holder
+    assert registry.versions(registry.client(mlflow_server), "stage-c-lease-lost") == []
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["retrain"]  # no training run began
