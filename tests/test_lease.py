@@ -134,7 +134,9 @@ def test_a_holder_whose_storage_fails_is_lost(state):
     """The heartbeat fails with an error other than 'not found' (the state directory became a file; the
     bucket is gone): the lease is marked lost with that error, and the next phase check raises."""
     url, read, _ = state
-    holder = Lease(url, stale_after_s=3, heartbeat_s=0.2).acquire()
+    # The first heartbeat comes 1 s after acquire: the storage is broken well before it (the lease object
+    # is deleted before the bucket, and a heartbeat in between would only see it gone).
+    holder = Lease(url, stale_after_s=3, heartbeat_s=1).acquire()
     if url.startswith("s3://"):
         import boto3
 
