@@ -54,7 +54,8 @@ def auth_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts"),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"),
          "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
@@ -115,8 +116,8 @@ def champion(auth_server):
         experiment = client.get_experiment_by_name(MODEL)
         run = client.create_run(experiment.experiment_id, run_name="writer")
         with mlflow.start_run(run_id=run.info.run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=Doubler())
-        version = client.create_model_version(MODEL, info.model_uri, run_id=run.info.run_id)
+            info = mlflow.pyfunc.log_model(name="model", python_model=Doubler(), pip_requirements=["mlflow"])
+        version = mlflow.register_model(info.model_uri, MODEL)  # as pipelines.register does
         client.set_registered_model_alias(MODEL, "champion", version.version)
         client.set_registered_model_alias(MODEL, "challenger", version.version)
         client.delete_registered_model_alias(MODEL, "challenger")  # what pipelines.promote does

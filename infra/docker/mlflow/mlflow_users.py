@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", required=True, help="comma-separated registered model names the writer manages")
     parser.add_argument("--experiments", required=True, help="comma-separated experiment names the writer manages")
     args = parser.parse_args(argv)
+    # MLflow's client retries a failing call with backoff for minutes; the Job retries the whole script
+    # instead, and a failing call is reported at once.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         if not uri or not os.environ.get("MLFLOW_TRACKING_USERNAME") or not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
