@@ -184,7 +184,6 @@ BAD_RETRAIN = [
     ("gate.min_absolute_improvement=-1", "gate.min_absolute_improvement"),
     ("lease.stale_after_s=0", "lease.stale_after_s"),
     ("lease.heartbeat_s=0", "lease.heartbeat_s"),
-    ("lease.settle_s=-1", "lease.settle_s"),
     ("lease.heartbeat_s=900", "heartbeat_s"),  # not below stale_after_s: a live run would look dead
 ]
 
