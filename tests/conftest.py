@@ -188,12 +188,17 @@ def mlflow_server(s3_server, tmp_path_factory):
         _wait_healthy(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_server(process, log)
+
+
+def stop_server(process: subprocess.Popen, log) -> None:
+    """Stops a server the suite started (killed when it takes more than 20 s) and closes its log."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
 
 
 def _wait_healthy(url: str, timeout: float = 60.0) -> None:

@@ -13,7 +13,7 @@ import pytest
 import mlflow
 import mlflow.pyfunc
 import yaml
-from conftest import free_port, wait_for_port
+from conftest import free_port, stop_server, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_YAML = ROOT / "infra" / "k8s" / "mlflow" / "mlflow.yaml"
@@ -72,12 +72,7 @@ def auth_server(tmp_path_factory):
         assert users.returncode == 0, users.stdout + users.stderr
         yield {"uri": uri, "root": root}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_server(process, log)
 
 
 def _as(monkeypatch, user: tuple[str, str] | None):
