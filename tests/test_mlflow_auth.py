@@ -47,7 +47,8 @@ def auth_server(tmp_path_factory):
         ini.write(f)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    # An earlier test's mlflow.set_tracking_uri / set_registry_uri leave their URIs in the environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_REGISTRY_URI"))}
     env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
             "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-flask-key"}
@@ -64,7 +65,10 @@ def auth_server(tmp_path_factory):
         wait_for_port(port, timeout=300, process=process)
         users = subprocess.run(
             [sys.executable, str(USERS_SCRIPT), *_users_job_args()], capture_output=True, text=True, timeout=120,
-            env=env | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": ADMIN[0],
+            # A registry URI left in the environment (as a job's own set_registry_uri leaves it) must not
+            # send the script's models elsewhere: it writes to the server it is told, registry included.
+            env=env | {"MLFLOW_REGISTRY_URI": "http://127.0.0.1:9", "MLFLOW_TRACKING_URI": uri,
+                       "MLFLOW_TRACKING_USERNAME": ADMIN[0],
                        "MLFLOW_TRACKING_PASSWORD": ADMIN[1], "MLFLOW_WRITER_USERNAME": WRITER[0],
                        "MLFLOW_WRITER_PASSWORD": WRITER[1], "MLFLOW_READER_USERNAME": READER[0],
                        "MLFLOW_READER_PASSWORD": READER[1]},

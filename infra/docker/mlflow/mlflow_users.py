@@ -68,7 +68,8 @@ def setup(tracking_uri: str, models: list[str], experiments: list[str]) -> dict:
     reader, reader_password = _credentials(READER)
     if writer == reader:
         raise ValueError(f"the writer and the reader are the same user {writer!r}: give them different names")
-    auth, client = AuthServiceClient(tracking_uri), MlflowClient(tracking_uri)
+    # The registry explicitly too: MLFLOW_REGISTRY_URI in the environment would send the models elsewhere.
+    auth, client = AuthServiceClient(tracking_uri), MlflowClient(tracking_uri, registry_uri=tracking_uri)
     ensure_user(auth, writer, writer_password)
     ensure_user(auth, reader, reader_password)
     for name in models:
