@@ -41,7 +41,7 @@ def write_v2_encoders(folder: Path, tokenizer_dir: str, text_layers: int, device
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from data_prep.encoders import calibrate_batchnorm
+    from latent_cache.encoders import calibrate_batchnorm
     from stages import SemanticCompressor, StageA
     from stages.text_encoders import CONTEXT_LENGTH, ClipTextEncoder
 
@@ -100,7 +100,7 @@ def write_source(folder: Path, images: int, per_shard: int, size: tuple[int, int
 
 def prep_config(source: Path, output: Path, weights: dict, args):
     from data_prep.config import PrepConfig
-    from pipelines.config import load
+    from core.config import load
 
     return load(PrepConfig, None, [
         f"source.url={source}", "source.format=webdataset", f"output.url={output}", "encode.flavor=v2",
@@ -129,7 +129,7 @@ def encoder_bound(cfg, calls: int) -> tuple[float, object]:
 
 def agreement(cfg, stage, rows: int = 4) -> dict[str, float]:
     """max |GPU - fp32 CPU| / max |fp32 CPU| of each latent, for `rows` images."""
-    from data_prep.cache import TENSOR_DTYPES, binary_buffers
+    from latent_cache.cache import TENSOR_DTYPES, binary_buffers
     from data_prep.ray_stages import EncodeStage
 
     block = decoded_blocks(cfg, 1, rows)[0]
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from data_prep.ray_cluster import connect
+    from core.ray_cluster import connect
     from data_prep.runner import run_prep
 
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             summary = run_prep(prep_config(sources[n], tmp / f"cache-{n}", weights, args))
             runs[n] = {"seconds": time.perf_counter() - start, "images": summary["rows_in"], "written": summary["rows_written"]}
         ray.shutdown()
-        from data_prep.cache import Cache
+        from latent_cache.cache import Cache
 
         table = Cache(str(tmp / f"cache-{args.images[-1]}")).read_table(["stage_c_latents", "stage_a_latents"])
         for name in table.column_names:

@@ -55,7 +55,7 @@ def _source(folder: Path, images: int, per_shard: int) -> Path:
 
 def _config(source: Path, output: Path, args, text_mode: str):
     from data_prep.config import PrepConfig
-    from pipelines.config import load
+    from core.config import load
 
     return load(PrepConfig, None, [
         f"source.url={source}", "source.format=webdataset", f"output.url={output}",
@@ -137,7 +137,7 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
             return stage(b)
         import torch
 
-        from data_prep.cache import binary_buffers
+        from latent_cache.cache import binary_buffers
         from stages.latents import semantic_image_size
 
         side = semantic_image_size(cfg.encode.resolution, cfg.encode.resolution)[0]
@@ -195,7 +195,7 @@ def encoder_bounds(cfg, batches: int, cpus: int) -> dict[str, float]:
 
 
 def cache_bytes(url: str) -> dict:
-    from data_prep.cache import Cache
+    from latent_cache.cache import Cache
 
     cache = Cache(url)
     on_disk = sum(f["bytes"] for f in cache.manifest["files"])

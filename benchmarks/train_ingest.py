@@ -24,10 +24,10 @@ from benchmarks.report import emit
 
 
 def write_cache(root: Path, rows: int, flavor: str) -> str:
-    from data_prep import cache as cache_io
+    from latent_cache import cache as cache_io
     from data_prep.config import PrepConfig
     from data_prep.runner import _settings, encoder_fingerprints, tensor_shapes
-    from pipelines.config import load
+    from core.config import load
 
     cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}"])
     encoders, width = encoder_fingerprints(cfg)
@@ -51,7 +51,7 @@ def write_cache(root: Path, rows: int, flavor: str) -> str:
 
 def bare_loop(cfg, cache_url: str, steps: int) -> float:
     """Samples/s of the same model, objective, optimizer and EMA on in-memory tensors."""
-    from data_prep.cache import Cache
+    from latent_cache.cache import Cache
     from pipelines.training.ema import Ema
     from pipelines.training.loop import build_model
     from stages.objectives import stage_c_loss
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipelines.config import load
+    from core.config import load
     from pipelines.train import run_training
     from pipelines.training.config import TrainConfig
 

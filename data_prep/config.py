@@ -1,5 +1,5 @@
 """What a data-prep run is told: where the data is, how it is filtered, how it is encoded, where the
-cache goes. The job reads it from YAML (`pipelines/config.py`); every field has a working default."""
+cache goes. The job reads it from YAML (`core/config.py`); every field has a working default."""
 
 import dataclasses
 from typing import Annotated
@@ -8,7 +8,8 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from pydantic_core import ArgsKwargs
 
 from data_prep.decode import DEFAULT_MAX_PIXELS
-from pipelines.config import config_dataclass
+from core.config import config_dataclass
+from latent_cache.spec import EncoderWeights
 
 # The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
 # 512 <= original side <= 4096, pwatermark <= 0.5, aesthetic >= 5.0, punsafe <= 0.99.
@@ -128,15 +129,6 @@ class FilterConfig:
         if self.max_caption_chars is not None and self.min_caption_chars > self.max_caption_chars:
             raise ValueError(f"filters.min_caption_chars={self.min_caption_chars} is above "
                              f"max_caption_chars={self.max_caption_chars}: no caption could pass")
-
-
-@config_dataclass
-class EncoderWeights:
-    """A checkpoint for one encoder; None means random init with `seed` (for tiny/small demos), which
-    the manifest records."""
-
-    path: str | None = None
-    seed: int = 0
 
 
 @config_dataclass

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from data_prep.cache import TENSOR_DTYPES, binary_buffers, tensor_column
+from latent_cache.cache import TENSOR_DTYPES, binary_buffers, tensor_column
 from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
 from data_prep.decode import DecodeError, decode_image
 from data_prep.filters import check_rules
@@ -219,7 +219,7 @@ class EncodeStage:
     def __init__(self, cfg: EncodeConfig):
         import torch
 
-        from data_prep.encoders import (
+        from latent_cache.encoders import (
             build_semantic_compressor,
             build_stage_a,
             build_text_encoder,
@@ -240,7 +240,7 @@ class EncodeStage:
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
         semantic = build_semantic_compressor(cfg.flavor, cfg.semantic)
         stage_a = build_stage_a(cfg.flavor, cfg.stage_a) if cfg.stage_a else None
-        text = build_text_encoder(cfg)
+        text = build_text_encoder(cfg.flavor, cfg.text_encoder, cfg.text_width)
         # The fingerprints of the encoders this actor really runs (weights as loaded on its node).
         self.identity = encoder_identity(encoder_fingerprints(cfg, semantic, text, stage_a), text.width)
         self.semantic = fold_batchnorm(semantic).to(self.device)

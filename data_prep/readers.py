@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_prep.decode import DecodeError, DropReason, decode_caption
-from data_prep.storage import raise_for_storage_error, resolve
+from core.storage import raise_for_storage_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +496,7 @@ def list_shards(source_url: str, fmt: str) -> tuple[pafs.FileSystem, list[tuple[
     immediate subdirectory that holds images), or a glob in the last component (`shard-*.tar`).
     The shard URL (`file:///...`, `s3://...`) is the shard's identity downstream.
 
-    The filesystem comes from `data_prep.storage.resolve` (S3: the bucket's own region, and a
+    The filesystem comes from `core.storage.resolve` (S3: the bucket's own region, and a
     `StorageError` for a missing bucket or a refusal). The read tasks must be given this filesystem,
     not build their own, so that they use the region the listing found.
     """

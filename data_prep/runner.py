@@ -17,10 +17,11 @@ import logging
 import time
 from collections import Counter
 
-from data_prep import cache as cache_io
+from core import storage
+from latent_cache import cache as cache_io
 from data_prep.config import OutputConfig, PrepConfig
 from data_prep.filters import check_metadata_columns, funnel
-from data_prep.ray_cluster import connect
+from core.ray_cluster import connect
 from data_prep.ray_stages import (
     KEEP,
     ClipScoreFilter,
@@ -31,7 +32,6 @@ from data_prep.ray_stages import (
     read_shard,
     stated_encoders,
 )
-from data_prep.storage import StorageError
 from stages.latents import semantic_image_size
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ def encoder_fingerprints(cfg: PrepConfig) -> tuple[dict, int]:
     """(fingerprint of each encoder, text width), the encoders built here, on the driver. A run with
     rows gets them from its encoder actors instead (see `_stream_encoders`); this is for a run with
     nothing to encode, which still checks the cache against its config."""
-    from data_prep import encoders
+    from latent_cache import encoders
 
     enc = cfg.encode
     semantic = encoders.build_semantic_compressor(enc.flavor, enc.semantic)
-    text = encoders.build_text_encoder(enc)
+    text = encoders.build_text_encoder(enc.flavor, enc.text_encoder, enc.text_width)
     stage_a = encoders.build_stage_a(enc.flavor, enc.stage_a) if enc.stage_a is not None else None
     return encoders.encoder_fingerprints(enc, semantic, text, stage_a), text.width
 
@@ -152,7 +152,7 @@ class _Wave:
 
     def __init__(self, fs, root: str, shards: list[tuple[str, str]], max_rows_per_file: int):
         self.fs, self.root, self.max_rows = fs, root, max_rows_per_file
-        self.dir = cache_io.join(root, "data", f"wave-{_wave_id(shards)}")
+        self.dir = storage.join(root, "data", f"wave-{_wave_id(shards)}")
         _clear(fs, self.dir)  # leftovers of a run killed before it committed this wave
         self.counts = {url: Counter() for url, _ in shards}  # drop reason (KEEP too) -> rows
         self.unwritten: list = []  # kept rows not in a file yet (pyarrow tables)
@@ -179,7 +179,7 @@ class _Wave:
         self.unwritten = [rest] if rest.num_rows else []
         if not self.files:
             self.fs.create_dir(self.dir, recursive=True)
-        path = cache_io.join(self.dir, f"part-{len(self.files):05d}.parquet")
+        path = storage.join(self.dir, f"part-{len(self.files):05d}.parquet")
         with self.fs.open_output_stream(path) as f:
             # Dictionary pages only for the text columns: on latents (distinct fp16 values) a
             # dictionary plus indices is larger than the raw tensor bytes. No min/max statistics
@@ -204,7 +204,7 @@ class _Wave:
         if sum(f["rows"] for f in self.files) != written:
             raise RuntimeError(f"wave {self.dir} wrote {sum(f['rows'] for f in self.files)} rows, expected {written}")
         cache_io.record_wave(manifest, shard_stats, self.files)
-        cache_io.write_text_atomically(self.fs, manifest_path, json.dumps(manifest, indent=2) + "\n")
+        storage.write_text_atomically(self.fs, manifest_path, json.dumps(manifest, indent=2) + "\n")
         return shard_stats
 
 
@@ -219,7 +219,7 @@ class _Waves:
 
         self.fs, self.root, self.manifest, self.shapes, self.summary, self.on_wave = fs, root, manifest, shapes, summary, on_wave
         self.identity = identity  # the encoders every row must state (None: rows state none)
-        self.manifest_path = cache_io.join(root, cache_io.MANIFEST)
+        self.manifest_path = storage.join(root, cache_io.MANIFEST)
         self.bucket = manifest["bucket"]
         self.max_rows, self.per_wave = output.max_rows_per_file, output.shards_per_wave
         self.waves = [pending[i : i + self.per_wave] for i in range(0, len(pending), self.per_wave)]
@@ -326,14 +326,14 @@ def _storage_errors_unwrapped():
         found, seen = None, set()
         while err is not None and id(err) not in seen:
             seen.add(id(err))
-            if isinstance(err, StorageError):
+            if isinstance(err, storage.StorageError):
                 found = err  # the innermost one is the task's own, with its own message
             err = getattr(err, "cause", None) or err.__cause__
         if found is None:
             raise
         # Ray Data appends lines of retry advice to the message, and Ray may have mixed its error
         # class into the type: the job gets our own class and our one line.
-        kind = next(c for c in type(found).__mro__ if c.__module__ == StorageError.__module__)
+        kind = next(c for c in type(found).__mro__ if c.__module__ == storage.StorageError.__module__)
         raise kind(str(found).splitlines()[0]) from None
 
 
@@ -347,9 +347,9 @@ def run_prep(cfg: PrepConfig, on_wave=None, shards: list[str] | None = None) -> 
     from ray.data import DataContext
 
     start = time.perf_counter()
-    fs, root = cache_io.resolve(cfg.output.url)
+    fs, root = storage.resolve(cfg.output.url)
     settings = _settings(cfg)
-    text = cache_io.read_text(fs, cache_io.join(root, cache_io.MANIFEST))
+    text = storage.read_text(fs, storage.join(root, cache_io.MANIFEST))
     manifest = json.loads(text) if text is not None else None
     if manifest is not None:
         _check_settings(manifest, settings, cfg.output.url)

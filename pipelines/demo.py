@@ -86,7 +86,7 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
 
 def prep_config(config: Path, cache_url: str | None, limit_shards: int | None = None):
     from data_prep.config import PrepConfig
-    from pipelines.config import load
+    from core.config import load
 
     overrides = [f"output.url={cache_url}"] if cache_url else []
     overrides += [f"limit_shards={limit_shards}"] if limit_shards is not None else []
@@ -102,7 +102,7 @@ def prepare_data(cfg) -> str:
 
 
 def train_config(config: Path, cache_url: str, steps: int | None):
-    from pipelines.config import load
+    from core.config import load
     from pipelines.training.config import TrainConfig
 
     return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else []))
@@ -186,7 +186,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
 
     import numpy as np
 
-    from data_prep.cache import Cache
+    from latent_cache.cache import Cache
     from stages.latents import semantic_to_stage_c
 
     print("\n== 5. A consumer loads models:/wuerstchen-stage-c@champion in a fresh process", flush=True)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
         run(args.flavor, args.image_size, args.out)
         return 0
-    from pipelines.config import ConfigError
+    from core.config import ConfigError
 
     try:  # both configs are checked before any work starts
         prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)

@@ -28,7 +28,7 @@ import tempfile
 from pydantic import PositiveInt
 
 from pipelines import registry
-from pipelines.config import HeldOutFraction, NoiseLevels, config_dataclass
+from core.config import HeldOutFraction, NoiseLevels, config_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     """Evaluates a registered version and records the result on it; returns the result."""
     import torch
 
-    from data_prep.cache import Cache
+    from latent_cache.cache import Cache
     from pipelines.pyfunc_models import TextEncoderRef
     from pipelines.training.config import TrainConfig, ValidationConfig
     from pipelines.training.loop import validation_loss
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from data_prep.cache import CacheMismatchError
+    from latent_cache.cache import CacheMismatchError
 
     if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster (`ray job submit`): evaluate on its nodes
-        from data_prep.ray_cluster import connect
+        from core.ray_cluster import connect
 
         connect()
     try:

@@ -33,7 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
-from data_prep.cache import join, resolve
+from core.storage import join, resolve
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sys
 
 from data_prep.config import PrepConfig
 from data_prep.runner import format_summary, run_prep
-from pipelines.config import job_config
+from core.config import job_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import time
 from pydantic import NonNegativeFloat
 
 from pipelines import registry
-from pipelines.config import config_dataclass
+from core.config import config_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _undecided(what: str, err: Exception, challenger) -> EvaluationFailed:
 def _score(version, spec, tracking_uri: str, challenger) -> float:
     """The version's val_loss under the spec: recorded, or evaluated now (a Ray task on a connected
     cluster). Any failure may be transient (storage away, a node lost), so none is a decision."""
-    from data_prep.cache import Cache
+    from latent_cache.cache import Cache
     from pipelines.evaluate import recorded, run_evaluation
 
     uri = f"models:/{version.name}/{version.version}"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.get("RAY_ADDRESS") and not args.rollback:  # submitted to a cluster: evaluate on its nodes
-        from data_prep.ray_cluster import connect
+        from core.ray_cluster import connect
 
         connect()
     try:

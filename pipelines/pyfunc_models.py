@@ -28,7 +28,7 @@ try:  # the base class when MLflow is installed (always, for consumers); plain o
 except ImportError:  # pragma: no cover
     PythonModel = object
 
-from data_prep.config import EncodeConfig, EncoderWeights
+from latent_cache.spec import EncoderWeights
 from stages import StageA, StageB, StageC
 from stages.latents import stage_c_latent_size
 from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, PRIOR_GUIDANCE, WuerstchenSampler
@@ -71,16 +71,13 @@ class TextEncoderRef:
     def from_dict(cls, values: dict) -> "TextEncoderRef":
         return cls(**values)
 
-    def encode_config(self) -> EncodeConfig:
-        return EncodeConfig(flavor=self.flavor, text_encoder=EncoderWeights(self.path, self.seed), text_width=self.width)
-
     def load(self, check: bool = True) -> ClipTextEncoder:
-        from data_prep.encoders import build_text_encoder, text_fingerprint
+        from latent_cache.encoders import build_text_encoder, text_fingerprint
 
-        cfg = self.encode_config()
-        encoder = build_text_encoder(cfg)
+        weights = EncoderWeights(self.path, self.seed)
+        encoder = build_text_encoder(self.flavor, weights, self.width)
         if check:
-            found = text_fingerprint(encoder, cfg.text_encoder)["fingerprint"]
+            found = text_fingerprint(encoder, weights)["fingerprint"]
             if found != self.fingerprint:
                 raise ValueError(
                     f"the text encoder at {self.path or f'random init (seed {self.seed})'} has fingerprint {found}; "
@@ -91,10 +88,9 @@ class TextEncoderRef:
 
 def text_encoder_ref(flavor: str, weights: EncoderWeights, width: int | None) -> TextEncoderRef:
     """The reference of the text encoder that `build_text_encoder` makes for these settings."""
-    from data_prep.encoders import build_text_encoder, text_fingerprint
+    from latent_cache.encoders import build_text_encoder, text_fingerprint
 
-    cfg = EncodeConfig(flavor=flavor, text_encoder=weights, text_width=width)
-    fingerprint = text_fingerprint(build_text_encoder(cfg), weights)["fingerprint"]
+    fingerprint = text_fingerprint(build_text_encoder(flavor, weights, width), weights)["fingerprint"]
     return TextEncoderRef(flavor, weights.path, weights.seed, width, fingerprint)
 
 

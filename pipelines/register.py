@@ -39,7 +39,7 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
     """(ray.train.Checkpoint, its URI) of a run's newest checkpoint or of the given folder."""
     from ray.train import Checkpoint
 
-    from data_prep.cache import join, resolve
+    from core.storage import join, resolve
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.tracking import CONFIG_HASH_TAG, config_hash
 
@@ -82,8 +82,8 @@ def register_stage_c(
     """Registers the EMA weights of a checkpoint; returns {"name", "version", "created", "source"}."""
     import mlflow
 
-    from data_prep.cache import Cache
-    from data_prep.config import EncoderWeights
+    from latent_cache.cache import Cache
+    from latent_cache.spec import EncoderWeights
     from pipelines.training import checkpoint as ckpt_io
 
     if (run_id is None) == (checkpoint is None):
@@ -168,8 +168,8 @@ def register_decoders(
     import mlflow
     import torch
 
-    from data_prep.config import EncoderWeights
-    from data_prep.encoders import weights_digest
+    from latent_cache.spec import EncoderWeights
+    from latent_cache.encoders import weights_digest
     from stages import StageA, StageB
 
     mlflow_client = registry.client(tracking_uri)

@@ -35,7 +35,7 @@ import time
 from pydantic import NonNegativeFloat, PositiveFloat
 
 from data_prep.config import PrepConfig
-from pipelines.config import Probability, config_dataclass, job_config
+from core.config import Probability, config_dataclass, job_config
 from pipelines.promote import GateConfig
 from pipelines.training.config import TrainConfig
 
@@ -79,13 +79,14 @@ class RetrainConfig:
 
 
 def state_url(cfg: RetrainConfig) -> str:
-    from data_prep.cache import join
+    from core.storage import join
 
     return cfg.state_url or join(cfg.train.checkpoint.storage_path.rstrip("/"), "retrain")
 
 
 def new_shards(cfg: RetrainConfig) -> list[str]:
-    from data_prep.cache import MANIFEST, read_text, resolve
+    from core.storage import read_text, resolve
+    from latent_cache.cache import MANIFEST
     from data_prep.runner import list_source_shards
 
     fs, root = resolve(cfg.prep.output.url)
@@ -126,8 +127,8 @@ def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
 
 def run_retrain(cfg: RetrainConfig) -> dict:
     """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
-    from data_prep.cache import join, read_text, resolve, write_text_atomically
-    from data_prep.ray_cluster import connect
+    from core.storage import join, read_text, resolve, write_text_atomically
+    from core.ray_cluster import connect
     from data_prep.runner import format_summary, run_prep
     from pipelines import registry
     from pipelines.lease import Lease
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                      "YAML file (see configs/retrain_*.yaml)", "data_mix.mode=replay")
     if cfg is None:
         return BAD_CONFIG
-    from data_prep.cache import CacheMismatchError
+    from latent_cache.cache import CacheMismatchError
     from pipelines.lease import LeaseHeldError, LeaseLostError
     from pipelines.promote import EvaluationFailed
 

@@ -14,21 +14,19 @@ import dataclasses
 import logging
 import sys
 
-from pipelines.config import job_config
+from core.config import job_config
 from pipelines.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def expected_fingerprints(cfg: TrainConfig, text_mode: str):
+def expected_fingerprints(cfg: TrainConfig):
     """The fingerprints of the encoders this model goes with, and the text encoder (to encode "")."""
-    from data_prep.config import EncodeConfig
-    from data_prep.encoders import build_semantic_compressor, build_text_encoder, model_fingerprint, text_fingerprint
+    from latent_cache.encoders import build_semantic_compressor, build_text_encoder, model_fingerprint, text_fingerprint
 
-    enc = EncodeConfig(flavor=cfg.model.flavor, semantic=cfg.encoders.semantic, text_encoder=cfg.encoders.text_encoder,
-                       text_width=cfg.encoders.text_width, text_mode=text_mode)
-    text = build_text_encoder(enc)
-    semantic = build_semantic_compressor(enc.flavor, enc.semantic)
+    enc = cfg.encoders
+    text = build_text_encoder(cfg.model.flavor, enc.text_encoder, enc.text_width)
+    semantic = build_semantic_compressor(cfg.model.flavor, enc.semantic)
     return {
         "semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"],
         "text_encoder": text_fingerprint(text, enc.text_encoder)["fingerprint"],
@@ -55,7 +53,8 @@ def run_training(cfg: TrainConfig):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from data_prep.cache import Cache, resolve
+    from core.storage import resolve
+    from latent_cache.cache import Cache
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
@@ -63,7 +62,7 @@ def run_training(cfg: TrainConfig):
     from stages import StageC
 
     cache = Cache(cfg.data.cache)
-    expected, text_encoder = expected_fingerprints(cfg, cache.manifest["text_mode"])
+    expected, text_encoder = expected_fingerprints(cfg)
     cache.check_fingerprints(expected)  # refused here, before any worker starts
     c_cond = {**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}["c_cond"]
     if text_encoder.width != c_cond:
@@ -98,7 +97,7 @@ def run_training(cfg: TrainConfig):
     )
     _log_manifest(uri, run_id, cache)
 
-    from data_prep.ray_cluster import connect
+    from core.ray_cluster import connect
 
     connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
@@ -146,7 +145,7 @@ def check_resumable(saved: dict, config: dict, where: str) -> None:
     go on under values they were not trained with, in the same run."""
     import json
 
-    from pipelines.config import ConfigError
+    from core.config import ConfigError
     from pipelines.training.tracking import RESUMABLE_KEYS, config_changes, config_hash, flatten
 
     if config_hash(saved) != config_hash(config):
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                      "YAML file (see configs/); defaults: small Stage C on the Twemoji cache", "steps=500")
     if cfg is None:
         return 2
-    from data_prep.cache import CacheMismatchError
+    from latent_cache.cache import CacheMismatchError
 
     try:
         result, run_id = run_training(cfg)

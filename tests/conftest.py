@@ -223,7 +223,7 @@ def tiny_cache(ray_cluster, tmp_path_factory):
 
     from data_prep.config import PrepConfig
     from data_prep.runner import run_prep
-    from pipelines.config import load
+    from core.config import load
 
     root = tmp_path_factory.mktemp("train-data")
     source = plain_shards(root / "src", shards=2, per_shard=19)

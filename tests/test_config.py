@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.config import ClipScoreConfig, FilterConfig, PrepConfig
-from pipelines.config import ConfigError, from_dict, load
+from core.config import ConfigError, from_dict, load
 from pipelines.evaluate import EvalSpec
 from pipelines.promote import GateConfig
 from pipelines.retrain import RetrainConfig

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.cache import SCHEMA_VERSION, TENSOR_DTYPES, Cache
+from latent_cache.cache import SCHEMA_VERSION, TENSOR_DTYPES, Cache
 from pipelines.evaluate import _validation_batches
 from pipelines.training.data import is_validation
 

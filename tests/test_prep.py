@@ -13,10 +13,10 @@ import pytest
 from conftest import make_bucket
 from prep_factory import broken_shards, plain_shards
 
-from data_prep.cache import Cache, CacheMismatchError
+from latent_cache.cache import Cache, CacheMismatchError
 from data_prep.config import PrepConfig
 from data_prep.runner import format_summary, run_prep
-from pipelines.config import load
+from core.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_a_source_the_bucket_refuses_to_read_stops_the_run_uncommitted(ray_clust
     `unreadable_shard` and commit them, so that no rerun would read them again."""
     import boto3
 
-    from data_prep.storage import AccessDeniedError
+    from core.storage import AccessDeniedError
 
     source = plain_shards(tmp_path / "src", shards=1, per_shard=2)
     s3 = boto3.client("s3")

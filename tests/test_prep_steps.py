@@ -13,7 +13,7 @@ from prep_factory import write_tar
 from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig, SourceConfig
 from data_prep.filters import check_rules, funnel
 from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize, read_shard
-from pipelines.config import ConfigError, load
+from core.config import ConfigError, load
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -186,8 +186,8 @@ def test_the_shipped_configs_load():
 
 def test_random_init_encoders_are_the_same_whatever_the_global_rng_state():
     """Prep and training build the encoders in different processes: their fingerprints must agree."""
-    from data_prep.config import EncoderWeights
-    from data_prep.encoders import build_semantic_compressor, build_stage_a, model_fingerprint
+    from latent_cache.spec import EncoderWeights
+    from latent_cache.encoders import build_semantic_compressor, build_stage_a, model_fingerprint
 
     prints = []
     for global_seed in (1, 2):
@@ -202,7 +202,8 @@ def test_random_init_encoders_are_the_same_whatever_the_global_rng_state():
 def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     """A resumed run cuts the stream into batches elsewhere than an uninterrupted one; CPU kernels
     choose their algorithm by batch size, so the encoder pads every call to `batch_size`."""
-    from data_prep.config import EncodeConfig, EncoderWeights
+    from data_prep.config import EncodeConfig
+    from latent_cache.spec import EncoderWeights
     from data_prep.ray_stages import EncodeStage
 
     threads = torch.get_num_threads()
@@ -256,8 +257,9 @@ def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_g
 def test_the_device_path_cuts_stage_a_into_fixed_parts_and_agrees_with_one_image_per_job():
     """The GPU path (batches padded to batch_size, Stage A in parts of stage_a_batch_size), run here
     on the CPU: every row gets its own latents, as the per-image jobs give them up to rounding."""
-    from data_prep.cache import binary_buffers
-    from data_prep.config import EncodeConfig, EncoderWeights
+    from latent_cache.cache import binary_buffers
+    from data_prep.config import EncodeConfig
+    from latent_cache.spec import EncoderWeights
     from data_prep.ray_stages import EncodeStage
 
     threads = torch.get_num_threads()
@@ -334,8 +336,8 @@ def test_training_pixels_are_the_centre_square_resampled_from_the_source():
 
 
 def test_folding_batchnorm_into_the_convolutions_keeps_the_encoders_function():
-    from data_prep.config import EncoderWeights
-    from data_prep.encoders import build_semantic_compressor, build_stage_a, fold_batchnorm
+    from latent_cache.spec import EncoderWeights
+    from latent_cache.encoders import build_semantic_compressor, build_stage_a, fold_batchnorm
 
     for build, run, side in ((build_semantic_compressor, lambda m, x: m(x), 96), (build_stage_a, lambda m, x: m.encode(x), 64)):
         model = build("tiny", EncoderWeights())

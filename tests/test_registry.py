@@ -300,8 +300,8 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     tokenizer/ are all found in the repository."""
     from test_pretrained_io import _offline_hub
 
-    from data_prep.config import EncoderWeights
-    from data_prep.encoders import text_fingerprint
+    from latent_cache.spec import EncoderWeights
+    from latent_cache.encoders import text_fingerprint
     from pipelines.register import main
     from stages import StageA, StageB
     from stages.diffusers_pipeline import write_decoder_pipeline

@@ -215,7 +215,7 @@ def test_a_resumed_attempt_prepares_only_its_own_shards(ray_cluster, mlflow_serv
     """A shard that arrives while an attempt is unfinished is the next attempt's, in full: the resumed
     attempt prepares exactly the shards it recorded. (Prepared now, the newcomer would be trained on
     only as replay, and no later run would find it new.)"""
-    from pipelines.config import load
+    from core.config import load
     from pipelines.retrain import RetrainConfig, new_shards, run_retrain
 
     _shard(tmp_path / "src", 0, rows=6)

@@ -1,4 +1,4 @@
-"""The one URL -> filesystem resolver (`data_prep.storage`), against moto's S3 server: the bucket's
+"""The one URL -> filesystem resolver (`core.storage`), against moto's S3 server: the bucket's
 own region, and a missing bucket, a refusal and missing credentials said in one line with exit 2.
 
 What moto enforces (moto 5.2, checked): not regions (any region reads any bucket; HeadBucket does
@@ -19,7 +19,7 @@ import pytest
 from prep_factory import plain_shards
 
 from data_prep.readers import list_shards
-from data_prep.storage import (
+from core.storage import (
     AccessDeniedError,
     BucketNotFoundError,
     WrongRegionError,

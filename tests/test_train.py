@@ -8,10 +8,11 @@ from conftest import make_bucket
 from mlflow.tracking import MlflowClient
 from prep_factory import plain_shards
 
-from data_prep.cache import CacheMismatchError, resolve
+from core.storage import resolve
+from latent_cache.cache import CacheMismatchError
 from data_prep.config import PrepConfig
 from data_prep.runner import run_prep
-from pipelines.config import load
+from core.config import load
 from pipelines.train import run_training
 from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.config import TrainConfig
@@ -77,7 +78,7 @@ def test_resume_continues_from_the_checkpoint_with_the_saved_weights(tiny_cache,
 
 
 def weights_digest_of(state: dict) -> str:
-    from data_prep.encoders import weights_digest
+    from latent_cache.encoders import weights_digest
 
     model = StageC.from_flavor("tiny")
     model.load_state_dict(state)
@@ -183,7 +184,7 @@ def test_a_rerun_resumes_from_the_previous_checkpoint_when_the_newest_is_cut_sho
 def test_a_run_name_with_another_config_or_storage_is_refused_not_continued(tiny_cache, mlflow_server, tmp_path):
     """A run name is one MLflow run and one checkpoint folder: rerunning it with another learning
     rate (or another storage path) must not continue the old MLflow run nor its checkpoints."""
-    from pipelines.config import ConfigError
+    from core.config import ConfigError
 
     storage = str(tmp_path / "runs")
     _, run_id = run_training(train_config(tiny_cache, storage, mlflow_server, "one-config", steps=3))

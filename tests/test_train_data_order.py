@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_train import _history, train_config
 
-from data_prep.cache import Cache
-from pipelines.config import ConfigError, load
+from latent_cache.cache import Cache
+from core.config import ConfigError, load
 from pipelines.train import run_training
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import epoch_seed, is_validation

@@ -171,7 +171,7 @@ def test_the_original_ema_schedule_takes_the_last_step_even_off_its_grid():
 def test_an_original_ema_schedule_that_never_averages_is_refused():
     """A fine-tune of 2,000 steps with the pre-training's copy_until=5,000 only ever copies the
     weights: its "EMA" is the raw weights. Refused when the config is read, before any work."""
-    from pipelines.config import ConfigError, load
+    from core.config import ConfigError, load
     from pipelines.training.config import TrainConfig
 
     with pytest.raises(ConfigError, match=r"ema.copy_until=5000 .* steps=2000"):
@@ -181,7 +181,7 @@ def test_an_original_ema_schedule_that_never_averages_is_refused():
 
 
 def test_the_shipped_configs_average_their_ema():
-    from pipelines.config import load
+    from core.config import load
     from pipelines.retrain import RetrainConfig
     from pipelines.training.config import TrainConfig
 
@@ -227,7 +227,7 @@ def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
 def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():
     import dataclasses
 
-    from pipelines.config import load
+    from core.config import load
     from pipelines.training.config import TrainConfig
     from pipelines.training.tracking import config_hash
 

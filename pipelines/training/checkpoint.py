@@ -146,7 +146,7 @@ def latest(storage_path: str, run_name: str):
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from data_prep.cache import join, resolve
+    from core.storage import join, resolve
 
     fs, root = resolve(storage_path)
     run_dir = join(root, run_name)
@@ -165,7 +165,7 @@ def latest(storage_path: str, run_name: str):
 
 def train_state_of(checkpoint) -> dict:
     """The train_state of a ray.train.Checkpoint in its storage, read without downloading it."""
-    from data_prep.cache import join, read_text
+    from core.storage import join, read_text
 
     text = read_text(checkpoint.filesystem, join(checkpoint.path.rstrip("/"), TRAIN_STATE))
     if text is None:

@@ -1,4 +1,4 @@
-"""What a training run is told. Read from YAML by `pipelines/config.py`; every field has a default
+"""What a training run is told. Read from YAML by `core/config.py`; every field has a default
 that trains the `small` Stage C on the bundled Twemoji cache on two CPU workers."""
 
 import dataclasses
@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
 
-from data_prep.config import EncoderWeights
-from pipelines.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
+from latent_cache.spec import EncoderWeights
+from core.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
 from stages.objectives import StageCObjective
 from stages.stage_c import StageC, StageCConfig
 

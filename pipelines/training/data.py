@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from data_prep.cache import Cache
+from latent_cache.cache import Cache
 
 # 1 / this is the granularity of the held-out fraction.
 _SPLIT_BUCKETS = 10_000

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.config import from_dict
+from core.config import from_dict
 from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EqualStepBatches, to_tensors
@@ -169,7 +169,7 @@ def train_func(config: dict) -> None:
                         config.get("resume_checkpoint") or "the start")
         checkpoint = None
     if checkpoint is None and config.get("resume_checkpoint"):
-        from data_prep.cache import resolve
+        from core.storage import resolve
 
         fs, _ = resolve(cfg.checkpoint.storage_path)
         checkpoint = ray.train.Checkpoint(path=config["resume_checkpoint"], filesystem=fs)
@@ -202,11 +202,10 @@ def train_func(config: dict) -> None:
 
     text_encoder = None
     if config["text_mode"] == "tokens":
-        from data_prep.config import EncodeConfig
-        from data_prep.encoders import build_text_encoder
+        from latent_cache.encoders import build_text_encoder
 
         enc = cfg.encoders
-        text_encoder = build_text_encoder(EncodeConfig(flavor=cfg.model.flavor, text_encoder=enc.text_encoder, text_width=enc.text_width)).to(device)
+        text_encoder = build_text_encoder(cfg.model.flavor, enc.text_encoder, enc.text_width).to(device)
     empty_text = torch.tensor(np.asarray(config["empty_text"], dtype=np.float32), device=device)[None]
 
     shard = ray.train.get_dataset_shard("train")
@@ -222,7 +221,7 @@ def train_func(config: dict) -> None:
         # gather every rank joins, once per resume).
         resumed_state = full_model_state(model)
         if logger is not None:
-            from data_prep.encoders import weights_digest
+            from latent_cache.encoders import weights_digest
 
             logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(resumed_state, unwrap(model).config)))
             logger.skip_logged("loss")

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from pipelines.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from data_prep.config import EncodeConfig, EncoderWeights
+from latent_cache.spec import EncoderWeights
 from stages import SemanticCompressor, StageA, StageC
 from stages.original_format import load_original, load_original_semantic_compressor
 from stages.text_encoders import ClipTextEncoder
@@ -106,18 +106,18 @@ def build_stage_a(flavor: str, weights: EncoderWeights) -> StageA:
     return StageA.from_pretrained(weights.path)
 
 
-def text_width(cfg: EncodeConfig) -> int:
-    return cfg.text_width or StageC.flavor_config(cfg.flavor).c_cond
+def text_width(flavor: str, width: int | None = None) -> int:
+    """The width of the text encoder: as configured, or the flavor's Stage C c_cond."""
+    return width or StageC.flavor_config(flavor).c_cond
 
 
-def build_text_encoder(cfg: EncodeConfig) -> ClipTextEncoder:
+def build_text_encoder(flavor: str, weights: EncoderWeights, width: int | None = None) -> ClipTextEncoder:
     """Stage C's text encoder: a transformers CLIP folder / hub id, or a seeded random tiny tower of
-    the flavor's width with the real CLIP tokenizer."""
-    weights = cfg.text_encoder
-    _needs_weights(cfg.flavor, "text encoder", weights)
+    `width` (default: the flavor's c_cond) with the real CLIP tokenizer."""
+    _needs_weights(flavor, "text encoder", weights)
     if weights.path is not None:
         return ClipTextEncoder.from_pretrained(weights.path)
-    width = text_width(cfg)
+    width = text_width(flavor, width)
     heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
     return ClipTextEncoder.tiny(width=width, layers=2, heads=heads, seed=weights.seed)
 
@@ -143,7 +143,7 @@ def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
     return info
 
 
-def encoder_fingerprints(cfg: EncodeConfig, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
+def encoder_fingerprints(cfg, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
     """The fingerprint of each encoder of a prep run, as the cache's manifest records them."""
     fingerprints = {
         "semantic_compressor": model_fingerprint("semantic_compressor", semantic, cfg.semantic),

@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# The cache's storage goes through the project's one URL resolver; re-exported for existing callers.
-from data_prep.storage import join, read_text, resolve, write_text_atomically  # noqa: F401
+from core.storage import join, read_text, resolve
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
