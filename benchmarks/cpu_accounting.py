@@ -22,8 +22,8 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 # (part, title fragment), the first match wins; Ray workers name themselves "ray::<work>".
 _PARTS = (
-    ("encoder_actors", "EncodeStage"),
-    ("dedup_actor", "DeduplicateStage"),
+    ("encoder_actors", "Encode"),
+    ("dedup_actor", "Deduplicate"),
     ("clip_score_actor", "ClipScoreFilter"),
     ("read_decode_tasks", "read_shard"),
     ("read_decode_tasks", "decode_and_filter"),

@@ -11,7 +11,7 @@ latents against fp32 on the CPU.
    with the node's CPUs and its GPU (decode on the CPUs, the encoders on the GPU under autocast),
    after an unmeasured one-shard run; images/s over whole runs of two sizes and the marginal rate
    between them, as in `prep_throughput`.
-3. The encoder-only bound: EncodeStage on the GPU in a tight loop on already-decoded pixels, in
+3. The encoder-only bound: Encode on the GPU in a tight loop on already-decoded pixels, in
    blocks as the run gives them and with the run's batch size.
 4. Agreement: the latents of a few images from the GPU stage against the same encoders in fp32 on
    the CPU (max |difference| / max |fp32 value|, per tensor).
@@ -114,11 +114,11 @@ def prep_config(source: Path, output: Path, weights: dict, args):
 
 
 def encoder_bound(cfg, calls: int) -> tuple[float, object]:
-    """Images/s of EncodeStage alone on the device, over `calls` blocks; returns the stage too."""
-    from data_prep.ray_stages import EncodeStage
-    from data_prep.runner import DECODE_BATCH
+    """Images/s of Encode alone on the device, over `calls` blocks; returns the stage too."""
+    from data_prep.operators import Encode
+    from data_prep.operators import DECODE_BATCH
 
-    stage = EncodeStage(cfg.encode)
+    stage = Encode(cfg.encode)
     blocks = decoded_blocks(cfg, 3, DECODE_BATCH)
     stage(blocks[0])  # warm-up: kernels chosen, memory pools filled
     start = time.perf_counter()
@@ -129,11 +129,12 @@ def encoder_bound(cfg, calls: int) -> tuple[float, object]:
 
 def agreement(cfg, stage, rows: int = 4) -> dict[str, float]:
     """max |GPU - fp32 CPU| / max |fp32 CPU| of each latent, for `rows` images."""
-    from latent_cache.cache import TENSOR_DTYPES, binary_buffers
-    from data_prep.ray_stages import EncodeStage
+    from latent_cache.spec import TENSOR_DTYPES
+    from latent_cache.writer import binary_buffers
+    from data_prep.operators import Encode
 
     block = decoded_blocks(cfg, 1, rows)[0]
-    cpu = EncodeStage(dataclasses.replace(cfg.encode, use_gpu=False, batch_size=rows, cpus_per_encoder=max(1, rows)))
+    cpu = Encode(dataclasses.replace(cfg.encode, use_gpu=False, batch_size=rows, cpus_per_encoder=max(1, rows)))
     ours, reference = stage(block), cpu(block)
     out = {}
     for name in stage.columns:
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
             summary = run_prep(prep_config(sources[n], tmp / f"cache-{n}", weights, args))
             runs[n] = {"seconds": time.perf_counter() - start, "images": summary["rows_in"], "written": summary["rows_written"]}
         ray.shutdown()
-        from latent_cache.cache import Cache
+        from latent_cache.reader import Cache
 
         table = Cache(str(tmp / f"cache-{args.images[-1]}")).read_table(["stage_c_latents", "stage_a_latents"])
         for name in table.column_names:

@@ -10,10 +10,10 @@
    rate between them, (N2 - N1) / (T2 - T1), is the throughput of the pipeline without those, what
    a long run gets.
 2. The encoder-only bound, on the same machine with Ray shut down, measured before the runs and
-   again after them (each layout keeps the better of its two figures): EncodeStage in a tight loop
+   again after them (each layout keeps the better of its two figures): Encode in a tight loop
    on already-decoded pixels, in blocks as the run gives them and with the run's batch size, three
-   ways, and the best of them is the bound: one EncodeStage with a job thread per core, running as
-   many blocks at a time as in a run (the default layout); one single-threaded EncodeStage process
+   ways, and the best of them is the bound: one Encode with a job thread per core, running as
+   many blocks at a time as in a run (the default layout); one single-threaded Encode process
    per core side by side; the networks on whole batches with a torch thread per core (how the
    encoders ran on CPU before they took one image per job, which a resumed run needs to reproduce
    an uninterrupted one bit for bit).
@@ -66,12 +66,12 @@ def _config(source: Path, output: Path, args, text_mode: str):
 
 
 def decoded_blocks(cfg, count: int, rows: int | None = None) -> list:
-    """Blocks of already-decoded pixels (noise), as EncodeStage gets them in a run: Arrow tables of
+    """Blocks of already-decoded pixels (noise), as Encode gets them in a run: Arrow tables of
     `rows` rows (default DECODE_BATCH); the encoders' own batch size is the config's."""
     import pyarrow as pa
 
-    from data_prep.ray_stages import KEEP
-    from data_prep.runner import DECODE_BATCH
+    from latent_cache.writer import KEEP
+    from data_prep.operators import DECODE_BATCH
     from stages.latents import semantic_image_size
 
     res, n = cfg.encode.resolution, rows or DECODE_BATCH
@@ -120,24 +120,24 @@ def cpu_shares(report: dict, images: int, bound: float) -> dict:
 
 
 def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float, float, int]:
-    """(start, end, images) of EncodeStage called in a tight loop; `batched`: its networks called on
+    """(start, end, images) of Encode called in a tight loop; `batched`: its networks called on
     whole batches instead (what it did on CPU before it took one image per call)."""
-    from data_prep.ray_stages import EncodeStage
+    from data_prep.operators import Encode
 
-    stage = EncodeStage(cfg.encode)
+    stage = Encode(cfg.encode)
     inputs = decoded_blocks(cfg, batches + 1)
 
     if batched:
         import torch
 
-        torch.set_num_threads(cfg.encode.cpus_per_encoder)  # EncodeStage set one thread for its jobs
+        torch.set_num_threads(cfg.encode.cpus_per_encoder)  # Encode set one thread for its jobs
 
     def encode(b):
         if not batched:
             return stage(b)
         import torch
 
-        from latent_cache.cache import binary_buffers
+        from latent_cache.writer import binary_buffers
         from stages.latents import semantic_image_size
 
         side = semantic_image_size(cfg.encode.resolution, cfg.encode.resolution)[0]
@@ -155,7 +155,7 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     else:  # as many blocks at a time on the stage's job threads as a CPU encoder actor runs
         from concurrent.futures import ThreadPoolExecutor
 
-        from data_prep.runner import CPU_ENCODER_CALLS
+        from data_prep.operators import CPU_ENCODER_CALLS
 
         with ThreadPoolExecutor(CPU_ENCODER_CALLS) as calls:
             list(calls.map(encode, inputs[1:]))
@@ -168,9 +168,9 @@ def _encode_process(cfg, batches: int, barrier, results) -> None:
 
 def encoder_bounds(cfg, batches: int, cpus: int) -> dict[str, float]:
     """Images/s of the encoders alone on decoded pixels (the run's batch size), on this machine's
-    `cpus` cores, three ways: one EncodeStage with `cpus` job threads; `cpus` single-threaded
-    EncodeStage processes side by side; and the networks on whole batches with `cpus` torch threads
-    (how EncodeStage ran on CPU before it took one image per job, which a resumed run needs to
+    `cpus` cores, three ways: one Encode with `cpus` job threads; `cpus` single-threaded
+    Encode processes side by side; and the networks on whole batches with `cpus` torch threads
+    (how Encode ran on CPU before it took one image per job, which a resumed run needs to
     reproduce an uninterrupted one bit for bit)."""
     import dataclasses
     import multiprocessing
@@ -195,7 +195,7 @@ def encoder_bounds(cfg, batches: int, cpus: int) -> dict[str, float]:
 
 
 def cache_bytes(url: str) -> dict:
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
 
     cache = Cache(url)
     on_disk = sum(f["bytes"] for f in cache.manifest["files"])

@@ -24,14 +24,15 @@ from benchmarks.report import emit
 
 
 def write_cache(root: Path, rows: int, flavor: str) -> str:
-    from latent_cache import cache as cache_io
-    from data_prep.config import PrepConfig
-    from data_prep.runner import _settings, encoder_fingerprints, tensor_shapes
     from core.config import load
+    from data_prep.config import PrepConfig
+    from latent_cache import manifest as manifests
+    from latent_cache.encoders import spec_fingerprints
 
     cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}"])
-    encoders, width = encoder_fingerprints(cfg)
-    shapes = tensor_shapes(cfg, width)
+    spec = cfg.encode.spec()
+    encoders, width = spec_fingerprints(spec)
+    shapes = spec.tensor_shapes(width)
     rng = np.random.default_rng(0)
     table = pa.table({
         "key": [f"k{i:07d}" for i in range(rows)],
@@ -42,16 +43,16 @@ def write_cache(root: Path, rows: int, flavor: str) -> str:
     })
     (root / "data").mkdir(parents=True)
     pq.write_table(table, root / "data" / "part-0.parquet")
-    manifest = cache_io.new_manifest(_settings(cfg), encoders, shapes)
-    cache_io.record_wave(manifest, {"bench": {"rows_in": rows, "rows_written": rows, "dropped": {}}},
+    manifest = manifests.new_manifest(spec, encoders, width, provenance={})
+    manifests.record_wave(manifest, {"bench": {"rows_in": rows, "rows_written": rows, "dropped": {}}},
                          [{"path": "data/part-0.parquet", "rows": rows, "bytes": 0}])
-    (root / cache_io.MANIFEST).write_text(json.dumps(manifest))
+    (root / manifests.MANIFEST).write_text(json.dumps(manifest))
     return str(root)
 
 
 def bare_loop(cfg, cache_url: str, steps: int) -> float:
     """Samples/s of the same model, objective, optimizer and EMA on in-memory tensors."""
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from pipelines.training.ema import Ema
     from pipelines.training.loop import build_model
     from stages.objectives import stage_c_loss

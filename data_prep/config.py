@@ -7,9 +7,10 @@ from typing import Annotated
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from pydantic_core import ArgsKwargs
 
-from data_prep.decode import DEFAULT_MAX_PIXELS
 from core.config import config_dataclass
-from latent_cache.spec import EncoderWeights
+from data_prep.decode import DEFAULT_MAX_PIXELS
+from data_prep.sources import FORMATS as SOURCE_FORMATS
+from latent_cache.spec import TEXT_MODES, CacheSpec, EncoderWeights
 
 # The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
 # 512 <= original side <= 4096, pwatermark <= 0.5, aesthetic >= 5.0, punsafe <= 0.99.
@@ -24,16 +25,15 @@ PRESETS = {
         },
     ),
 }
-SOURCE_FORMATS = ("webdataset", "parquet", "folder", "twemoji")
-TEXT_MODES = ("embeddings", "tokens")
 
 
 @config_dataclass
 class SourceConfig:
     url: str = "twemoji://"  # /path, file://, s3://bucket/prefix, a glob in the last part, or twemoji://
     format: str = "twemoji"
+    # The options of the formats' readers (see data_prep/sources/), each read by its own format.
     image_column: str | None = None  # parquet sources: the image bytes column (auto-detected when None)
-    caption_column: str = "caption"
+    caption_column: str = "caption"  # parquet sources
     shard_size: PositiveInt = 256  # twemoji:// only: emoji per shard
     render_size: PositiveInt = 256  # twemoji:// only: the SVGs are rendered at this size
 
@@ -156,6 +156,11 @@ class EncodeConfig:
             raise ValueError(f"encode.resolution must be a multiple of 32, got {self.resolution}")
         if self.precision not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"encode.precision must be fp16, bf16 or fp32, got {self.precision!r}")
+
+    def spec(self) -> CacheSpec:
+        """What the cache's rows hold; the other fields say how the encoders run."""
+        return CacheSpec(flavor=self.flavor, resolution=self.resolution, text_mode=self.text_mode, semantic=self.semantic,
+                         text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width)
 
 
 @config_dataclass

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from latent_cache.spec import EncoderWeights
+from latent_cache.spec import CacheSpec, EncoderWeights
 from stages import SemanticCompressor, StageA, StageC
 from stages.original_format import load_original, load_original_semantic_compressor
 from stages.text_encoders import ClipTextEncoder
@@ -143,15 +143,31 @@ def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
     return info
 
 
-def encoder_fingerprints(cfg, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
+def build_encoders(spec: CacheSpec) -> tuple[SemanticCompressor, ClipTextEncoder, StageA | None]:
+    """(semantic compressor, text encoder, Stage A or None) of a cache spec."""
+    semantic = build_semantic_compressor(spec.flavor, spec.semantic)
+    stage_a = build_stage_a(spec.flavor, spec.stage_a) if spec.stage_a is not None else None
+    text = build_text_encoder(spec.flavor, spec.text_encoder, spec.text_width)
+    return semantic, text, stage_a
+
+
+def encoder_fingerprints(spec: CacheSpec, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
     """The fingerprint of each encoder of a prep run, as the cache's manifest records them."""
     fingerprints = {
-        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, cfg.semantic),
-        "text_encoder": text_fingerprint(text, cfg.text_encoder),
+        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, spec.semantic),
+        "text_encoder": text_fingerprint(text, spec.text_encoder),
     }
     if stage_a is not None:
-        fingerprints["stage_a"] = model_fingerprint("stage_a", stage_a, cfg.stage_a)
+        fingerprints["stage_a"] = model_fingerprint("stage_a", stage_a, spec.stage_a)
     return fingerprints
+
+
+def spec_fingerprints(spec: CacheSpec) -> tuple[dict, int]:
+    """(fingerprint of each encoder, text width), with the encoders built here. A prep run with rows
+    takes them from its encoder actors instead (what they state, see `latent_cache.writer`); this is
+    for a run with nothing to encode, which still checks the cache against its spec."""
+    semantic, text, stage_a = build_encoders(spec)
+    return encoder_fingerprints(spec, semantic, text, stage_a), text.width
 
 
 def text_fingerprint(encoder: ClipTextEncoder, weights: EncoderWeights) -> dict:

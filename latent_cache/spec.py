@@ -1,6 +1,31 @@
-"""What a cache's latents and text conditioning are made with: the weights of each encoder."""
+"""What a cache's latents and text conditioning are made with, and the tensor columns that follows.
+
+Tensor columns use Arrow's canonical `arrow.fixed_shape_tensor` extension type, so plain pyarrow (or
+any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Columns of a cache:
+    key, caption, source_shard (str); width, height (int32, the source image); metadata (JSON str);
+    content_hash (str), phash (uint64), clip_score (float32, NaN when not computed); bucket (str "HxW");
+    stage_c_latents  float16 [16, h, w]   z_C = (e + 1) / 42, what Stage C learns
+    stage_a_latents  float16 [4, H/4, W/4] Stage A encoder output (optional, for Stage B)
+    text_embeddings  float16 [77, width]   (text_mode "embeddings")
+    text_tokens int32 [77] + text_mask int8 [77]   (text_mode "tokens")
+"""
+
+import dataclasses
+
+import numpy as np
 
 from core.config import config_dataclass
+
+TENSOR_DTYPES = {
+    "stage_c_latents": np.float16,
+    "stage_a_latents": np.float16,
+    "text_embeddings": np.float16,
+    "text_tokens": np.int32,
+    "text_mask": np.int8,
+}
+# text mode -> the columns of its text conditioning
+TEXT_COLUMNS = {"embeddings": ["text_embeddings"], "tokens": ["text_tokens", "text_mask"]}
+TEXT_MODES = tuple(TEXT_COLUMNS)
 
 
 @config_dataclass
@@ -10,3 +35,51 @@ class EncoderWeights:
 
     path: str | None = None
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Everything that decides what a cache's rows hold: a cache is made, appended to and read for
+    one spec (checked against its manifest, see `latent_cache.manifest`)."""
+
+    flavor: str  # the semantic compressor / Stage A / text encoder flavor
+    resolution: int  # training image side (square center crop)
+    text_mode: str  # "embeddings" (fp16 last_hidden_state) or "tokens" (ids + mask)
+    semantic: EncoderWeights
+    text_encoder: EncoderWeights
+    stage_a: EncoderWeights | None = None  # Stage A latents (for Stage B training); None = not encoded
+    text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.resolution}x{self.resolution}"
+
+    @property
+    def text_columns(self) -> list[str]:
+        return list(TEXT_COLUMNS[self.text_mode])
+
+    @property
+    def latent_columns(self) -> list[str]:
+        return ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
+
+    def tensor_shapes(self, text_width: int) -> dict[str, list[int]]:
+        """The shape of every tensor column, given the width of the text encoder really used (a
+        pretrained one has its own). `stages` is imported here, not at the top: the prep config
+        imports this module on every Ray worker that reads or decodes, and torch costs each ~3 s."""
+        from stages.latents import semantic_image_size
+        from stages.text_encoders import CONTEXT_LENGTH
+
+        sem_h, sem_w = semantic_image_size(self.resolution, self.resolution)
+        shapes = {"stage_c_latents": [16, sem_h // 32, sem_w // 32]}
+        if self.stage_a is not None:
+            shapes["stage_a_latents"] = [4, self.resolution // 4, self.resolution // 4]
+        if self.text_mode == "embeddings":
+            shapes["text_embeddings"] = [CONTEXT_LENGTH, text_width]
+        else:
+            shapes["text_tokens"] = [CONTEXT_LENGTH]
+            shapes["text_mask"] = [CONTEXT_LENGTH]
+        return shapes
+
+    def settings(self) -> dict:
+        """What the manifest records of the spec besides the encoders' fingerprints and the shapes."""
+        return {"flavor": self.flavor, "resolution": self.resolution, "bucket": self.bucket, "text_mode": self.text_mode}

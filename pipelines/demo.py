@@ -94,7 +94,8 @@ def prep_config(config: Path, cache_url: str | None, limit_shards: int | None = 
 
 
 def prepare_data(cfg) -> str:
-    from data_prep.runner import format_summary, run_prep
+    from data_prep.runner import run_prep
+    from data_prep.summary import format_summary
 
     print(f"\n== 1. Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
     print(format_summary(run_prep(cfg)), flush=True)
@@ -186,7 +187,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
 
     import numpy as np
 
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from stages.latents import semantic_to_stage_c
 
     print("\n== 5. A consumer loads models:/wuerstchen-stage-c@champion in a fresh process", flush=True)

@@ -68,7 +68,7 @@ def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.training.data import is_validation
+    from latent_cache.reader import is_validation
 
     for path in cache.files:
         with cache.fs.open_input_file(path) as f:
@@ -89,9 +89,7 @@ def _validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[d
     import numpy as np
     import pyarrow as pa
 
-    from pipelines.training.data import text_columns
-
-    columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
+    columns = ["key", "stage_c_latents", *cache.text_columns]
     held = [b for b in held_out_batches(cache, fraction, columns) if b.num_rows]
     if not held:
         return [], 0
@@ -110,7 +108,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     """Evaluates a registered version and records the result on it; returns the result."""
     import torch
 
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from pipelines.pyfunc_models import TextEncoderRef
     from pipelines.training.config import TrainConfig, ValidationConfig
     from pipelines.training.loop import validation_loss
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from latent_cache.cache import CacheMismatchError
+    from latent_cache.manifest import CacheMismatchError
 
     if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster (`ray job submit`): evaluate on its nodes
         from core.ray_cluster import connect

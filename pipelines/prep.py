@@ -9,7 +9,8 @@ configuration, 1 any other failure.
 import sys
 
 from data_prep.config import PrepConfig
-from data_prep.runner import format_summary, run_prep
+from data_prep.runner import run_prep
+from data_prep.summary import format_summary
 from core.config import job_config
 
 

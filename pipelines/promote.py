@@ -52,7 +52,7 @@ def _undecided(what: str, err: Exception, challenger) -> EvaluationFailed:
 def _score(version, spec, tracking_uri: str, challenger) -> float:
     """The version's val_loss under the spec: recorded, or evaluated now (a Ray task on a connected
     cluster). Any failure may be transient (storage away, a node lost), so none is a decision."""
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from pipelines.evaluate import recorded, run_evaluation
 
     uri = f"models:/{version.name}/{version.version}"

@@ -82,7 +82,7 @@ def register_stage_c(
     """Registers the EMA weights of a checkpoint; returns {"name", "version", "created", "source"}."""
     import mlflow
 
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from latent_cache.spec import EncoderWeights
     from pipelines.training import checkpoint as ckpt_io
 

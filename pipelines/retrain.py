@@ -86,14 +86,15 @@ def state_url(cfg: RetrainConfig) -> str:
 
 def new_shards(cfg: RetrainConfig) -> list[str]:
     from core.storage import read_text, resolve
-    from latent_cache.cache import MANIFEST
-    from data_prep.runner import list_source_shards
+    from latent_cache.manifest import MANIFEST
+    from data_prep.sources import reader_for
 
     fs, root = resolve(cfg.prep.output.url)
     text = read_text(fs, f"{root}/{MANIFEST}")
     held = set(json.loads(text)["shards"]) if text else set()
     # prep.limit_shards caps an attempt as it caps prep: the attempt trains on exactly what it prepares.
-    return [url for url, _ in list_source_shards(cfg.prep) if url not in held][: cfg.prep.limit_shards]
+    _, listed = reader_for(cfg.prep.source).list_shards(cfg.prep.source.url)
+    return [url for url, _ in listed if url not in held][: cfg.prep.limit_shards]
 
 
 def _champion(uri: str, name: str):
@@ -129,7 +130,8 @@ def run_retrain(cfg: RetrainConfig) -> dict:
     """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
     from core.storage import join, read_text, resolve, write_text_atomically
     from core.ray_cluster import connect
-    from data_prep.runner import format_summary, run_prep
+    from data_prep.runner import run_prep
+    from data_prep.summary import format_summary
     from pipelines import registry
     from pipelines.lease import Lease
     from pipelines.promote import promote
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                      "YAML file (see configs/retrain_*.yaml)", "data_mix.mode=replay")
     if cfg is None:
         return BAD_CONFIG
-    from latent_cache.cache import CacheMismatchError
+    from latent_cache.manifest import CacheMismatchError
     from pipelines.lease import LeaseHeldError, LeaseLostError
     from pipelines.promote import EvaluationFailed
 

@@ -54,7 +54,7 @@ def run_training(cfg: TrainConfig):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from core.storage import resolve
-    from latent_cache.cache import Cache
+    from latent_cache.reader import Cache
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                      "YAML file (see configs/); defaults: small Stage C on the Twemoji cache", "steps=500")
     if cfg is None:
         return 2
-    from latent_cache.cache import CacheMismatchError
+    from latent_cache.manifest import CacheMismatchError
 
     try:
         result, run_id = run_training(cfg)

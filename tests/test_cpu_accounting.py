@@ -26,7 +26,7 @@ def test_cpu_time_is_counted_under_the_part_its_process_title_names():
     with CpuAccounting(interval=0.1) as cpu:
         # A child of this process, titled like an encoder actor, and one detached from it (its
         # parent exits at once, so it is re-parented outside this process's tree).
-        subprocess.run([sys.executable, "-c", BURN, "ray::MapWorker(MapBatches(EncodeStage))"], check=True)
+        subprocess.run([sys.executable, "-c", BURN, "ray::MapWorker(MapBatches(Encode))"], check=True)
         detached = subprocess.run(
             ["sh", "-c", f'"{sys.executable}" -c "$0" ray::IDLE & echo $!', BURN], check=True, capture_output=True, text=True
         ).stdout.strip()

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from latent_cache.cache import SCHEMA_VERSION, TENSOR_DTYPES, Cache
+from latent_cache.manifest import SCHEMA_VERSION
+from latent_cache.reader import Cache, is_validation
+from latent_cache.spec import TENSOR_DTYPES
 from pipelines.evaluate import _validation_batches
-from pipelines.training.data import is_validation
 
 FRACTION = 0.2
 

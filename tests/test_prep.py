@@ -13,9 +13,11 @@ import pytest
 from conftest import make_bucket
 from prep_factory import broken_shards, plain_shards
 
-from latent_cache.cache import Cache, CacheMismatchError
+from latent_cache.manifest import CacheMismatchError
+from latent_cache.reader import Cache
 from data_prep.config import PrepConfig
-from data_prep.runner import format_summary, run_prep
+from data_prep.runner import plan_run, run_prep
+from data_prep.summary import format_summary
 from core.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +194,12 @@ def test_a_source_and_cache_in_another_region_than_the_default(ray_cluster, tmp_
     region the read tasks are handed; see test_storage.py.)"""
     import boto3
 
-    from data_prep.runner import source_shards
-
     source = plain_shards(tmp_path / "src", shards=1, per_shard=3)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="prep-eu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     s3.upload_file(str(source / "shard-000.tar"), "prep-eu", "shards/shard-000.tar")
     cfg = tiny_config("s3://prep-eu/shards/", "s3://prep-eu/cache")
-    assert source_shards(cfg)[0].region == "eu-west-1" and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert plan_run(cfg).source_fs.region == "eu-west-1" and os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
     assert run_prep(cfg)["rows_written"] == 3
     assert Cache("s3://prep-eu/cache").fs.region == "eu-west-1"
 

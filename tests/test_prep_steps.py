@@ -12,8 +12,9 @@ from prep_factory import write_tar
 
 from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig, SourceConfig
 from data_prep.filters import check_rules, funnel
-from data_prep.ray_stages import KEEP, ClipScoreFilter, DeduplicateStage, finalize, read_shard
+from data_prep.operators import ClipScoreFilter, Deduplicate, read_shard
 from core.config import ConfigError, load
+from latent_cache.writer import KEEP, finalize
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -96,11 +97,11 @@ def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
     batch["content_hash"][3] = "h0"  # the same bytes as row 0
     batch["phash"][4] = batch["phash"][2] ^ np.uint64(0b101)  # 2 bits from row 2
     known = [("cached", int(batch["phash"][1]) ^ 1)]  # one bit from row 1, already in the cache
-    out = DeduplicateStage(DedupConfig(exact=True, near_max_distance=2), known)(pa.table(batch))
+    out = Deduplicate(DedupConfig(exact=True, near_max_distance=2), known)(pa.table(batch))
     assert out.column("drop_reason").to_pylist() == [KEEP, "duplicate_near", KEEP, "duplicate_exact", "duplicate_near"]
     pixels = out.column("pixels").to_pylist()
     assert pixels[3] == b"" and pixels[0] == batch["pixels"][0] and pixels[2] == batch["pixels"][2]
-    off = DeduplicateStage(DedupConfig(exact=False, near_max_distance=None), [])(pa.table(_batch(3)))
+    off = Deduplicate(DedupConfig(exact=False, near_max_distance=None), [])(pa.table(_batch(3)))
     assert off.column("drop_reason").to_pylist() == [KEEP] * 3
 
 
@@ -111,11 +112,11 @@ def test_dedup_stage_with_exact_off_keeps_distinct_images_against_a_cache():
     batch["content_hash"][:] = ""  # what a run with exact dedup off must not key on
     known = [("cached", 12345), ("cached", 67890)]
     for cache in ([], known):
-        out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), cache)(pa.table(batch))
+        out = Deduplicate(DedupConfig(exact=False, near_max_distance=4), cache)(pa.table(batch))
         assert out.column("drop_reason").to_pylist() == [KEEP] * 5
     near = dict(batch, phash=batch["phash"].copy())
     near["phash"][3] = near["phash"][0] ^ np.uint64(0b11)
-    out = DeduplicateStage(DedupConfig(exact=False, near_max_distance=4), known)(pa.table(near))
+    out = Deduplicate(DedupConfig(exact=False, near_max_distance=4), known)(pa.table(near))
     assert out.column("drop_reason").to_pylist() == [KEEP, KEEP, KEEP, "duplicate_near", KEEP]
 
 
@@ -204,10 +205,10 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     choose their algorithm by batch size, so the encoder pads every call to `batch_size`."""
     from data_prep.config import EncodeConfig
     from latent_cache.spec import EncoderWeights
-    from data_prep.ray_stages import EncodeStage
+    from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), cpus_per_encoder=2))
+    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), cpus_per_encoder=2))
     torch.set_num_threads(threads)
     rng = np.random.default_rng(1)
     batch = {
@@ -233,10 +234,10 @@ def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_g
     from concurrent.futures import ThreadPoolExecutor
 
     from data_prep.config import EncodeConfig
-    from data_prep.ray_stages import EncodeStage
+    from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=4, cpus_per_encoder=2))
+    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=4, cpus_per_encoder=2))
     torch.set_num_threads(threads)
     rng = np.random.default_rng(2)
     blocks = [pa.table({
@@ -257,13 +258,13 @@ def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_g
 def test_the_device_path_cuts_stage_a_into_fixed_parts_and_agrees_with_one_image_per_job():
     """The GPU path (batches padded to batch_size, Stage A in parts of stage_a_batch_size), run here
     on the CPU: every row gets its own latents, as the per-image jobs give them up to rounding."""
-    from latent_cache.cache import binary_buffers
+    from latent_cache.writer import binary_buffers
     from data_prep.config import EncodeConfig
     from latent_cache.spec import EncoderWeights
-    from data_prep.ray_stages import EncodeStage
+    from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = EncodeStage(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), stage_a_batch_size=3))
+    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), stage_a_batch_size=3))
     torch.set_num_threads(threads)
     rng = np.random.default_rng(3)
     batch = pa.table({
@@ -294,12 +295,13 @@ def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
     """The manifest's fingerprints come from the encoder actors themselves; they must be the ones a
     trainer computes for the same config, and rows of actors that loaded other weights are refused."""
     from data_prep.config import EncodeConfig
-    from data_prep.ray_stages import ENCODERS_COLUMN, EncodeStage
-    from data_prep.runner import _stream_encoders, encoder_fingerprints
+    from data_prep.operators import Encode
+    from latent_cache.encoders import spec_fingerprints
+    from latent_cache.writer import ENCODERS_COLUMN, stream_encoders
 
     cfg = PrepConfig(encode=EncodeConfig(flavor="tiny", resolution=128, batch_size=4, text_mode="tokens"))
     threads = torch.get_num_threads()
-    stage = EncodeStage(cfg.encode)
+    stage = Encode(cfg.encode)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(2)
     batch = pa.table({
@@ -309,7 +311,7 @@ def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
     })
     rows = stage(batch)
     assert rows.num_rows == 3 and rows.column(ENCODERS_COLUMN).null_count == 0  # dropped rows state them too
-    assert _stream_encoders(rows) == (stage.identity, encoder_fingerprints(cfg))
+    assert stream_encoders(rows) == (stage.identity, spec_fingerprints(cfg.encode.spec()))
 
     other = json.loads(stage.identity)
     other["encoders"]["semantic_compressor"]["fingerprint"] = "0" * 32
@@ -318,7 +320,7 @@ def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
         pa.array([json.dumps(other, sort_keys=True)] * 3).dictionary_encode(),
     )])
     with pytest.raises(RuntimeError, match="state different encoders"):
-        _stream_encoders(mixed)
+        stream_encoders(mixed)
 
 
 def test_training_pixels_are_the_centre_square_resampled_from_the_source():

@@ -22,15 +22,11 @@ from data_prep.decode import (
     decode_caption,
     decode_image,
 )
-from data_prep.readers import (
-    RAW_SAMPLE_KEYS,
-    ShardSchemaError,
-    iter_folder_shard,
-    iter_parquet_shard,
-    iter_shard,
-    iter_webdataset_shard,
-    list_shards,
-)
+from data_prep.sources import reader
+from data_prep.sources.folder import iter_folder_shard
+from data_prep.sources.parquet import iter_parquet_shard
+from data_prep.sources.samples import RAW_SAMPLE_KEYS, ShardSchemaError
+from data_prep.sources.webdataset import iter_webdataset_shard
 
 LOCAL = pafs.LocalFileSystem()
 
@@ -365,7 +361,7 @@ def test_unreadable_tar(tmp_path, content):
     path = tmp_path / "bad.tar"
     if content is not None:
         path.write_bytes(content)
-    samples = list(iter_shard("file://" + str(path), LOCAL, str(path), "webdataset"))
+    samples = list(reader("webdataset").iter_shard("file://" + str(path), LOCAL, str(path)))
     assert reasons(samples) == [("", "unreadable_shard")]
     check_raw_samples(samples)
 
@@ -405,7 +401,7 @@ def test_parquet_without_key_column_and_image_column_autodetect(tmp_path):
     path = str(tmp_path / "hf.parquet")
     images = pa.array([{"bytes": png(i), "path": f"{i}.png"} for i in range(3)])
     pq.write_table(pa.table({"image": images, "caption": ["a", "b", "c"]}), path, row_group_size=2)
-    samples = list(iter_shard("file://" + path, LOCAL, path, "parquet"))
+    samples = list(reader("parquet").iter_shard("file://" + path, LOCAL, path))
     assert reasons(samples) == [("000000000", None), ("000000001", None), ("000000002", None)]
     assert samples[2]["image_bytes"] == png(2) and samples[2]["metadata"] == "{}"
 
@@ -419,7 +415,7 @@ def test_parquet_missing_columns_is_a_clear_error(tmp_path):
     path = str(tmp_path / "nothing.parquet")
     pq.write_table(pa.table({"picture": [b"x"], "caption": ["c"]}), path)
     with pytest.raises(ValueError, match=r"nothing\.parquet.*no image column.*picture"):
-        list(iter_shard("file://" + path, LOCAL, path, "parquet"))
+        list(reader("parquet").iter_shard("file://" + path, LOCAL, path))
     with pytest.raises(ShardSchemaError, match="picture"):
         list(iter_parquet_shard("file://" + path, LOCAL, path, caption_column="alt"))
     with pytest.raises(ShardSchemaError, match="'webp'"):  # an explicit column is never replaced
@@ -435,12 +431,12 @@ def test_parquet_corrupt_row_group_and_unreadable_file(tmp_path):
     data = bytearray(path.read_bytes())
     data[page : page + 8] = b"\xff" * 8  # garbage page header in the first row group's image column
     path.write_bytes(bytes(data))
-    samples = list(iter_shard("file://" + str(path), LOCAL, str(path), "parquet"))
+    samples = list(reader("parquet").iter_shard("file://" + str(path), LOCAL, str(path)))
     check_raw_samples(samples)
     assert reasons(samples) == [(f"k{i}", "truncated_member") for i in range(3)] + [(f"k{i}", None) for i in (3, 4, 5)]
 
     cut = cut_file(path, len(data) // 2, tmp_path / "cut.parquet")  # the footer is gone
-    assert reasons(iter_shard("file://" + cut, LOCAL, cut, "parquet")) == [("", "unreadable_shard")]
+    assert reasons(reader("parquet").iter_shard("file://" + cut, LOCAL, cut)) == [("", "unreadable_shard")]
 
 
 # -- folders ---------------------------------------------------------------------------------------
@@ -469,8 +465,8 @@ def test_folder_reader(tmp_path):
     by_key = {s["key"]: s for s in samples}
     assert by_key["a"]["image_bytes"] == jpeg(0) and json.loads(by_key["a"]["metadata"]) == {"src": "camera"}
     assert by_key["B"]["caption"] == "banana" and by_key["f"]["metadata"] == "{}"
-    assert samples == list(iter_shard(url, LOCAL, str(folder), "folder"))
-    assert reasons(iter_shard(url, LOCAL, str(tmp_path / "missing"), "folder")) == [("", "unreadable_shard")]
+    assert samples == list(reader("folder").iter_shard(url, LOCAL, str(folder)))
+    assert reasons(reader("folder").iter_shard(url, LOCAL, str(tmp_path / "missing"))) == [("", "unreadable_shard")]
 
 
 # -- every reason, end to end ----------------------------------------------------------------------
@@ -488,7 +484,7 @@ def test_every_drop_reason_is_counted(tmp_path):
     cut = cut_file(tmp_path / "web.tar", member_offsets(tar)["last.jpg"][1] + 100, tmp_path / "web-cut.tar")
     counts = Counter()
     for path in (cut, str(tmp_path / "absent.tar")):
-        for sample in iter_shard("file://" + path, LOCAL, path, "webdataset"):
+        for sample in reader("webdataset").iter_shard("file://" + path, LOCAL, path):
             reason = sample["drop_reason"]
             if reason is None:
                 try:
@@ -509,17 +505,17 @@ def test_list_shards_local(tmp_path):
     (data / "nested").mkdir()
     (data / "nested" / "deep.tar").write_bytes(b"")
 
-    fs, shards = list_shards(str(data), "webdataset")
+    fs, shards = reader("webdataset").list_shards(str(data))
     assert isinstance(fs, pafs.LocalFileSystem)
     names = ["other-00000.tar", "shard-00000.tar", "shard-00001.tar"]
     assert shards == [(f"file://{data}/{n}", f"{data}/{n}") for n in names]
-    assert list_shards(f"file://{data}/", "webdataset")[1] == shards
-    assert list_shards(f"{data}/shard-*.tar", "webdataset")[1] == shards[1:]
-    assert list_shards(f"file://{data}/shard-0000[1].tar", "webdataset")[1] == shards[2:]
-    assert list_shards(f"{data}/x.parquet", "parquet")[1] == [(f"file://{data}/x.parquet", f"{data}/x.parquet")]
-    assert list_shards(str(data), "parquet")[1] == [(f"file://{data}/x.parquet", f"{data}/x.parquet")]
+    assert reader("webdataset").list_shards(f"file://{data}/")[1] == shards
+    assert reader("webdataset").list_shards(f"{data}/shard-*.tar")[1] == shards[1:]
+    assert reader("webdataset").list_shards(f"file://{data}/shard-0000[1].tar")[1] == shards[2:]
+    assert reader("parquet").list_shards(f"{data}/x.parquet")[1] == [(f"file://{data}/x.parquet", f"{data}/x.parquet")]
+    assert reader("parquet").list_shards(str(data))[1] == [(f"file://{data}/x.parquet", f"{data}/x.parquet")]
     single = f"{data}/00000_stats.json"  # a file named explicitly is a shard, whatever its suffix
-    assert list_shards("file://" + single, "webdataset")[1] == [("file://" + single, single)]
+    assert reader("webdataset").list_shards("file://" + single)[1] == [("file://" + single, single)]
 
 
 def test_list_shards_folders(tmp_path):
@@ -530,11 +526,11 @@ def test_list_shards_folders(tmp_path):
     (root / "cats" / "c.png").write_bytes(b"")
     (root / "dogs" / "d.webp").write_bytes(b"")
     (root / "empty" / "readme.txt").write_bytes(b"")
-    _, shards = list_shards(str(root), "folder")
+    _, shards = reader("folder").list_shards(str(root))
     assert [url for url, _ in shards] == [f"file://{root}", f"file://{root}/cats", f"file://{root}/dogs"]
-    assert [p for _, p in list_shards(f"{root}/d*", "folder")[1]] == [f"{root}/dogs"]
+    assert [p for _, p in reader("folder").list_shards(f"{root}/d*")[1]] == [f"{root}/dogs"]
     (root / "top.JPG").unlink()
-    assert [p for _, p in list_shards(str(root), "folder")[1]] == [f"{root}/cats", f"{root}/dogs"]
+    assert [p for _, p in reader("folder").list_shards(str(root))[1]] == [f"{root}/cats", f"{root}/dogs"]
 
 
 @pytest.mark.parametrize(
@@ -546,12 +542,12 @@ def test_list_shards_nothing_found(tmp_path, where, fmt):
     (tmp_path / "data" / "x.parquet").write_bytes(b"")
     url = f"{tmp_path}/{where}"
     with pytest.raises(FileNotFoundError) as caught:
-        list_shards(url, fmt)
+        reader(fmt).list_shards(url)
     assert url in str(caught.value) and fmt in str(caught.value)
 
 
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="tfrecord"):
-        list_shards(str(tmp_path), "tfrecord")
+        reader("tfrecord").list_shards(str(tmp_path))
     with pytest.raises(ValueError, match="tfrecord"):
-        list(iter_shard("file:///x", LOCAL, "/x", "tfrecord"))
+        list(reader("tfrecord").iter_shard("file:///x", LOCAL, "/x"))

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 from prep_factory import plain_shards
 
-from data_prep.readers import list_shards
+from data_prep.sources import reader
 from core.storage import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -61,7 +61,7 @@ def test_an_s3_url_gets_the_bucket_region_not_the_default(eu_bucket, monkeypatch
     an endpoint was set."""
     monkeypatch.delenv("AWS_REGION", raising=False)
     assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
-    fs, shards = list_shards(f"s3://{eu_bucket}/web/shard-*.tar", "webdataset")
+    fs, shards = reader("webdataset").list_shards(f"s3://{eu_bucket}/web/shard-*.tar")
     assert isinstance(fs, pafs.S3FileSystem) and fs.region == "eu-west-1"
     assert shards == [(f"s3://{eu_bucket}/web/shard-000.tar", f"{eu_bucket}/web/shard-000.tar")]
     assert pickle.loads(pickle.dumps(fs)).region == "eu-west-1"
@@ -76,7 +76,7 @@ def test_read_tasks_read_with_the_filesystem_of_the_listing(tmp_path):
     """A read task uses the filesystem it is given, never one rebuilt from the shard URL (which would
     take the worker's default region): here the URL names S3, the filesystem is local."""
     from data_prep.config import SourceConfig
-    from data_prep.ray_stages import read_shard
+    from data_prep.operators import read_shard
 
     source = plain_shards(tmp_path, shards=1, per_shard=2)
     row = {"shard_url": "s3://elsewhere/shard-000.tar", "path": str(source / "shard-000.tar")}

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from prep_factory import plain_shards
 
 from core.storage import resolve
-from latent_cache.cache import CacheMismatchError
+from latent_cache.manifest import CacheMismatchError
 from data_prep.config import PrepConfig
 from data_prep.runner import run_prep
 from core.config import load

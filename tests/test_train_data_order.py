@@ -12,11 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_train import _history, train_config
 
-from latent_cache.cache import Cache
+from latent_cache.reader import Cache, is_validation
 from core.config import ConfigError, load
 from pipelines.train import run_training
 from pipelines.training.config import TrainConfig
-from pipelines.training.data import epoch_seed, is_validation
+from pipelines.training.data import epoch_seed
 
 STEPS = 8  # two whole epochs: each rank holds 4 batches of 4 of the ~34 training rows
 VALIDATION_FRACTION = 0.2  # train_config's

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from conftest import free_port, wait_for_port
 
 from pipelines.training.config import EmaConfig
-from pipelines.training.data import EqualStepBatches, is_validation
+from latent_cache.reader import is_validation
+from pipelines.training.data import EqualStepBatches
 from pipelines.training.ema import Ema
 from pipelines.training.tracking import MetricLogger
 

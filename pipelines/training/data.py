@@ -12,32 +12,14 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from latent_cache.cache import Cache
-
-# 1 / this is the granularity of the held-out fraction.
-_SPLIT_BUCKETS = 10_000
-
-
-def is_validation(key: str, fraction: float) -> bool:
-    """Whether a row is held out: decided by a hash of its key alone, so the split is the same in
-    every run, whatever the order or the number of workers."""
-    return zlib.crc32(key.encode()) % _SPLIT_BUCKETS < fraction * _SPLIT_BUCKETS
-
-
-def _split(batch: pa.Table, fraction: float, validation: bool) -> pa.Table:
-    mask = [is_validation(k, fraction) == validation for k in batch.column("key").to_pylist()]
-    return batch.filter(pa.array(mask, pa.bool_()))
-
-
-def text_columns(manifest: dict) -> list[str]:
-    return ["text_embeddings"] if manifest["text_mode"] == "embeddings" else ["text_tokens", "text_mask"]
+from latent_cache.reader import SPLIT_BUCKETS, Cache, split
 
 
 def _mix(batch: pa.Table, shards: list[str], replay_fraction: float, columns: list[str]) -> pa.Table:
     """Rows of `shards`, plus a replay share of the other rows (chosen by key hash: the same rows
     whatever the order); then only `columns`."""
     wanted = set(shards)
-    mask = [s in wanted or zlib.crc32(f"replay:{k}".encode()) % _SPLIT_BUCKETS < replay_fraction * _SPLIT_BUCKETS
+    mask = [s in wanted or zlib.crc32(f"replay:{k}".encode()) % SPLIT_BUCKETS < replay_fraction * SPLIT_BUCKETS
             for s, k in zip(batch.column("source_shard").to_pylist(), batch.column("key").to_pylist())]
     return batch.filter(pa.array(mask, pa.bool_())).select(columns)
 
@@ -56,11 +38,11 @@ def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None 
     training sees the rows of those source shards plus `replay_fraction` of the others; validation
     always covers the held-out rows of the whole cache (the fixed evaluation). The training rows of
     each block are scattered by `seed` (see `_scatter`)."""
-    columns = ["key", "stage_c_latents", *text_columns(cache.manifest)]
+    columns = ["key", "stage_c_latents", *cache.text_columns]
     ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []))
     kwargs = {"batch_format": "pyarrow", "fn_kwargs": {"fraction": validation_fraction}}
-    train = ds.map_batches(_split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": False}})
-    val = ds.map_batches(_split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": True}})
+    train = ds.map_batches(split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": False}})
+    val = ds.map_batches(split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": True}})
     if shards is not None:
         train = train.map_batches(_mix, batch_format="pyarrow",
                                   fn_kwargs={"shards": list(shards), "replay_fraction": replay_fraction, "columns": columns})

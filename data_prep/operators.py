@@ -1,7 +1,7 @@
-"""The steps of data prep as Ray Data operators: read -> decode + filter -> (CLIP score) ->
-deduplicate -> encode -> finalize.
+"""The Ray Data operators of data prep, and the line they form (`prep_dataset`): read -> decode +
+filter -> (CLIP score) -> deduplicate -> encode, into the cache's writer (`latent_cache.writer`).
 
-A dropped sample is not removed until `finalize`: it flows on with its `drop_reason` set and no
+A dropped sample is not removed until the writer: it flows on with its `drop_reason` set and no
 pixels, so that every drop is counted exactly once, from the data itself (no side counters that
 retried tasks could double). An empty `drop_reason` means the sample is kept.
 
@@ -19,17 +19,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from latent_cache.cache import TENSOR_DTYPES, binary_buffers, tensor_column
-from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, SourceConfig
+from data_prep.config import ClipScoreConfig, DedupConfig, EncodeConfig, FilterConfig, PrepConfig, SourceConfig
 from data_prep.decode import DecodeError, decode_image
 from data_prep.filters import check_rules
 from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
+from data_prep.sources import reader_for
 from data_prep.transforms import training_pixels
+from latent_cache.spec import TENSOR_DTYPES
+from latent_cache.writer import ENCODERS_COLUMN, KEEP, binary_buffers, encoder_identity
 
-KEEP = ""  # the drop_reason of a kept sample
-# The column in which EncodeStage states, on every row, the encoders it ran (their fingerprints, as
-# JSON): the driver records them in the manifest and checks that every actor ran the same ones.
-ENCODERS_COLUMN = "encoders"
+DECODE_BATCH = 64  # samples per decode task, and rows per block from there to the encoders
+# Blocks a CPU encoder actor runs at a time: their jobs share its one thread pool, so no job thread
+# waits at the end of a block while the next one is fetched, unpacked and packed.
+CPU_ENCODER_CALLS = 2
 
 
 # -- read -------------------------------------------------------------------------------------
@@ -41,20 +43,7 @@ def read_shard(row: dict, source: SourceConfig, fs: pafs.FileSystem | None) -> I
 
     `fs` is the filesystem the shards were listed with (None for Twemoji): a task that built its own
     from the URL would take the worker's default S3 region, not the one the listing found."""
-    if source.format == "twemoji":
-        from data_prep.twemoji import iter_twemoji_shard
-
-        samples = iter_twemoji_shard(row["shard_url"], source.render_size, source.shard_size)
-    else:
-        from data_prep.readers import iter_shard
-
-        options = {}
-        if source.format == "parquet":
-            options = {"caption_column": source.caption_column}
-            if source.image_column:
-                options["image_column"] = source.image_column
-        samples = iter_shard(row["shard_url"], fs, row["path"], source.format, **options)
-    for sample in samples:
+    for sample in reader_for(source).iter_shard(row["shard_url"], fs, row["path"]):
         sample = dict(sample)
         sample["caption"] = sample.get("caption") or ""
         sample["drop_reason"] = sample.get("drop_reason") or KEEP
@@ -160,7 +149,7 @@ class ClipScoreFilter:
 
 # -- deduplicate ---------------------------------------------------------------------------------
 
-class DeduplicateStage:
+class Deduplicate:
     """Drops exact and near duplicates, within the run and against the cache. One actor sees every
     sample in order, so the first of a group of duplicates is the one kept, run after run."""
 
@@ -197,7 +186,7 @@ class DeduplicateStage:
 
 # -- encode ------------------------------------------------------------------------------------
 
-class EncodeStage:
+class Encode:
     """The frozen encoders on one device: semantic compressor (-> z_C), optionally Stage A, and the
     text conditioning (embeddings or tokens).
 
@@ -211,7 +200,7 @@ class EncodeStage:
     beside it. One image at a time on one thread is also the fastest way to run these networks on a
     CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
     captions (the last one repeated), so that no kernel choice by batch size can differ. On CPU the
-    actor also runs several calls at a time (`runner.CPU_ENCODER_CALLS`): they queue their jobs on
+    actor also runs several calls at a time (`CPU_ENCODER_CALLS`): they queue their jobs on
     the one pool, and the shared tokenizer is called under a lock. On GPU the images are batched,
     padded the same way, on the device, one call at a time.
     """
@@ -219,13 +208,7 @@ class EncodeStage:
     def __init__(self, cfg: EncodeConfig):
         import torch
 
-        from latent_cache.encoders import (
-            build_semantic_compressor,
-            build_stage_a,
-            build_text_encoder,
-            encoder_fingerprints,
-            fold_batchnorm,
-        )
+        from latent_cache.encoders import build_encoders, encoder_fingerprints, fold_batchnorm
         from stages.latents import semantic_image_size
 
         self.cfg = cfg
@@ -238,11 +221,10 @@ class EncodeStage:
             torch.set_num_threads(1)  # one thread per job; the pool has as many as the CPUs the actor reserved
             self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
-        semantic = build_semantic_compressor(cfg.flavor, cfg.semantic)
-        stage_a = build_stage_a(cfg.flavor, cfg.stage_a) if cfg.stage_a else None
-        text = build_text_encoder(cfg.flavor, cfg.text_encoder, cfg.text_width)
+        spec = cfg.spec()
+        semantic, text, stage_a = build_encoders(spec)
         # The fingerprints of the encoders this actor really runs (weights as loaded on its node).
-        self.identity = encoder_identity(encoder_fingerprints(cfg, semantic, text, stage_a), text.width)
+        self.identity = encoder_identity(encoder_fingerprints(spec, semantic, text, stage_a), text.width)
         self.semantic = fold_batchnorm(semantic).to(self.device)
         self.stage_a = fold_batchnorm(stage_a).to(self.device) if stage_a is not None else None
         self.text = text.to(self.device)
@@ -251,8 +233,7 @@ class EncodeStage:
         self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_pixels", semantic_image_size(side, side)[0], cfg.batch_size)}
         if self.stage_a is not None:
             self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
-        self.columns = ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
-        self.columns += ["text_embeddings"] if cfg.text_mode == "embeddings" else ["text_tokens", "text_mask"]
+        self.columns = spec.latent_columns + spec.text_columns
 
     def _images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
         """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
@@ -350,33 +331,40 @@ class EncodeStage:
         return batch.append_column(ENCODERS_COLUMN, identity)
 
 
-def encoder_identity(fingerprints: dict, text_width: int) -> str:
-    """What EncodeStage states in ENCODERS_COLUMN: its encoders' fingerprints and the text width."""
-    return json.dumps({"encoders": fingerprints, "text_width": text_width}, sort_keys=True)
+# -- the line ------------------------------------------------------------------------------------
 
+def prep_dataset(cfg: PrepConfig, source_fs, pending: list[tuple[str, str]], known: list):
+    """read -> decode + filter -> (CLIP score) -> deduplicate -> encode, over every pending shard in
+    one streaming execution: the actors start once per run. The read tasks get `source_fs`, the
+    filesystem of the listing (pickled with its S3 region)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
 
-def stated_encoders(rows: pa.Table) -> set[str]:
-    """The distinct encoder identities stated in a batch of EncodeStage's output."""
-    return set(pc.unique(rows.column(ENCODERS_COLUMN)).cast(pa.string()).to_pylist())  # unique first: no per-row strings
+    from stages.latents import semantic_image_size
 
-
-# -- finalize ----------------------------------------------------------------------------------
-
-def finalize(batch: pa.Table, shapes: dict[str, list[int]], bucket: str) -> pa.Table:
-    """Keeps the kept samples, turns the latent bytes into fixed-shape tensor columns."""
-    kept = batch.filter(pc.equal(batch.column("drop_reason"), KEEP))
-    columns = {
-        "key": kept.column("key").cast(pa.string()),
-        "caption": kept.column("caption").cast(pa.string()),
-        "source_shard": kept.column("source_shard").cast(pa.string()),
-        "width": kept.column("width").cast(pa.int32()),
-        "height": kept.column("height").cast(pa.int32()),
-        "metadata": kept.column("metadata").cast(pa.string()),
-        "content_hash": kept.column("content_hash").cast(pa.string()),
-        "phash": kept.column("phash").cast(pa.uint64()),
-        "clip_score": kept.column("clip_score").cast(pa.float32()),
-        "bucket": pa.array([bucket] * kept.num_rows, pa.string()),
-    }
-    for name, shape in shapes.items():
-        columns[name] = tensor_column(kept.column(name), tuple(shape), TENSOR_DTYPES[name])
-    return pa.table(columns)
+    res = cfg.encode.resolution
+    ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
+    ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source, "fs": source_fs})
+    full_pixels = cfg.encode.stage_a is not None or cfg.filters.clip_score is not None
+    sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
+    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=DECODE_BATCH)
+    if cfg.filters.clip_score is not None:
+        ds = ds.map_batches(
+            ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
+            compute=ActorPoolStrategy(size=1), batch_size=cfg.filters.clip_score.batch_size, num_cpus=1,
+        )
+    # Blocks of DECODE_BATCH rows from here on: the encoder actors get work in units of a second or
+    # two, so that at the end of the stream none waits long for another to finish a large block.
+    ds = ds.map_batches(
+        Deduplicate, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
+        compute=ActorPoolStrategy(size=1), batch_size=DECODE_BATCH, num_cpus=0.25, batch_format="pyarrow",
+    )
+    concurrent = {}
+    if not cfg.encode.use_gpu:
+        concurrent = {"max_concurrent_calls_per_actor": CPU_ENCODER_CALLS, "enable_true_multi_threading": True}
+    return ds.map_batches(
+        Encode, fn_constructor_kwargs={"cfg": cfg.encode},
+        compute=ActorPoolStrategy(size=cfg.encode.num_encoders, **concurrent),
+        batch_size=cfg.encode.batch_size, num_gpus=1 if cfg.encode.use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
+        batch_format="pyarrow",
+    )

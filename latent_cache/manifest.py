@@ -1,0 +1,106 @@
+"""`manifest.json`, a cache's commit point: what it was made with (spec settings, encoders'
+fingerprints, tensor shapes), which source shards it holds with their counts, and which files. Only
+the files it lists are part of the cache. Every check of a manifest against a spec is here."""
+
+import json
+import time
+
+from core.storage import join, read_text, write_text_atomically
+from latent_cache.spec import CacheSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheMismatchError(ValueError):
+    """A cache made by other encoders (or settings) than the ones it is used with."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read(fs, root: str) -> dict | None:
+    """The manifest of the cache at `root`, or None when there is none yet."""
+    text = read_text(fs, join(root, MANIFEST))
+    return json.loads(text) if text is not None else None
+
+
+def write(fs, root: str, manifest: dict) -> None:
+    """Replaces the manifest at once: the commit."""
+    write_text_atomically(fs, join(root, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+
+def new_manifest(spec: CacheSpec, encoders: dict, text_width: int, provenance: dict) -> dict:
+    """An empty cache's manifest. `provenance`: what else the writer records (prep's source and filters)."""
+    now = _now()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": now,
+        "updated_at": now,
+        **spec.settings(),
+        **provenance,
+        "shapes": spec.tensor_shapes(text_width),
+        "encoders": encoders,
+        "shards": {},
+        "files": [],
+        "rows_in": 0,
+        "rows_written": 0,
+        "dropped": {},
+    }
+
+
+def record_wave(manifest: dict, shard_stats: dict[str, dict], files: list[dict]) -> dict:
+    """Adds a committed wave: its shards' counts and its files."""
+    for shard, stats in shard_stats.items():
+        manifest["shards"][shard] = stats
+        manifest["rows_in"] += stats["rows_in"]
+        manifest["rows_written"] += stats["rows_written"]
+        for reason, count in stats["dropped"].items():
+            manifest["dropped"][reason] = manifest["dropped"].get(reason, 0) + count
+    manifest["files"].extend(files)
+    manifest["updated_at"] = _now()
+    return manifest
+
+
+def check_settings(manifest: dict, spec: CacheSpec, url: str) -> None:
+    """Refuses to append to a cache of another flavor, resolution or text mode."""
+    settings = spec.settings()
+    for key in ("flavor", "resolution", "text_mode"):
+        if manifest.get(key) != settings[key]:
+            raise CacheMismatchError(
+                f"the cache at {url} was made with {key}={manifest.get(key)!r}; this run has {key}={settings[key]!r}. "
+                f"Use another output URL for a different {key}."
+            )
+
+
+def check_encoders(manifest: dict, spec: CacheSpec, encoders: dict, text_width: int, url: str) -> None:
+    """Refuses to append latents of other encoders (their fingerprints), or of other tensor shapes."""
+    for name, info in encoders.items():
+        theirs = manifest["encoders"].get(name, {}).get("fingerprint")
+        if theirs != info["fingerprint"]:
+            raise CacheMismatchError(
+                f"the cache at {url} was made with a {name} of fingerprint {theirs}, this run's has "
+                f"{info['fingerprint']}: appending would mix latents of different encoders. Use another output URL."
+            )
+    shapes = spec.tensor_shapes(text_width)
+    if manifest["shapes"] != shapes:
+        raise CacheMismatchError(f"the cache at {url} has tensor shapes {manifest['shapes']}, this run {shapes}")
+
+
+def fingerprints(manifest: dict) -> dict[str, str]:
+    return {name: info["fingerprint"] for name, info in manifest["encoders"].items()}
+
+
+def check_fingerprints(manifest: dict, expected: dict[str, str], url: str) -> None:
+    """Refuses the cache for a reader whose encoders (name -> fingerprint) are not the ones it was made with."""
+    ours = fingerprints(manifest)
+    for name, fingerprint in expected.items():
+        if name not in ours:
+            raise CacheMismatchError(f"the cache at {url} has no {name} latents (it was made with encoders {sorted(ours)})")
+        if ours[name] != fingerprint:
+            raise CacheMismatchError(
+                f"the cache at {url} was made with a {name} of fingerprint {ours[name]} "
+                f"({manifest['encoders'][name].get('weights')}), but this run's {name} has fingerprint "
+                f"{fingerprint}. Re-run data prep with this {name}, or point the run at its matching cache."
+            )

@@ -1,0 +1,84 @@
+"""A committed cache, read with plain pyarrow or as a Ray Dataset, and its held-out split: a row is
+held out for validation by a hash of its key alone."""
+
+import zlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.storage import join, resolve
+from latent_cache import manifest as manifests
+from latent_cache.spec import TEXT_COLUMNS
+
+# 1 / this is the granularity of the held-out fraction (and of other fractions drawn by key hash).
+SPLIT_BUCKETS = 10_000
+
+
+class Cache:
+    """A committed cache: its manifest and files, read with plain pyarrow or as a Ray Dataset."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = resolve(url)
+        manifest = manifests.read(self.fs, self.root)
+        if manifest is None:
+            raise FileNotFoundError(f"no cache at {url}: {manifests.MANIFEST} is missing (has data prep run and committed?)")
+        self.manifest = manifest
+        if manifest.get("schema_version") != manifests.SCHEMA_VERSION:
+            raise manifests.CacheMismatchError(
+                f"{url} has cache schema version {manifest.get('schema_version')}; this code reads version "
+                f"{manifests.SCHEMA_VERSION}"
+            )
+
+    @property
+    def files(self) -> list[str]:
+        return [join(self.root, f["path"]) for f in self.manifest["files"]]
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["rows_written"]
+
+    @property
+    def text_columns(self) -> list[str]:
+        """The columns of its text conditioning (by its text mode)."""
+        return list(TEXT_COLUMNS[self.manifest["text_mode"]])
+
+    def fingerprints(self) -> dict[str, str]:
+        return manifests.fingerprints(self.manifest)
+
+    def check_fingerprints(self, expected: dict[str, str]) -> None:
+        """Refuses the cache when an encoder it was made with is not the one the caller uses."""
+        manifests.check_fingerprints(self.manifest, expected, self.url)
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows with plain pyarrow (no Ray)."""
+        tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files]
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def ray_dataset(self, columns: list[str] | None = None, **kwargs):
+        import ray.data
+
+        if not self.files:
+            raise ValueError(f"the cache at {self.url} has no rows yet")
+        ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
+        return ds.select_columns(columns) if columns else ds
+
+
+def existing_hashes(cache: Cache) -> list[tuple[str, int | None]]:
+    """(content_hash, phash) of every committed row, for deduplication against the cache."""
+    if not cache.files:
+        return []
+    table = cache.read_table(columns=["content_hash", "phash"])
+    return list(zip(table.column("content_hash").to_pylist(), table.column("phash").to_pylist()))
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Whether a row is held out: decided by a hash of its key alone, so the split is the same in
+    every run, whatever the order or the number of workers."""
+    return zlib.crc32(key.encode()) % SPLIT_BUCKETS < fraction * SPLIT_BUCKETS
+
+
+def split(batch: pa.Table, fraction: float, validation: bool) -> pa.Table:
+    """The held-out rows of a batch (`validation`), or the others."""
+    mask = [is_validation(k, fraction) == validation for k in batch.column("key").to_pylist()]
+    return batch.filter(pa.array(mask, pa.bool_()))
