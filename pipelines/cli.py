@@ -10,6 +10,8 @@ import textwrap
 import traceback
 from collections.abc import Callable
 
+from core.ray_cluster import quiet_console
+
 # subcommand -> (module under pipelines/, one-line help)
 COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
@@ -54,7 +56,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, exam
 
 
 def setup_logging() -> None:
-    """The jobs' own INFO lines and everyone's warnings on stderr."""
+    """The jobs' own INFO lines and everyone's warnings on stderr; Ray's internal lines in its log files."""
+    quiet_console()
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for name in OWN_PACKAGES:
         logging.getLogger(name).setLevel(logging.INFO)
