@@ -169,22 +169,3 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()
         node[keys[-1]] = value
     return from_dict(cls, values, where)
 
-
-def job_config(cls: type[T], prog: str, doc: str, argv: list[str] | None, config_help: str, example: str) -> T | None:
-    """The command line every job shares (--config FILE, --set key=value ...) read into `cls`; None
-    (after printing why) when the config is wrong. Also sets up logging."""
-    import argparse
-    import logging
-    import sys
-
-    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
-    parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one setting, e.g. --set {example} (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return load(cls, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.cli import job_parser, run_job
 from stages import SemanticCompressor, StageA, StageB, StageC
 
 
@@ -98,7 +99,8 @@ def prepare_data(cfg) -> str:
     from data_prep.summary import format_summary
 
     print(f"\n== 1. Data prep: {cfg.source.url} -> {cfg.output.url} (local Ray cluster)", flush=True)
-    print(format_summary(run_prep(cfg)), flush=True)
+    summary = run_prep(cfg, on_wave=lambda s: print(f"   committed wave {s['waves']}: {s['rows_written']} rows so far", flush=True))
+    print(format_summary(summary), flush=True)
     return cfg.output.url
 
 
@@ -219,7 +221,11 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
 
 def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[1]
-    parser = argparse.ArgumentParser(prog="wuerstchen demo", description=__doc__.splitlines()[0])
+    parser = job_parser("demo", __doc__, {
+        0: "done",
+        1: "a step failed (its error, and Ray's, are shown)",
+        2: "bad arguments or configuration (both configs are checked before any work starts)",
+    })
     parser.add_argument("--prep-config", type=Path, default=root / "configs" / "prep_twemoji.yaml")
     parser.add_argument("--train-config", type=Path, default=root / "configs" / "train_twemoji_small.yaml")
     parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the prep config's output.url)")
@@ -234,16 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages_only:
         if args.image_size % 128:
             parser.error(f"--image-size must be a multiple of 128, got {args.image_size}")
-        run(args.flavor, args.image_size, args.out)
-        return 0
-    from core.config import ConfigError
+        def stages_only() -> None:
+            run(args.flavor, args.image_size, args.out)
 
-    try:  # both configs are checked before any work starts
-        prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)
-        cfg = train_config(args.train_config, prep_cfg.output.url, args.steps)
-    except ConfigError as err:
-        print(f"wuerstchen demo: {err}", file=sys.stderr)
-        return 2
+        return run_job("demo", stages_only)
+    return run_job("demo", lambda: demo(args))
+
+
+def demo(args: argparse.Namespace) -> None:
+    # both configs are checked before any work starts
+    prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)
+    cfg = train_config(args.train_config, prep_cfg.output.url, args.steps)
     start = time.perf_counter()
     cache_url = prepare_data(prep_cfg)
     cfg, _ = train(cfg)
@@ -260,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   MLflow:        {uri}   ->   mlflow ui --backend-store-uri {uri}")
     print(f"   export:        wuerstchen export --model models:/wuerstchen-stage-c@champion --out runs/export "
           f"--tracking-uri {uri}")
-    return 0
 
 
 if __name__ == "__main__":

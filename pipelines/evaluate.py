@@ -12,11 +12,8 @@ cluster has one. The spec (cache, held-out fraction, t grid, seed, weighting) de
 the version was trained with; its id, which also covers the cache's content, keys the result:
 
     eval.<spec id>.val_loss   eval.<spec id>.rows   eval.latest (JSON: spec, id, result)
-
-Exit codes: 0 evaluated, 2 bad arguments or a cache the model does not fit, 1 failed.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -28,6 +25,7 @@ import tempfile
 from pydantic import PositiveInt
 
 from pipelines import registry
+from pipelines.cli import job_parser, run_job
 from core.config import HeldOutFraction, NoiseLevels, config_dataclass
 
 log = logging.getLogger(__name__)
@@ -174,31 +172,30 @@ def recorded(version, spec_id: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen evaluate", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = job_parser("evaluate", __doc__, {
+        0: "evaluated",
+        1: "failed",
+        2: "bad arguments, or a cache the model does not fit",
+    })
     parser.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
     parser.add_argument("--cache", help="evaluate on this cache (default: the one the version was trained on)")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from latent_cache.manifest import CacheMismatchError
 
-    if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster (`ray job submit`): evaluate on its nodes
-        from core.ray_cluster import connect
+    def evaluate() -> None:
+        if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster (`ray job submit`): evaluate on its nodes
+            from core.ray_cluster import connect
 
-        connect()
-    try:
+            connect()
         spec = None
         if args.cache:
             mlflow_client = registry.client(args.tracking_uri)
             spec = default_spec(mlflow_client, registry.resolve_version(mlflow_client, args.model), args.cache)
         result = run_evaluation(args.model, spec, args.tracking_uri)
-    except (ValueError, FileNotFoundError, CacheMismatchError) as err:
-        print(f"wuerstchen evaluate: {err}", file=sys.stderr)
-        return 2
-    print(f"models:/{result['name']}/{result['version']}: val_loss {result['val_loss']:.6g} "
-          f"on {result['rows']} held-out rows of {result['spec']['cache']} (spec {result['spec_id']})")
-    return 0
+        print(f"models:/{result['name']}/{result['version']}: val_loss {result['val_loss']:.6g} "
+              f"on {result['rows']} held-out rows of {result['spec']['cache']} (spec {result['spec_id']})")
+
+    return run_job("evaluate", evaluate)
 
 
 if __name__ == "__main__":

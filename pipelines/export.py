@@ -8,10 +8,9 @@ version references a decoder bundle, a `WuerstchenCombinedPipeline` with Stage B
 decoder's text encoder too. The referenced text encoders are materialised (their fingerprints are
 checked first). DIR is written beside itself and swapped in only once complete; `--overwrite` replaces
 only a folder an earlier export wrote (it holds REGISTRY_SOURCE.txt), and a failed export leaves it as
-it was. Exit codes: 0 written, 2 bad arguments, 1 failed.
+it was.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines import registry
+from pipelines.cli import job_parser, run_job
 
 # Written last into every exported folder: the registered version it came from. Its presence is what
 # lets `--overwrite` replace a folder: only a folder an earlier export wrote is ever deleted.
@@ -98,21 +98,24 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen export", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = job_parser("export", __doc__, {
+        0: "written",
+        1: "failed",
+        2: "bad arguments: a malformed model URI, an --out that is a file, the working directory, or a "
+           "folder an earlier export did not write (or did, without --overwrite)",
+    })
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a folder an earlier export wrote (never any other)")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
-    try:
+
+    def export_job() -> None:
         out = export(args.model, args.out, args.tracking_uri, args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"wuerstchen export: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote a diffusers pipeline folder for {args.model} to {out}")
-    return 0
+        print(f"wrote a diffusers pipeline folder for {args.model} to {out}")
+
+    return run_job("export", export_job)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,8 @@ both scores are written as tags on the challenger (`promotion.*`); the `challeng
 removed, and every champion is appended to the registered model's `champion_history`, which
 `--rollback` walks back. An evaluation that fails (which may be transient) decides nothing: no tag is
 written, the challenger keeps its alias, and the job fails, so that running it again decides.
-
-Exit codes: 0 decided (promoted or kept the champion), nothing to decide (no challenger: it says
-so), or rolled back; 2 bad arguments (e.g. nothing to roll back to); 1 failed (an evaluation too).
 """
 
-import argparse
 import json
 import logging
 import os
@@ -28,6 +24,7 @@ import time
 from pydantic import NonNegativeFloat
 
 from pipelines import registry
+from pipelines.cli import FAILED, job_parser, run_job
 from core.config import config_dataclass
 
 log = logging.getLogger(__name__)
@@ -127,8 +124,11 @@ def rollback(tracking_uri: str | None = None, name: str = registry.STAGE_C_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen promote", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = job_parser("promote", __doc__, {
+        0: "decided (promoted or kept the champion), nothing to decide (no challenger: it says so), or rolled back",
+        1: "failed (an evaluation too)",
+        2: "bad arguments (e.g. nothing to roll back to)",
+    })
     parser.add_argument("--name", default=registry.STAGE_C_MODEL)
     parser.add_argument("--cache", help="evaluate on this cache (default: the challenger's training cache)")
     parser.add_argument("--min-absolute-improvement", type=float, default=GateConfig.min_absolute_improvement)
@@ -136,26 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("RAY_ADDRESS") and not args.rollback:  # submitted to a cluster: evaluate on its nodes
-        from core.ray_cluster import connect
 
-        connect()
-    try:
+    def gate() -> None:
+        if os.environ.get("RAY_ADDRESS") and not args.rollback:  # submitted to a cluster: evaluate on its nodes
+            from core.ray_cluster import connect
+
+            connect()
         if args.rollback:
             out = rollback(args.tracking_uri, args.name)
             print(f"{args.name}: champion rolled back from version {out['from_version']} to {out['to_version']}")
-            return 0
+            return
         out = promote(args.tracking_uri, args.name, args.cache,
                       GateConfig(args.min_absolute_improvement, args.min_relative_improvement))
-    except ValueError as err:
-        print(f"wuerstchen promote: {err}", file=sys.stderr)
-        return 2
-    except EvaluationFailed as err:
-        print(f"wuerstchen promote: {err}", file=sys.stderr)
-        return 1
-    print(f"{args.name}: {out['decision']}: {out['reason']}")
-    return 0
+        print(f"{args.name}: {out['decision']}: {out['reason']}")
+
+    return run_job("promote", gate, {EvaluationFailed: FAILED})
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ registry as a pyfunc model, as a new version of a named model with the alias `ch
 
 Registering the same checkpoint again returns the version it already has (no duplicate). The
 version is tagged with the code version, the cache manifest fingerprint, the training run and step,
-the validation loss of the registered (EMA) weights at that step and the encoder fingerprints. Exit
-codes: 0 registered (or already there), 2 bad arguments or inputs, 1 failed.
+the validation loss of the registered (EMA) weights at that step and the encoder fingerprints.
 """
 
-import argparse
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from pipelines import registry
+from pipelines.cli import job_parser, run_job
 from pipelines.pyfunc_models import signature, text_encoder_ref
 
 log = logging.getLogger(__name__)
@@ -204,8 +203,11 @@ def register_decoders(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wuerstchen register", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = job_parser("register", __doc__, {
+        0: "registered (or already there)",
+        1: "failed",
+        2: "bad arguments or inputs",
+    })
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run-id", help="MLflow run id of a training run (its newest checkpoint is registered)")
     what.add_argument("--checkpoint", help="a checkpoint folder, local or s3://")
@@ -216,18 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="decoder bundle only: seed of random weights")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def register() -> None:
         if args.decoder_bundle:
             out = register_decoders(args.tracking_uri, args.name or registry.DECODERS_MODEL, args.decoder_bundle, args.flavor, args.seed)
         else:
             out = register_stage_c(args.tracking_uri, args.name or registry.STAGE_C_MODEL, args.run_id, args.checkpoint, args.decoders)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"wuerstchen register: {err}", file=sys.stderr)
-        return 2
-    state = "registered" if out["created"] else "already registered as"
-    print(f"{state} models:/{out['name']}/{out['version']} (from {out['source']})")
-    return 0
+        state = "registered" if out["created"] else "already registered as"
+        print(f"{state} models:/{out['name']}/{out['version']} (from {out['source']})")
+
+    return run_job("register", register)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,6 @@ attempt is recorded in `<state>/attempt.json` before any work, so a run that cra
 by rerunning the same command: data prep resumes, training resumes from its newest checkpoint, and
 registration finds the version it already made (no duplicate). `<state>` defaults to
 `<train.checkpoint.storage_path>/retrain`.
-
-Exit codes (what a Ray job's status and a scheduler see): 0 done (promoted, the champion kept, or
-nothing to do), 4 refused because another run is in progress, 5 stopped between phases because this run
-lost its lease (another run may have taken over: rerun later to finish the attempt), 2 bad configuration,
-1 failed.
 """
 
 import dataclasses
@@ -35,13 +30,15 @@ import time
 from pydantic import NonNegativeFloat, PositiveFloat
 
 from data_prep.config import PrepConfig
-from core.config import Probability, config_dataclass, job_config
-from pipelines.promote import GateConfig
+from core.config import Probability, config_dataclass, load
+from pipelines.cli import FAILED, add_config_arguments, job_parser, run_job
+from pipelines.promote import EvaluationFailed, GateConfig
 from pipelines.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, BAD_CONFIG, ALREADY_RUNNING, LEASE_LOST = 0, 1, 2, 4, 5
+# Exit codes of retrain's lease, beside those every job shares (pipelines.cli).
+ALREADY_RUNNING, LEASE_LOST = 4, 5
 ATTEMPT = "attempt.json"
 
 
@@ -219,30 +216,23 @@ def run_retrain(cfg: RetrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = job_config(RetrainConfig, "wuerstchen retrain", __doc__, argv,
-                     "YAML file (see configs/retrain_*.yaml)", "data_mix.mode=replay")
-    if cfg is None:
-        return BAD_CONFIG
-    from latent_cache.manifest import CacheMismatchError
+    parser = job_parser("retrain", __doc__, {  # what a Ray job's status and a scheduler see
+        0: "done (promoted, the champion kept, or nothing to do)",
+        1: "failed (an evaluation of the gate too: rerunning runs the gate again)",
+        2: "bad configuration, or a cache made by other encoders",
+        ALREADY_RUNNING: "refused: another run holds the lease; nothing was touched",
+        LEASE_LOST: "stopped between phases because this run lost its lease (another run may have taken "
+                    "over): rerun later to finish the attempt",
+    })
+    add_config_arguments(parser, "YAML file (see configs/retrain_*.yaml)", "data_mix.mode=replay")
+    args = parser.parse_args(argv)
     from pipelines.lease import LeaseHeldError, LeaseLostError
-    from pipelines.promote import EvaluationFailed
 
-    try:
-        summary = run_retrain(cfg)
-    except LeaseHeldError as err:
-        print(f"wuerstchen retrain: refused: {err}", file=sys.stderr)
-        return ALREADY_RUNNING
-    except LeaseLostError as err:
-        print(f"wuerstchen retrain: {err}", file=sys.stderr)
-        return LEASE_LOST
-    except EvaluationFailed as err:
-        print(f"wuerstchen retrain: {err}", file=sys.stderr)
-        return FAILED
-    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
-        print(f"wuerstchen retrain: {err}", file=sys.stderr)
-        return BAD_CONFIG
-    print("retrain summary: " + json.dumps(summary, indent=2), flush=True)
-    return DONE
+    def retrain() -> None:
+        summary = run_retrain(load(RetrainConfig, args.config, args.overrides))
+        print("retrain summary: " + json.dumps(summary, indent=2), flush=True)
+
+    return run_job("retrain", retrain, {LeaseHeldError: ALREADY_RUNNING, LeaseLostError: LEASE_LOST, EvaluationFailed: FAILED})
 
 
 if __name__ == "__main__":

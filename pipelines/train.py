@@ -5,16 +5,15 @@ tracking in MLflow.
 Rerunning the same command (same checkpoint.run_name and storage_path) resumes from the newest
 complete checkpoint, with more steps if `steps` was raised; a worker failure is retried from the
 newest checkpoint up to `max_failures` times. A run name is one config: rerunning it with a value
-changed that defines the run (anything but tracking.RESUMABLE_KEYS) is refused. Exit codes: 0 done,
-2 bad configuration (including a cache made by other encoders, or a run name taken by another
-config), 1 training failed.
+changed that defines the run (anything but tracking.RESUMABLE_KEYS) is refused.
 """
 
 import dataclasses
 import logging
 import sys
 
-from core.config import job_config
+from core.config import load
+from pipelines.cli import add_config_arguments, job_parser, run_job
 from pipelines.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -179,20 +178,22 @@ def _end_run(uri: str, run_id: str, status: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = job_config(TrainConfig, "wuerstchen train", __doc__, argv,
-                     "YAML file (see configs/); defaults: small Stage C on the Twemoji cache", "steps=500")
-    if cfg is None:
-        return 2
-    from latent_cache.manifest import CacheMismatchError
+    parser = job_parser("train", __doc__, {
+        0: "done (also when the run had already reached `steps`)",
+        1: "training failed",
+        2: "bad configuration, including a cache made by other encoders, a missing cache, or a run name "
+           "taken by another config",
+    })
+    add_config_arguments(parser, "YAML file (see configs/); defaults: small Stage C on the Twemoji cache", "steps=500")
+    args = parser.parse_args(argv)
 
-    try:
+    def train() -> None:
+        cfg = load(TrainConfig, args.config, args.overrides)
         result, run_id = run_training(cfg)
-    except (CacheMismatchError, FileNotFoundError, ValueError) as err:
-        print(f"wuerstchen train: {err}", file=sys.stderr)
-        return 2
-    print(f"trained {cfg.checkpoint.run_name}: {result.metrics}")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}; MLflow run {run_id}")
-    return 0
+        print(f"trained {cfg.checkpoint.run_name}: {result.metrics}")
+        print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}; MLflow run {run_id}")
+
+    return run_job("train", train)
 
 
 if __name__ == "__main__":

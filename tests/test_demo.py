@@ -2,11 +2,14 @@
 first command runs it: a fresh working directory, a local Ray cluster, an sqlite MLflow store."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from core.ray_cluster import RAY_INTERNAL_LINES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +25,14 @@ def test_demo_prepares_trains_registers_promotes_and_serves_a_champion(tmp_path)
     for heading in ("== 1. Data prep", "== 2. Training", "== 3. Registration", "== 4. Evaluation", "== 5. A consumer"):
         assert heading in done.stdout
     assert "promoted: first champion" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+    # A console a person can read: Ray's internal lines and its progress reports (no terminal shows
+    # them live here) stay in Ray's log files; each rank-0 step line is shown once.
+    console = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in console if any(internal in line for internal in RAY_INTERNAL_LINES)]
+    assert not [line for line in console if "Running Dataset" in line or "logging_progress" in line]
+    steps = [line for line in console if re.search(r"step \d+/10: loss", line)]
+    assert steps and len(steps) == len(set(steps)), steps
+    assert len(console) < 300, "\n".join(console)
 
     import mlflow
 

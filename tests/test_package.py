@@ -1,12 +1,17 @@
 """The package as users run it: import boundaries, the console script, the jobs as modules."""
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from core.config import ConfigError
+from pipelines import cli
 from stages import StageC
 from stages.original_format import to_original
 
@@ -59,3 +64,39 @@ def test_convert_writes_a_folder_that_loads(tmp_path):
     assert result.returncode == 0, result.stderr
     loaded = StageC.from_pretrained(tmp_path / "prior")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("job", sorted(cli.COMMANDS))
+def test_every_job_says_what_it_does_and_its_exit_codes(job, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([job, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    module = importlib.import_module(f"pipelines.{cli.COMMANDS[job][0]}")
+    assert text.startswith(f"usage: wuerstchen {job}") and module.__doc__.splitlines()[0] in text
+    codes = dict(re.findall(r"^  (\d)  (\S.*)$", text.split("\nexit codes:\n")[1], re.M))
+    # argparse itself exits 2 on a bad argument, and every job may fail
+    assert {str(cli.DONE), str(cli.FAILED), str(cli.BAD_INPUT)} <= set(codes), text
+    if job == "retrain":
+        assert {"4", "5"} <= set(codes) and "lease" in codes["4"] and "lease" in codes["5"], text
+
+
+def test_errors_become_exit_codes_with_one_line_or_a_traceback(capsys):
+    class Lost(RuntimeError):
+        pass
+
+    def fails(err: Exception):
+        def work():
+            raise err
+        return work
+
+    assert cli.run_job("x", fails(ConfigError("bad.yaml: steps: is required"))) == cli.BAD_INPUT
+    assert capsys.readouterr().err == "wuerstchen x: bad.yaml: steps: is required\n"
+    assert cli.run_job("x", fails(FileNotFoundError("no cache at /nowhere"))) == cli.BAD_INPUT
+    assert capsys.readouterr().err == "wuerstchen x: no cache at /nowhere\n"
+    assert cli.run_job("x", fails(Lost("taken over")), {Lost: 5}) == 5
+    assert capsys.readouterr().err == "wuerstchen x: taken over\n"
+    assert cli.run_job("x", fails(RuntimeError("worker died\nits traceback"))) == cli.FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "wuerstchen x: failed: RuntimeError: worker died"
+    assert cli.run_job("x", lambda: None) == cli.DONE and cli.run_job("x", lambda: 4) == 4
