@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration  # the demo job in its own process, with its own Ray and MLflow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stages import StageC
 from stages.original_format import to_original
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration  # each test runs the project's code in a child process
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
