@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-unit test-integration venv bench clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/wuerstchen demo
 
-test: $(STAMP)
-	$(PY) -m pytest tests --durations=20
+# Unit tests first (in process, seconds), then integration tests on real parts (Ray, MLflow, moto's S3,
+# jobs in their own processes); tests/conftest.py marks each test as one or the other.
+test: test-unit test-integration
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests -m unit --durations=20
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests -m integration --durations=20
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.stage_speed

@@ -95,6 +95,19 @@ import sys
 import time
 from pathlib import Path
 
+# The session's real services. A test that uses one of them, directly or through a fixture that
+# does, is an integration test; so is one that starts its own server or runs the project's code in a
+# child process (a job, the CLI, a consumer): those say so with `pytest.mark.integration`. Every other
+# test is a unit test: in process, nothing started, seconds at most (`make test-unit`).
+REAL_SERVICES = frozenset({"s3_server", "ray_cluster", "mlflow_server", "tiny_cache"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # fixturenames is the closure: the fixtures a test's fixtures depend on are in it too.
+        real = item.get_closest_marker("integration") or REAL_SERVICES.intersection(item.fixturenames)
+        item.add_marker("integration" if real else "unit")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -52,6 +52,7 @@ def _one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.integration  # the train job in its own process
 def test_the_train_cli_exits_2_with_one_line_on_malformed_yaml(tmp_path):
     """Through the real command line, in a fresh process: no traceback, exit code 2."""
     bad = tmp_path / "bad.yaml"

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration  # the demo job in its own process, with its own Ray and MLflow
 
 from core.ray_cluster import RAY_INTERNAL_LINES
 

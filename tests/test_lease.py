@@ -14,7 +14,7 @@ from conftest import make_bucket
 from pipelines.lease import LEASE, Lease, LeaseHeldError, LeaseLostError
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def state(request, tmp_path):
     """A fresh state URL, and a reader and a writer of `<url>/lease.json` (or of another URL's) that go
     around the Lease, as another run or a person would."""

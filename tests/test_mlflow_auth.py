@@ -15,6 +15,8 @@ import mlflow.pyfunc
 import yaml
 from conftest import free_port, stop_server, wait_for_port
 
+pytestmark = pytest.mark.integration  # its own MLflow server, with the auth app
+
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW_YAML = ROOT / "infra" / "k8s" / "mlflow" / "mlflow.yaml"
 USERS_SCRIPT = ROOT / "infra" / "docker" / "mlflow" / "mlflow_users.py"

@@ -17,6 +17,8 @@ from stages.original_format import to_original
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.integration  # each test runs the project's code in a child process
+
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ""}

@@ -45,6 +45,7 @@ def _worker(rank: int, port: int, per_rank_batches: list[int], steps: int, out: 
     dist.destroy_process_group()
 
 
+@pytest.mark.integration  # two spawned processes running the training code over gloo
 def test_every_rank_takes_the_same_number_of_steps_on_uneven_shards(tmp_path):
     """Rank 0 has 5 batches per epoch, rank 1 only 3: both run 10 steps and start each epoch together."""
     mp.start_processes(_worker, args=(free_port(), [5, 3], 10, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
@@ -98,6 +99,7 @@ def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.integration  # its own MLflow server, stopped and started again
 def test_metrics_survive_a_tracking_server_outage(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
