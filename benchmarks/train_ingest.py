@@ -54,7 +54,6 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
     """Samples/s of the same model, objective, optimizer and EMA on in-memory tensors."""
     from latent_cache.reader import Cache
     from pipelines.training.ema import Ema
-    from pipelines.training.loop import build_model
     from stages.objectives import stage_c_loss
 
     torch.manual_seed(0)
@@ -62,7 +61,7 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
     b = cfg.data.batch_size
     z = torch.from_numpy(table.column("stage_c_latents").chunk(0).to_numpy_ndarray()[:b].astype(np.float32))
     text = torch.from_numpy(table.column("text_embeddings").chunk(0).to_numpy_ndarray()[:b].astype(np.float32))
-    model = build_model(cfg, None).train()
+    model = cfg.model.build().train()
     ema = Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     empty = torch.zeros(1, *text.shape[1:])

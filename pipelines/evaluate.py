@@ -83,11 +83,15 @@ def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int
                     yield batch.filter(mask)
 
 
-def _validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[dict], int]:
+def validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[dict], int]:
+    """The held-out rows of the cache with the columns of Stage C's validation, as numpy batches of
+    `batch_size` rows, and how many rows they hold."""
     import numpy as np
     import pyarrow as pa
 
-    columns = ["key", "stage_c_latents", *cache.text_columns]
+    from pipelines.training.tasks import stage_c_columns
+
+    columns = stage_c_columns(cache.manifest["text_mode"])
     held = [b for b in held_out_batches(cache, fraction, columns) if b.num_rows]
     if not held:
         return [], 0
@@ -108,10 +112,9 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
 
     from latent_cache.reader import Cache
     from pipelines.pyfunc_models import TextEncoderRef
-    from pipelines.training.config import TrainConfig, ValidationConfig
-    from pipelines.training.loop import validation_loss
+    from pipelines.training.tasks import validation_inputs
     from stages import StageC
-    from stages.objectives import StageCObjective
+    from stages.objectives import stage_c_validation_loss
 
     mlflow_client = registry.client(tracking_uri)
     version = registry.resolve_version(mlflow_client, model_uri)
@@ -125,16 +128,15 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     trained_on = {k.split(".", 1)[1]: v for k, v in version.tags.items() if k.startswith("fingerprint.")}
     cache.check_fingerprints({k: v for k, v in trained_on.items() if k in ("semantic_compressor", "text_encoder")})
     spec_id = spec.spec_id(cache.manifest)
-    batches, rows = _validation_batches(cache, spec.validation_fraction, spec.batch_size)
+    batches, rows = validation_batches(cache, spec.validation_fraction, spec.batch_size)
     if rows == 0:
         raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text_encoder = None
     if cache.manifest["text_mode"] == "tokens":
         text_encoder = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
-    cfg = TrainConfig(validation=ValidationConfig(t_grid=tuple(spec.t_grid), seed=spec.seed),
-                      objective=StageCObjective(p2_weighting=spec.p2_weighting))
-    loss = validation_loss(model.to(device), batches, cfg, device, text_encoder)
+    inputs = validation_inputs(batches, device, text_encoder)
+    loss = stage_c_validation_loss(model.to(device), inputs, spec.t_grid, spec.seed, spec.p2_weighting)
     result = {"val_loss": loss, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
     mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.val_loss", f"{loss:.8g}")
     mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.rows", str(rows))

@@ -40,6 +40,7 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
 
     from core.storage import join, resolve
     from pipelines.training import checkpoint as ckpt_io
+    from pipelines.training.config import CheckpointConfig
     from pipelines.training.tracking import CONFIG_HASH_TAG, config_hash
 
     if checkpoint_uri:
@@ -50,7 +51,7 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
         storage, name = run.data.params["checkpoint.storage_path"], run.data.params["checkpoint.run_name"]
     except KeyError as err:
         raise ValueError(f"MLflow run {run_id} is not a training run of this project (no param {err})") from None
-    found = ckpt_io.latest(storage, name)
+    found = ckpt_io.latest(CheckpointConfig(storage_path=storage, run_name=name))
     if found is None:
         raise FileNotFoundError(f"training run {run_id} ({join(storage, name)}) has no complete checkpoint")
     # The checkpoint folder is found by name: make sure this run wrote it, under this run's config,

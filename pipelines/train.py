@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 def expected_fingerprints(cfg: TrainConfig):
     """The fingerprints of the encoders this model goes with, and the text encoder (to encode "")."""
-    from latent_cache.encoders import build_semantic_compressor, build_text_encoder, model_fingerprint, text_fingerprint
+    from latent_cache.encoders import model_fingerprint, text_fingerprint
 
     enc = cfg.encoders
-    text = build_text_encoder(cfg.model.flavor, enc.text_encoder, enc.text_width)
-    semantic = build_semantic_compressor(cfg.model.flavor, enc.semantic)
+    text = enc.build_text_encoder(cfg.model.flavor)
+    semantic = enc.build_semantic_compressor(cfg.model.flavor)
     return {
         "semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"],
         "text_encoder": text_fingerprint(text, enc.text_encoder)["fingerprint"],
@@ -57,13 +57,14 @@ def run_training(cfg: TrainConfig):
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
+    from pipelines.training.plan import TrainPlan
+    from pipelines.training.tasks import StageCTask
     from pipelines.training.tracking import start_or_resume_run, tracking_uri
-    from stages import StageC
 
     cache = Cache(cfg.data.cache)
     expected, text_encoder = expected_fingerprints(cfg)
     cache.check_fingerprints(expected)  # refused here, before any worker starts
-    c_cond = {**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}["c_cond"]
+    c_cond = cfg.model.stage_c_config().c_cond
     if text_encoder.width != c_cond:
         raise ValueError(f"the model takes text tokens of width c_cond={c_cond}; the text encoder gives {text_encoder.width}")
     rows = cache.rows
@@ -79,11 +80,12 @@ def run_training(cfg: TrainConfig):
             f"each of {cfg.parallel.num_workers} workers would get about {per_worker:.0f} training rows of {cfg.data.cache}, "
             f"fewer than data.batch_size={cfg.data.batch_size}"
         )
-    empty_text = text_encoder.encode([""])[0].cpu().numpy()
+    task = StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
+                      empty_text=text_encoder.encode([""])[0].cpu().numpy())
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
     config_dict = dataclasses.asdict(cfg)
-    resume = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    resume = ckpt_io.latest(cfg.checkpoint)
     owner = None
     if resume is not None:
         resumed = ckpt_io.train_state_of(resume)
@@ -100,21 +102,12 @@ def run_training(cfg: TrainConfig):
 
     connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
-    fs, root = resolve(cfg.checkpoint.storage_path)
+    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None,
+                     resume_checkpoint=resume.path if resume is not None else None)
+    fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={
-            "train": config_dict,
-            "init_state": initial_weights(cfg) if resume is None else None,
-            "text_mode": cache.manifest["text_mode"],
-            "empty_text": empty_text.tolist(),
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "cache_fingerprints": cache.fingerprints(),
-            # Ray Train V2 restores a run it is still tracking by itself (get_checkpoint); a finished or
-            # killed run rerun as a new trainer starts from here instead (resume_from_checkpoint is gone).
-            "resume_checkpoint": resume.path if resume is not None else None,
-        },
+        train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.parallel.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.parallel.num_workers, use_gpu=cfg.parallel.use_gpu,

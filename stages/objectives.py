@@ -1,4 +1,5 @@
-"""The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents.
+"""The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents, and the
+validation loss of Stage C (the same MSE on a fixed grid of t with fixed noise).
 
 Each takes the model and a batch of cached tensors and returns the scalar loss. Pass `t` and `noise`
 to evaluate deterministically (validation on a fixed grid of t with fixed noise): conditioning
@@ -6,6 +7,8 @@ dropout is then off.
 """
 
 import dataclasses
+import zlib
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +107,39 @@ def stage_c_loss(
         text = drop_captions(text, empty_text, objective.caption_dropout, objective.caption_dropout_mode, generator)
     eps = model(add_noise(z_c, noise, t), t, text)
     return weighted_mse(eps, noise, t, objective.p2_weighting)
+
+
+def fixed_noise(keys: Sequence[str], shape, seed: int, t_index: int) -> torch.Tensor:
+    """Noise fixed per (row key, t): the same numbers whatever the batching or the number of workers."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{t_index}:{k}".encode())))
+            for k in keys]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def stage_c_validation_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
+    t_grid: Sequence[float],
+    seed: int,
+    p2_weighting: bool = True,
+) -> float:
+    """The noise MSE (p2-weighted) of every row at each t of `t_grid`, with `fixed_noise`, averaged
+    over rows and t: deterministic, so two checkpoints are comparable, and independent of how the
+    rows are batched. `batches`: (keys, z_c, text) with z_c and text on the model's device. The
+    model is evaluated in eval mode and given back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for keys, z_c, text in batches:
+        for i, t_value in enumerate(t_grid):
+            t = torch.full((z_c.shape[0],), float(t_value), device=z_c.device)
+            noise = fixed_noise(keys, z_c.shape[1:], seed, i).to(z_c.device)
+            eps = model(add_noise(z_c, noise, t), t, text)
+            total += float(weighted_mse(eps, noise, t, p2_weighting)) * z_c.shape[0]
+            count += z_c.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def stage_b_loss(

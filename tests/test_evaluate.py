@@ -11,7 +11,7 @@ import pytest
 from latent_cache.manifest import SCHEMA_VERSION
 from latent_cache.reader import Cache, is_validation
 from latent_cache.spec import TENSOR_DTYPES
-from pipelines.evaluate import _validation_batches
+from pipelines.evaluate import validation_batches
 
 FRACTION = 0.2
 
@@ -66,10 +66,10 @@ def _cache(root, files: int = 2, rows: int = 30):
 
 
 def test_only_the_held_out_rows_are_read(tmp_path):
-    intact, _ = _validation_batches(Cache(str(_cache(tmp_path / "intact"))), FRACTION, 4)
+    intact, _ = validation_batches(Cache(str(_cache(tmp_path / "intact"))), FRACTION, 4)
     cache = _cache(tmp_path / "damaged")
     held = unreadable_except_held_out(cache, FRACTION)
-    batches, rows = _validation_batches(Cache(str(cache)), FRACTION, 4)
+    batches, rows = validation_batches(Cache(str(cache)), FRACTION, 4)
     assert 0 < rows == held < 60
     assert [len(b["key"]) for b in batches] == [len(b["key"]) for b in intact]
     for ours, theirs in zip(batches, intact):
@@ -79,4 +79,4 @@ def test_only_the_held_out_rows_are_read(tmp_path):
 
 
 def test_a_cache_without_held_out_rows_gives_none(tmp_path):
-    assert _validation_batches(Cache(str(_cache(tmp_path, rows=3))), 0.0, 4) == ([], 0)
+    assert validation_batches(Cache(str(_cache(tmp_path, rows=3))), 0.0, 4) == ([], 0)

@@ -35,7 +35,7 @@ def trained(tiny_cache, mlflow_server, tmp_path_factory):
     cfg = train_config(tiny_cache, f"s3://{bucket}/runs", mlflow_server, "registry-run",
                        **{"steps": 12, "checkpoint.every_steps": 12, "validation.every_steps": 12, "optim.lr": 3e-3})
     _, run_id = run_training(cfg)
-    best = ckpt_io.latest(cfg.checkpoint.storage_path, cfg.checkpoint.run_name)
+    best = ckpt_io.latest(cfg.checkpoint)
     root = tmp_path_factory.mktemp("checkpoints")
     worse = []
     for i, scale in enumerate((0.6, 0.3)):

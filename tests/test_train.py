@@ -52,7 +52,7 @@ def test_two_workers_train_checkpoint_to_s3_and_track_in_mlflow(tiny_cache, mlfl
     artifacts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)]
     assert "cache_manifest.json" in artifacts
 
-    latest = ckpt_io.latest(f"s3://{bucket}/runs", f"run-{strategy}")
+    latest = ckpt_io.latest(cfg.checkpoint)
     assert latest is not None and latest.path.endswith("checkpoint_00000006")
     fs, root = resolve(f"s3://{bucket}/runs")
     with latest.as_directory() as folder:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, wait_for_port
+from conftest import free_port, randomize_, wait_for_port
 
-from pipelines.training.config import EmaConfig
+from pipelines.training.config import CheckpointConfig, EmaConfig
 from latent_cache.reader import is_validation
 from pipelines.training.data import EqualStepBatches
 from pipelines.training.ema import Ema
@@ -154,7 +154,7 @@ def test_a_truncated_file_of_the_newest_checkpoint_falls_back_to_the_previous_on
 
     with pytest.raises(ckpt_io.IncompleteCheckpointError, match=r"ema/diffusion_pytorch_model.safetensors"):
         ckpt_io.read_train_state(newest)
-    found = ckpt_io.latest(str(tmp_path), "run")
+    found = ckpt_io.latest(CheckpointConfig(storage_path=str(tmp_path), run_name="run"))
     assert found is not None and Path(found.path).name == "checkpoint_00000003"
     assert "checkpoint_00000006 is incomplete" in caplog.text and "ema/diffusion_pytorch_model.safetensors" in caplog.text
     assert ckpt_io.read(Path(found.path))["train_state"]["step"] == 3
@@ -195,11 +195,27 @@ def test_the_shipped_configs_average_their_ema():
         load(RetrainConfig, path)
 
 
+def _stage_c_task(text_mode: str = "embeddings", **sets):
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.tasks import StageCTask
+
+    cfg = load(TrainConfig, None, ["model.flavor=tiny", *sets.get("sets", [])])
+    empty = np.zeros((4, 32), dtype=np.float32)
+    return StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, text_mode, empty).setup(torch.device("cpu"))
+
+
+def _held_out(batches: int, rows: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"key": np.array([f"k{seed}-{i}-{j}" for j in range(rows)], dtype=object),
+             "stage_c_latents": rng.standard_normal((rows, 16, 3, 3)).astype(np.float32),
+             "text_embeddings": rng.standard_normal((rows, 4, 32)).astype(np.float32)} for i in range(batches)]
+
+
 def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
     """What gets registered is the EMA: its loss is measured on the EMA weights, beside the trained
     weights' loss under its own name, and the model trains on with its own weights afterwards."""
-    from pipelines.training.config import TrainConfig
-    from pipelines.training.loop import validate, validation_loss
+    from pipelines.training.loop import validate
     from stages import StageC
 
     model = StageC.from_flavor("tiny")
@@ -209,22 +225,168 @@ def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
             p.add_(torch.randn_like(p) * 0.5)  # the trained weights move away from the EMA
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     shadow = {k: v.clone() for k, v in ema.shadow.items()}
-    rng = np.random.default_rng(0)
-    batches = [{"key": np.array([f"k{i}", f"k{i}x"], dtype=object),
-                "stage_c_latents": rng.standard_normal((2, 16, 3, 3)).astype(np.float32),
-                "text_embeddings": rng.standard_normal((2, 4, 32)).astype(np.float32)} for i in range(2)]
-    cfg = TrainConfig()
+    batches = _held_out(2, 2)
+    task = _stage_c_task()
 
-    out = validate(model, ema, batches, cfg, torch.device("cpu"), None)
+    out = validate(model, ema, batches, task)
     assert set(out) == {"val_loss_raw", "val_loss_ema"}
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items()), "the trained weights come back"
     assert all(torch.equal(v, shadow[k]) for k, v in ema.shadow.items()), "the EMA is left as it was"
-    assert out["val_loss_raw"] == validation_loss(model, batches, cfg, torch.device("cpu"), None)
+    assert out["val_loss_raw"] == task.validation_loss(model, batches)
     on_ema = StageC.from_flavor("tiny")
     on_ema.load_state_dict({**trained, **shadow})
-    assert out["val_loss_ema"] == validation_loss(on_ema, batches, cfg, torch.device("cpu"), None)
+    assert out["val_loss_ema"] == task.validation_loss(on_ema, batches)
     assert out["val_loss_ema"] != out["val_loss_raw"]
-    assert validate(model, Ema(model, EmaConfig(mode="none")), batches, cfg, torch.device("cpu"), None).keys() == {"val_loss_raw"}
+    assert validate(model, Ema(model, EmaConfig(mode="none")), batches, task).keys() == {"val_loss_raw"}
+
+
+def test_the_validation_loss_does_not_depend_on_the_batching_or_the_split_across_workers():
+    """Noise fixed per (key, t): the same rows give the same number in one batch, in batches of one,
+    in another order, or split across two workers (each averaging its share, weighted by rows)."""
+    from pipelines.training.tasks import validation_inputs
+    from stages import StageC
+    from stages.objectives import stage_c_validation_loss
+
+    model = StageC.from_flavor("tiny").train()
+    rows = _held_out(1, 6)[0]
+
+    def loss(batches: list[dict], seed: int = 0) -> float:
+        return stage_c_validation_loss(model, validation_inputs(batches, torch.device("cpu"), None), (0.2, 0.8), seed)
+
+    def part(index) -> dict:
+        return {k: v[index] for k, v in rows.items()}
+
+    whole = loss([rows])
+    assert model.training, "the model is given back in training mode"
+    assert loss([part([i]) for i in range(6)]) == pytest.approx(whole, rel=1e-6)
+    assert loss([part([5, 3, 1]), part([0, 2, 4])]) == pytest.approx(whole, rel=1e-6)
+    workers = [loss([part([0, 1])]) * 2, loss([part([2, 3, 4, 5])]) * 4]
+    assert sum(workers) / 6 == pytest.approx(whole, rel=1e-6)
+    assert loss([rows], seed=1) != pytest.approx(whole, rel=1e-6), "the seed picks the noise"
+
+
+def test_the_stage_c_task_reads_its_columns_and_drops_captions_to_the_empty_prompt():
+    from stages import StageC
+
+    assert _stage_c_task().columns == ["key", "stage_c_latents", "text_embeddings"]
+    assert _stage_c_task("tokens").columns == ["key", "stage_c_latents", "text_tokens", "text_mask"]
+    model = randomize_(StageC.from_flavor("tiny")).eval()  # no gate hides the text, no dropout mask differs
+    batch = {k: torch.as_tensor(v) for k, v in _held_out(1, 3)[0].items() if k != "key"}
+    # every caption dropped: the loss is that of the empty prompt's encoding, given to every row
+    task = _stage_c_task(sets=["objective.caption_dropout=1.0"])
+    dropped = {**batch, "text_embeddings": torch.zeros(3, 4, 32)}
+    kept = _stage_c_task(sets=["objective.caption_dropout=0.0"])
+    loss = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert loss == kept.loss(model, dropped, torch.Generator().manual_seed(0))
+    assert loss != kept.loss(model, batch, torch.Generator().manual_seed(0))
+
+
+def test_the_train_state_round_trips_through_its_state_dict():
+    """Model, EMA, optimizer, lr schedule, step and data position come back from a state_dict into a
+    freshly built state, so the next step is the one the saved state would have taken."""
+    import copy
+
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.state import TrainState
+
+    cfg = load(TrainConfig, None, ["model.flavor=tiny", "optim.warmup_steps=10", "ema.decay=0.5"])
+    batches = [{k: torch.as_tensor(v) for k, v in b.items() if k != "key"} for b in _held_out(4, 2)]
+    task = _stage_c_task()
+
+    class Position:
+        """Stands for EqualStepBatches: its data position."""
+        def __init__(self):
+            self.position = {"epoch": 0, "batch_in_epoch": 0}
+
+        def state_dict(self):
+            return dict(self.position)
+
+        def load_state_dict(self, position):
+            self.position = dict(position)
+
+    def build() -> TrainState:
+        torch.manual_seed(0)
+        return TrainState.build(cfg.model.build(), Position(), cfg, torch.device("cpu"))
+
+    def step(state: TrainState, batch: dict) -> float:
+        state.seed_step(rank=0)
+        state.optimizer.zero_grad()
+        loss = task.loss(state.model, batch, state.generator)
+        loss.backward()
+        loss = loss.item()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.ema.update(state.model, state.step)
+        state.batches.position = {"epoch": 1, "batch_in_epoch": state.step}
+        return loss
+
+    saved = build()
+    for batch in batches[:2]:
+        step(saved, batch)
+    snapshot = copy.deepcopy(saved.state_dict())  # as written to disk: not the live tensors (a CPU .cpu() is no copy)
+    assert snapshot["step"] == 2 and snapshot["data_position"] == {"epoch": 1, "batch_in_epoch": 2}
+    restored = build()
+    restored.load_state_dict(snapshot)
+    assert restored.step == 2 and restored.batches.state_dict() == snapshot["data_position"]
+    assert restored.scheduler.get_last_lr() == saved.scheduler.get_last_lr()
+    for k, v in restored.state_dict().items():
+        if isinstance(v, dict) and k in ("model", "ema"):
+            assert all(torch.equal(v[name], snapshot[k][name]) for name in v), k
+    assert step(restored, batches[2]) == step(saved, batches[2])
+    assert all(torch.equal(a, b) for a, b in zip(restored.model.parameters(), saved.model.parameters()))
+    assert all(torch.equal(restored.ema.shadow[n], saved.ema.shadow[n]) for n in saved.ema.shadow)
+
+
+def _fsdp2_restore_worker(rank: int, port: int, out: str) -> None:
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.state import TrainState
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = load(TrainConfig, None, ["model.flavor=tiny", "parallel.strategy=fsdp2", "ema.decay=0.5"])
+    saved = randomize_(cfg.model.build(), seed=1).state_dict()  # what a full checkpoint holds
+    ema = randomize_(cfg.model.build(), seed=2).state_dict()
+    torch.manual_seed(0)
+    state = TrainState.build(cfg.model.build(), EqualStepBatches(FakeShard(1, rank), 2, torch.device("cpu")), cfg,
+                             torch.device("cpu"))
+    state.load_state_dict({"model": saved, "ema": ema, "optimizer": None, "step": 3,
+                           "data_position": {"epoch": 1, "batch_in_epoch": 2}})
+    back = state.state_dict()  # gathered from the shards again
+    same = all(torch.equal(back["model"][k], saved[k]) for k in saved)
+    same_ema = all(torch.equal(back["ema"][k], ema[k]) for k in state.ema.shadow)
+    sharded = any(p.to_local().numel() < p.numel() for p in state.model.parameters())  # it really is sharded
+    Path(out, f"rank{rank}.txt").write_text(f"{same} {same_ema} {sharded} {back['step']}")
+    dist.destroy_process_group()
+
+
+def test_a_full_checkpoint_loads_into_an_fsdp2_sharded_model():
+    """A full (gathered) checkpoint is loaded after fully_shard: each rank keeps its shard of the
+    saved weights and of the EMA, and gathering them again gives the saved values."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_fsdp2_restore_worker, args=(free_port(), out), nprocs=2, start_method="spawn", join=True)
+        results = [Path(out, f"rank{r}.txt").read_text() for r in range(2)]
+    assert results == ["True True True 3"] * 2
+
+
+def test_the_plan_travels_to_the_workers_as_it_is():
+    import pickle
+
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.plan import TrainPlan
+
+    cfg = load(TrainConfig, None, ["model.flavor=tiny", "model.overrides={depth: 1}", "optim.betas=[0.8, 0.9]"])
+    task = _stage_c_task()
+    plan = TrainPlan(cfg, task, "http://mlflow", "run", {"text_encoder": "abc"}, resume_checkpoint="s3://b/run/ckpt")
+    back = pickle.loads(pickle.dumps(plan))
+    assert back.cfg == cfg and back.cfg.model.stage_c_config() == cfg.model.stage_c_config()
+    assert back.cfg.model.stage_c_config().depth == 1 and back.cfg.optim.betas == (0.8, 0.9)
+    assert back.resume_checkpoint == plan.resume_checkpoint and np.array_equal(back.task.empty_text, task.empty_text)
 
 
 def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():

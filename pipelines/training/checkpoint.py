@@ -13,12 +13,16 @@ storage (local or S3) and keeps the newest `num_to_keep`.
                              (every rank reports its part; Ray Train merges them into one folder)
 """
 
+import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 
+from pipelines.training.config import CheckpointConfig
+from pipelines.training.parallel import unwrap
 from stages import StageC
 
 TRAIN_STATE = "train_state.json"
@@ -138,18 +142,19 @@ def read(directory: Path) -> dict:
     return out
 
 
-def latest(storage_path: str, run_name: str):
-    """The newest complete checkpoint of a run in its storage (a ray.train.Checkpoint), or None.
+def latest(checkpoints: CheckpointConfig):
+    """The newest complete checkpoint of a run (`run_name` in `storage_path`) as a
+    ray.train.Checkpoint, or None.
 
     Complete means its train_state.json is there and every file it lists is there at the size it
     was written; an incomplete one is skipped with a warning, for the one before it."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from core.storage import join, resolve
+    from core.storage import join
 
-    fs, root = resolve(storage_path)
-    run_dir = join(root, run_name)
+    fs, root = checkpoints.storage()
+    run_dir = join(root, checkpoints.run_name)
     infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     candidates = sorted(
         (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True
@@ -185,3 +190,64 @@ def incomplete(checkpoint) -> list[str]:
         return [f"no {TRAIN_STATE}"]
     listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return problems(state, {i.path[len(path) + 1:]: i.size for i in listing if i.type == pafs.FileType.File})
+
+
+class Checkpointer:
+    """Restores a TrainState from the checkpoint to resume from, and saves it as a checkpoint
+    reported to Ray Train. Every rank makes one and calls both (FSDP2 gathers and shards are
+    collectives; every rank's report is a barrier); only rank 0 writes the full states."""
+
+    def __init__(self, plan, rank: int, world: int):
+        self.plan, self.rank, self.world = plan, rank, world
+        cfg = plan.cfg
+        self.sharded = cfg.parallel.strategy == "fsdp2" and cfg.checkpoint.fsdp_state_dict == "sharded"
+
+    def restore(self, state) -> bool:
+        """Loads into `state` Ray Train's own checkpoint (a restart within this run) when complete,
+        else the driver's pick (plan.resume_checkpoint, the newest complete one, see `latest`);
+        False when there is none (a new run)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None and (found := incomplete(checkpoint)):
+            # Ray's own record names its newest checkpoint, but a file of it is missing or cut short.
+            if self.rank == 0:
+                log.warning("checkpoint %s is incomplete (%s): resuming from %s instead", checkpoint.path, "; ".join(found),
+                            self.plan.resume_checkpoint or "the start")
+            checkpoint = None
+        if checkpoint is None and self.plan.resume_checkpoint:
+            fs, _ = self.plan.cfg.checkpoint.storage()
+            checkpoint = ray.train.Checkpoint(path=self.plan.resume_checkpoint, filesystem=fs)
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as folder:  # kept open until a sharded checkpoint is loaded
+            restored = read(Path(folder))
+            saved = restored.pop("train_state")
+            if saved.get("sharded_world_size"):
+                load_sharded(Path(folder), state.model, state.optimizer, state.ema.shadow)
+                restored.pop("ema", None)  # the shards hold the EMA as it was laid out (ema/ is for consumers)
+            state.load_state_dict({**restored, "step": saved["step"], "data_position": saved["data_position"]})
+        return True
+
+    def save(self, state, metrics: dict[str, float]) -> None:
+        """Saves `state` as checkpoint_<step> and reports it with `metrics` to Ray Train."""
+        import ray.train
+
+        full = state.state_dict(sharded=self.sharded)
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.sharded:
+                save_sharded(Path(tmp), state.model, state.optimizer, state.ema.shadow)
+            if self.rank == 0:
+                train_state = {
+                    "step": full["step"],
+                    "data_position": full["data_position"],
+                    "mlflow_run_id": self.plan.mlflow_run_id,
+                    "cache_fingerprints": self.plan.cache_fingerprints,
+                    "config": dataclasses.asdict(self.plan.cfg),
+                    "sharded_world_size": self.world if self.sharded else None,
+                    # What the weights of this very checkpoint scored (register tags the version with it).
+                    "validation": {k: metrics[k] for k in VAL_LOSS.values() if k in metrics},
+                }
+                write(Path(tmp), unwrap(state.model).config, full["model"], full["ema"], full["optimizer"], train_state)
+            part = ray.train.Checkpoint.from_directory(tmp) if (self.rank == 0 or self.sharded) else None
+            ray.train.report({**metrics, "step": full["step"]}, checkpoint=part, checkpoint_dir_name=checkpoint_name(full["step"]))

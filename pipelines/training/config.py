@@ -40,6 +40,18 @@ class ModelConfig:
             raise ValueError(describe(err, "model.overrides")) from None
         self.overrides = {name: getattr(typed, name) for name in self.overrides}
 
+    def stage_c_config(self) -> StageCConfig:
+        """The flavor's Stage C config with the overrides: the one place the trained model's shape is decided."""
+        return StageC.flavor_config(self.flavor, **self.overrides)
+
+    def build(self, init_state: dict | None = None) -> StageC:
+        """The Stage C to train: random init (the caller seeds torch), or `init_state` loaded."""
+        model = StageC(self.stage_c_config())
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        model.set_gradient_checkpointing(self.gradient_checkpointing)
+        return model
+
 
 @config_dataclass
 class EncodersConfig:
@@ -49,6 +61,19 @@ class EncodersConfig:
     semantic: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_width: PositiveInt | None = None
+
+    # Named build_*: `text_encoder` and `semantic` are the weights fields (YAML keys) already.
+    def build_text_encoder(self, flavor: str):
+        """The frozen text encoder of the model `flavor` (a ClipTextEncoder), as prep built it."""
+        from latent_cache.encoders import build_text_encoder
+
+        return build_text_encoder(flavor, self.text_encoder, self.text_width)
+
+    def build_semantic_compressor(self, flavor: str):
+        """The frozen semantic compressor of the model `flavor` (its fingerprint must match the cache's)."""
+        from latent_cache.encoders import build_semantic_compressor
+
+        return build_semantic_compressor(flavor, self.semantic)
 
 
 @config_dataclass
@@ -127,6 +152,12 @@ class CheckpointConfig:
     def __post_init__(self):
         if self.fsdp_state_dict not in ("full", "sharded"):
             raise ValueError(f"checkpoint.fsdp_state_dict must be 'full' or 'sharded', got {self.fsdp_state_dict!r}")
+
+    def storage(self):
+        """(pyarrow filesystem, root path) of storage_path, where the run's folder `run_name` lives."""
+        from core.storage import resolve
+
+        return resolve(self.storage_path)
 
 
 @config_dataclass

@@ -103,17 +103,28 @@ class EqualStepBatches:
     interrupted epoch, so skipping the batches the checkpoint used skips exactly those rows.
     """
 
-    def __init__(self, shard, batch_size: int, device: torch.device, skip_batches: int = 0, epoch: int = 0,
-                 shuffle_buffer: int = 0, seed: int = 0, rank: int = 0, order_log: str | None = None):
+    def __init__(self, shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int = 0,
+                 rank: int = 0, order_log: str | None = None):
         self.shard, self.batch_size, self.device = shard, batch_size, device
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
-        self.epoch = epoch
+        self.epoch = 0
         self.batch_in_epoch = 0
         self.wait_seconds = 0.0
         self._iterator = None
-        self._skip = skip_batches  # resuming inside an epoch: the batches the checkpoint already used
+        self._skip = 0  # resuming inside an epoch: the batches the checkpoint already used
         self._order_log = Path(order_log, f"rank{rank}.jsonl") if order_log else None
-        self._record({"start": {"epoch": epoch, "skip": skip_batches}})
+        self._started = False  # the order log's "start" entry is written with the first batch
+
+    def state_dict(self) -> dict:
+        """The data position: the epoch and the batches of it taken so far."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, position: dict) -> None:
+        """Resumes at a `state_dict` position (before the first batch): the batches of the epoch that
+        were taken are skipped."""
+        if self._started:
+            raise RuntimeError("the data position can only be set before the first batch")
+        self.epoch, self._skip = position["epoch"], position["batch_in_epoch"]
 
     def _record(self, entry: dict) -> None:
         if self._order_log is not None:
@@ -130,6 +141,9 @@ class EqualStepBatches:
 
     def next(self) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
+        if not self._started:
+            self._started = True
+            self._record({"start": {"epoch": self.epoch, "skip": self._skip}})
         empty_epochs = 0
         while True:
             if self._iterator is None:

@@ -1,4 +1,6 @@
-"""The per-worker training loop of Stage C (the `train_loop_per_worker` of Ray Train's TorchTrainer).
+"""The per-worker training loop (the `train_loop_per_worker` of Ray Train's TorchTrainer), composed
+from built parts: the task (what is specific to the model trained, tasks.py), the train state
+(state.py) and the checkpointer (checkpoint.py).
 
 Every rank builds the same model, applies the parallelism, reads its shard of the cache, and runs
 exactly `steps` optimizer steps; rank 0 logs to MLflow and writes the checkpoints, which every rank
@@ -6,67 +8,23 @@ reports to Ray Train (a barrier) so that a failed run restarts from the newest o
 """
 
 import contextlib
-import dataclasses
-import logging
 import math
 import os
-import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.config import from_dict
 from pipelines.training import checkpoint as ckpt_io
-from pipelines.training.config import TrainConfig
-from pipelines.training.data import EqualStepBatches, to_tensors
+from pipelines.training.checkpoint import Checkpointer
+from pipelines.training.config import FaultConfig, TrainConfig
+from pipelines.training.data import EqualStepBatches
 from pipelines.training.ema import Ema
-from pipelines.training.parallel import (
-    full_model_state,
-    grad_norm_and_clip,
-    load_optimizer_state,
-    optimizer_state,
-    parallelize,
-    unwrap,
-)
+from pipelines.training.parallel import full_model_state, grad_norm_and_clip, unwrap
+from pipelines.training.plan import TrainPlan
+from pipelines.training.state import TrainState
 from pipelines.training.tracking import MetricLogger
-from stages import StageC, StageCConfig
-from stages.diffusion import add_noise
-from stages.objectives import stage_c_loss, weighted_mse
-
-log = logging.getLogger(__name__)
-
-
-def build_model(cfg: TrainConfig, init_state: dict | None) -> StageC:
-    model = StageC(StageCConfig(**{**dataclasses.asdict(StageC.flavor_config(cfg.model.flavor)), **cfg.model.overrides}))
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    return model
-
-
-def stage_c_from(state: dict, config: StageCConfig) -> StageC:
-    with torch.device("meta"):
-        model = StageC(config)
-    model.load_state_dict(state, assign=True)
-    return model
-
-
-def _text(batch: dict, text_encoder) -> torch.Tensor:
-    if "text_embeddings" in batch:
-        return batch["text_embeddings"]
-    with torch.no_grad():
-        return text_encoder(batch["text_tokens"], batch["text_mask"]).float()
-
-
-def _noise_for(keys: list[str], shape, seed: int, t_index: int) -> torch.Tensor:
-    """Fixed noise per (key, t): the same numbers whatever the batching or the number of workers."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{t_index}:{k}".encode())))
-            for k in keys]
-    return torch.stack(rows)
-
 
 class ValidationSet:
     """The held-out rows, read from the worker's dataset once and then kept in memory (a small
@@ -81,46 +39,22 @@ class ValidationSet:
         return iter(self.batches)
 
 
-@torch.no_grad()
-def validation_loss(model, val_set: ValidationSet, cfg: TrainConfig, device, text_encoder) -> float:
-    """The p2-weighted noise MSE on every held-out row at each t of the grid, with fixed noise:
-    deterministic, so two checkpoints are comparable. Every rank runs it (FSDP2 needs them all)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for raw in val_set:
-        batch = to_tensors(raw, device)
-        z_c, text = batch["stage_c_latents"], _text(batch, text_encoder)
-        for i, t_value in enumerate(cfg.validation.t_grid):
-            t = torch.full((z_c.shape[0],), float(t_value), device=device)
-            noise = _noise_for(batch["key"], z_c.shape[1:], cfg.validation.seed, i).to(device)
-            eps = model(add_noise(z_c, noise, t), t, text)
-            total += float(weighted_mse(eps, noise, t, cfg.objective.p2_weighting)) * z_c.shape[0]
-            count += z_c.shape[0]
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 # How long a "stall" fault waits for the test to kill the worker before failing by itself.
 _STALL_SECONDS = 600
 
 
-def validate(model, ema: Ema, val_set, cfg: TrainConfig, device, text_encoder) -> dict[str, float]:
+def validate(model, ema: Ema, val_set, task) -> dict[str, float]:
     """The validation loss of the trained weights and, with an EMA, of the EMA weights (what a
-    checkpoint's ema/ holds and what gets registered), named as in checkpoint.VAL_LOSS."""
-    out = {ckpt_io.VAL_LOSS["model"]: validation_loss(model, val_set, cfg, device, text_encoder)}
+    checkpoint's ema/ holds and what gets registered), named as in checkpoint.VAL_LOSS. Every rank
+    runs it (FSDP2 needs them all)."""
+    out = {ckpt_io.VAL_LOSS["model"]: task.validation_loss(model, val_set)}
     if ema.shadow:
         with ema.swapped_in(model):
-            out[ckpt_io.VAL_LOSS["ema"]] = validation_loss(model, val_set, cfg, device, text_encoder)
+            out[ckpt_io.VAL_LOSS["ema"]] = task.validation_loss(model, val_set)
     return out
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-
-def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
-    fault = cfg.fault
+def _maybe_fail(fault: FaultConfig, step: int, rank: int) -> None:
     if fault.fail_at_step is None or step != fault.fail_at_step or rank != fault.rank:
         return
     marker = Path(fault.marker) if fault.marker else None
@@ -152,7 +86,8 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    plan: TrainPlan = config["plan"]
+    cfg, task = plan.cfg, plan.task
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines below show progress
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -160,144 +95,84 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and (found := ckpt_io.incomplete(checkpoint)):
-        # Ray's own record names its newest checkpoint, but a file of it is missing or cut short:
-        # take the driver's pick instead (the newest complete one, see checkpoint.latest).
-        if rank == 0:
-            log.warning("checkpoint %s is incomplete (%s): resuming from %s instead", checkpoint.path, "; ".join(found),
-                        config.get("resume_checkpoint") or "the start")
-        checkpoint = None
-    if checkpoint is None and config.get("resume_checkpoint"):
-        from core.storage import resolve
-
-        fs, _ = resolve(cfg.checkpoint.storage_path)
-        checkpoint = ray.train.Checkpoint(path=config["resume_checkpoint"], filesystem=fs)
-    folder_context = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
-    with folder_context as folder:  # kept open until a sharded checkpoint is loaded
-        restored = ckpt_io.read(Path(folder)) if folder else None
-        sharded = bool(restored and restored["train_state"].get("sharded_world_size"))
-        init_state = restored.get("model") if restored else config.get("init_state")
-        model = build_model(cfg, init_state)
-        ema = Ema(model, cfg.ema)
-        if restored and "ema" in restored and ema.shadow and not sharded:
-            ema.restore(restored["ema"])
-        model = parallelize(model, cfg.parallel.strategy, device)
-        ema.place_like(model)
-        model.train()
-
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
-        step = 0
-        position = {"epoch": 0, "batch_in_epoch": 0}
-        if restored:
-            if sharded:
-                ckpt_io.load_sharded(Path(folder), model, optimizer, ema.shadow)
-            else:
-                load_optimizer_state(model, optimizer, restored["optimizer"], cfg.parallel.strategy)
-            step = restored["train_state"]["step"]
-            position = restored["train_state"]["data_position"]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps), last_epoch=step - 1)
-
-    text_encoder = None
-    if config["text_mode"] == "tokens":
-        from latent_cache.encoders import build_text_encoder
-
-        enc = cfg.encoders
-        text_encoder = build_text_encoder(cfg.model.flavor, enc.text_encoder, enc.text_width).to(device)
-    empty_text = torch.tensor(np.asarray(config["empty_text"], dtype=np.float32), device=device)[None]
-
+    # build
     shard = ray.train.get_dataset_shard("train")
-    train_batches = EqualStepBatches(
-        _OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size, device,
-        skip_batches=position["batch_in_epoch"], epoch=position["epoch"],
-        shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank, order_log=cfg.data.order_log,
-    )
+    batches = EqualStepBatches(_OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size,
+                               device, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
+                               order_log=cfg.data.order_log)
+    state = TrainState.build(task.build_model(plan.init_state), batches, cfg, device)
+    checkpointer = Checkpointer(plan, rank, world)
+    # restore
+    resumed = checkpointer.restore(state)
+    task.setup(device)
     val_set = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size)
-    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    if restored:
-        # What the resumed run starts from, for anyone checking that a resume loses nothing (a
-        # gather every rank joins, once per resume).
-        resumed_state = full_model_state(model)
-        if logger is not None:
-            from latent_cache.encoders import weights_digest
-
-            logger.tag(f"resume.step_{step}.weights_sha256", weights_digest(stage_c_from(resumed_state, unwrap(model).config)))
-            logger.skip_logged("loss")
-    generator = torch.Generator()
-    samples_per_step = cfg.data.batch_size * o.grad_accum * world
-
-    while step < cfg.steps:
-        step_start = time.perf_counter()
-        # Seeded per step, not once per start: a step rerun after a restart draws the same t, noise,
-        # caption dropout (generator) and dropout masks (torch's global RNG) as the first time, so
-        # the rerun computes what the failed attempt logged (see MetricLogger.skip_logged).
-        noise_seed, dropout_seed = np.random.SeedSequence([cfg.seed % 2**64, rank, step]).generate_state(2)
-        generator.manual_seed(int(noise_seed))
-        torch.manual_seed(int(dropout_seed))
-        wait_before = train_batches.wait_seconds
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro in range(o.grad_accum):
-            batch = train_batches.next()
-            sync = micro == o.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            context_manager = model.no_sync() if not sync else contextlib.nullcontext()
-            with context_manager, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = stage_c_loss(model, batch["stage_c_latents"], _text(batch, text_encoder), empty_text, cfg.objective, generator)
-                (loss / o.grad_accum).backward()
-            loss_sum += float(loss) / o.grad_accum
-        grad_norm = grad_norm_and_clip(model, o.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        ema.update(model, step, last=step == cfg.steps)
-        _maybe_fail(cfg, step, rank)
-        seconds = time.perf_counter() - step_start
-        metrics = {
-            "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "samples_per_s": samples_per_step / seconds,
-            "data_wait_fraction": (train_batches.wait_seconds - wait_before) / seconds,
-        }
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss is {loss_sum} at step {step}: stopping before the weights are ruined")
-        validated = step % cfg.validation.every_steps == 0 or step == cfg.steps
+    logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else None
+    if resumed:
+        note_resume(state, logger)
+    # loop, saving every checkpoint.every_steps
+    samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
+    while state.step < cfg.steps:
+        metrics = train_step(state, task, cfg, rank, samples_per_step)
+        last = state.step == cfg.steps
+        validated = state.step % cfg.validation.every_steps == 0 or last
         if validated:
-            metrics.update(validate(model, ema, val_set, cfg, device, text_encoder))
-        if logger is not None and (step % cfg.tracking.log_every == 0 or validated or step == cfg.steps):
-            logger.log(metrics, step)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            print(f"step {step}/{cfg.steps}: {shown}", flush=True)  # Ray forwards it to the driver
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps:
-            _save_and_report(model, ema, optimizer, cfg, config, step, train_batches, metrics, rank)
+            metrics.update(validate(state.model, state.ema, val_set, task))
+        if logger is not None and (state.step % cfg.tracking.log_every == 0 or validated or last):
+            report_step(logger, metrics, state.step, cfg.steps)
+        if state.step % cfg.checkpoint.every_steps == 0 or last:
+            checkpointer.save(state, metrics)
     if logger is not None and not logger.flush():
         logger.flush()
 
 
-def _save_and_report(model, ema, optimizer, cfg, config, step, batches, metrics, rank) -> None:
-    import ray.train
+def train_step(state: TrainState, task, cfg: TrainConfig, rank: int, samples_per_step: int) -> dict[str, float]:
+    """One optimizer step (over `optim.grad_accum` micro-batches) and the EMA update; its metrics."""
+    step_start = time.perf_counter()
+    state.seed_step(rank)
+    model, o = state.model, cfg.optim
+    wait_before = state.batches.wait_seconds
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro in range(o.grad_accum):
+        batch = state.batches.next()
+        sync = micro == o.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        context_manager = model.no_sync() if not sync else contextlib.nullcontext()
+        with context_manager, torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
+            loss = task.loss(model, batch, state.generator)
+            (loss / o.grad_accum).backward()
+        loss_sum += float(loss) / o.grad_accum
+    grad_norm = grad_norm_and_clip(model, o.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    state.ema.update(model, state.step, last=state.step == cfg.steps)
+    _maybe_fail(cfg.fault, state.step, rank)
+    seconds = time.perf_counter() - step_start
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"the loss is {loss_sum} at step {state.step}: stopping before the weights are ruined")
+    return {
+        "loss": loss_sum, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        "samples_per_s": samples_per_step / seconds,
+        "data_wait_fraction": (state.batches.wait_seconds - wait_before) / seconds,
+    }
 
-    # Every rank joins the gathers (FSDP2), only rank 0 writes; every rank reports (a barrier).
-    sharded = cfg.parallel.strategy == "fsdp2" and cfg.checkpoint.fsdp_state_dict == "sharded"
-    model_state = None if sharded else full_model_state(model)
-    ema_state = ema.full_state(model) if ema.shadow else None
-    opt_state = None if sharded else optimizer_state(model, optimizer, cfg.parallel.strategy)
-    report = {**metrics, "step": step}
-    name = ckpt_io.checkpoint_name(step)
-    with tempfile.TemporaryDirectory() as tmp:
-        if sharded:
-            ckpt_io.save_sharded(Path(tmp), model, optimizer, ema.shadow)
-        if rank == 0:
-            train_state = {
-                "step": step,
-                "data_position": {"epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch},
-                "mlflow_run_id": config["mlflow_run_id"],
-                "cache_fingerprints": config["cache_fingerprints"],
-                "config": config["train"],
-                "sharded_world_size": ray.train.get_context().get_world_size() if sharded else None,
-                # What the weights of this very checkpoint scored (register tags the version with it).
-                "validation": {k: metrics[k] for k in ckpt_io.VAL_LOSS.values() if k in metrics},
-            }
-            ckpt_io.write(Path(tmp), unwrap(model).config, model_state, ema_state, opt_state, train_state)
-        part = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or sharded) else None
-        ray.train.report(report, checkpoint=part, checkpoint_dir_name=name)
+
+def note_resume(state: TrainState, logger: MetricLogger | None) -> None:
+    """Tags what the resumed run starts from, for anyone checking that a resume loses nothing (a
+    gather every rank joins, once per resume), and has rank 0 skip the steps already logged."""
+    from latent_cache.encoders import weights_digest
+
+    resumed_state = full_model_state(state.model)
+    if logger is not None:
+        with torch.device("meta"):
+            holder = type(unwrap(state.model))(unwrap(state.model).config)
+        holder.load_state_dict(resumed_state, assign=True)
+        logger.tag(f"resume.step_{state.step}.weights_sha256", weights_digest(holder))
+        logger.skip_logged("loss")
+
+
+def report_step(logger: MetricLogger, metrics: dict[str, float], step: int, steps: int) -> None:
+    """Rank 0: the step's metrics to MLflow and its step line to the console (Ray forwards it to the driver)."""
+    logger.log(metrics, step)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"step {step}/{steps}: {shown}", flush=True)

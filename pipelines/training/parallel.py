@@ -55,6 +55,13 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads a full state dict (every rank holds all of it) into the parallelized model, each tensor
+    laid out as the model's own (FSDP2: this rank's shard); every rank must call it."""
+    own = unwrap(model).state_dict()
+    unwrap(model).load_state_dict({k: shard_like(v, own[k]) if k in own else v for k, v in state.items()})
+
+
 def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `reference`: the same DTensor sharding, or a plain tensor on its device."""
     from torch.distributed.tensor import DTensor, distribute_tensor

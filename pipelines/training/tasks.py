@@ -1,0 +1,86 @@
+"""What is specific to the model being trained, as a task object the loop calls: which model it
+builds, which cache columns a batch holds, the training loss of a batch and the validation loss.
+The loop, the train state and the checkpointer know nothing of Stage C; Stage B, Stage A or a LoRA
+fine-tune plug in as other tasks with the same methods.
+
+A task is built on the driver (it travels to the workers inside the TrainPlan, so it holds only
+picklable values) and `setup(device)` on each worker builds what runs there (the text encoder).
+"""
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
+from latent_cache.spec import TEXT_COLUMNS
+from pipelines.training.data import to_tensors
+from stages import StageC
+from stages.objectives import StageCObjective, stage_c_loss, stage_c_validation_loss
+
+STAGE_C_LATENTS = "stage_c_latents"
+
+
+def stage_c_columns(text_mode: str) -> list[str]:
+    """The cache columns a Stage C batch holds: key (the fixed validation noise), z_C and the text."""
+    return ["key", STAGE_C_LATENTS, *TEXT_COLUMNS[text_mode]]
+
+
+def text_condition(batch: dict, text_encoder) -> torch.Tensor:
+    """Stage C's text conditioning: the cached embeddings, or (tokens mode) the frozen text encoder
+    run on the cached tokens inside the step."""
+    if "text_embeddings" in batch:
+        return batch["text_embeddings"]
+    with torch.no_grad():
+        return text_encoder(batch["text_tokens"], batch["text_mask"]).float()
+
+
+def validation_inputs(batches: Iterable[dict], device: torch.device, text_encoder) -> Iterator[tuple]:
+    """(keys, z_c, text) on `device` from numpy batches of `stage_c_columns`, for stage_c_validation_loss."""
+    for raw in batches:
+        batch = to_tensors(raw, device)
+        yield batch["key"], batch[STAGE_C_LATENTS], text_condition(batch, text_encoder)
+
+
+@dataclasses.dataclass
+class StageCTask:
+    """Training Stage C (the text-conditional prior) on cached z_C and text."""
+
+    model: ModelConfig
+    encoders: EncodersConfig
+    objective: StageCObjective
+    validation: ValidationConfig
+    text_mode: str  # the cache's: "embeddings" (cached) or "tokens" (encoded in the step)
+    empty_text: np.ndarray  # the encoded "" prompt, float32 (77, c_cond): caption dropout's target
+    # Built on the worker by setup(), not sent.
+    device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
+    text_encoder: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)
+    empty: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def columns(self) -> list[str]:
+        return stage_c_columns(self.text_mode)
+
+    def build_model(self, init_state: dict | None = None) -> StageC:
+        return self.model.build(init_state)
+
+    def setup(self, device: torch.device) -> "StageCTask":
+        """Builds on this worker what the loss needs: the frozen text encoder (tokens mode), the empty prompt."""
+        self.device = device
+        if self.text_mode == "tokens":
+            self.text_encoder = self.encoders.build_text_encoder(self.model.flavor).to(device)
+        self.empty = torch.tensor(np.asarray(self.empty_text, dtype=np.float32), device=device)[None]
+        return self
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The training loss of one batch of tensors (t, noise and caption dropout drawn from `generator`)."""
+        text = text_condition(batch, self.text_encoder)
+        return stage_c_loss(model, batch[STAGE_C_LATENTS], text, self.empty, self.objective, generator)
+
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float:
+        """The fixed-grid, fixed-noise loss on numpy batches of held-out rows (see stage_c_validation_loss)."""
+        v = self.validation
+        inputs = validation_inputs(batches, self.device, self.text_encoder)
+        return stage_c_validation_loss(model, inputs, v.t_grid, v.seed, self.objective.p2_weighting)
