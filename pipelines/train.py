@@ -101,7 +101,7 @@ def run_training(cfg: TrainConfig):
     from core.ray_cluster import connect
 
     connect(cfg.ray_address, cfg.num_cpus)
-    train_ds, val_ds = datasets(cache, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
+    train_ds, val_ds = datasets(cache, task.columns, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
     plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None,
                      resume_checkpoint=resume.path if resume is not None else None)
     fs, root = cfg.checkpoint.storage()

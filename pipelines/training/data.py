@@ -32,13 +32,12 @@ def _scatter(batch: pa.Table, seed: int) -> pa.Table:
     return batch.take(pa.array(order))
 
 
-def datasets(cache: Cache, validation_fraction: float, shards: list[str] | None = None, replay_fraction: float = 1.0,
-             seed: int = 0):
-    """(train, validation) Ray Datasets with the columns the Stage C objective needs. With `shards`,
+def datasets(cache: Cache, columns: list[str], validation_fraction: float, shards: list[str] | None = None,
+             replay_fraction: float = 1.0, seed: int = 0):
+    """(train, validation) Ray Datasets of `columns` (what the task's batches hold). With `shards`,
     training sees the rows of those source shards plus `replay_fraction` of the others; validation
     always covers the held-out rows of the whole cache (the fixed evaluation). The training rows of
     each block are scattered by `seed` (see `_scatter`)."""
-    columns = ["key", "stage_c_latents", *cache.text_columns]
     ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []))
     kwargs = {"batch_format": "pyarrow", "fn_kwargs": {"fraction": validation_fraction}}
     train = ds.map_batches(split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": False}})
