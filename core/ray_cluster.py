@@ -23,7 +23,8 @@ RAY_INTERNAL_LINES = (
     "Failed to query Ray Train Controller actor state",
     # Ray's own use of a deprecated option (its Train data config), a warning and its source line.
     "exclude_resources",
-    # Ray core about its own actors (Ray Data's, Train's), logged at error level for every one.
+    # Ray core about its own actors (Train's), logged at error level for every one (the driver's own
+    # copies come from Ray's C++ core, straight to stderr: those stay).
     "has constructor arguments in the object store and max_restarts > 0",
 )
 
@@ -44,13 +45,15 @@ def quiet_console() -> None:
     Ray is imported: the command line of every job does (pipelines.cli.run_job)."""
     for key, value in RAY_CONSOLE_ENV.items():
         os.environ.setdefault(key, value)
-    warnings.filterwarnings("ignore", message=".*exclude_resources")  # the driver's copy of the warning
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
     from ray.data import DataContext
 
+    # The driver's own copy of Ray's internal deprecation warning (after Ray's import, which puts its
+    # own filter for RayDeprecationWarning first).
+    warnings.filterwarnings("ignore", message=".*exclude_resources")
     # Ray Data's progress bars where they are live: drawn in place on a terminal (a worker's bars
     # through the driver). Otherwise its progress goes to its log file, and the job prints its own.
     DataContext.get_current().use_ray_tqdm = sys.stdout.isatty()

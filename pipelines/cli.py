@@ -55,19 +55,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, exam
                         help=f"override one setting, e.g. --set {example} (repeatable)")
 
 
-def setup_logging() -> None:
-    """The jobs' own INFO lines and everyone's warnings on stderr; Ray's internal lines in its log files."""
+def setup_logging(own_level: int = logging.INFO) -> None:
+    """The jobs' own lines (at `own_level` and up) and everyone's warnings on stderr; Ray's internal
+    lines in its log files."""
     quiet_console()
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for name in OWN_PACKAGES:
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(own_level)
 
 
-def run_job(job: str, work: Callable[[], int | None], errors: dict[type[Exception], int] | None = None) -> int:
-    """Runs a job's work with logging set up and returns its exit code: what `work` returns (None is
-    DONE); for an error listed in `errors` (the job's own) or in BAD_INPUT_ERRORS, its code and one
-    line `wuerstchen <job>: <message>` on stderr; for any other error, its traceback and FAILED."""
-    setup_logging()
+def run_job(job: str, work: Callable[[], int | None], errors: dict[type[Exception], int] | None = None,
+            own_level: int = logging.INFO) -> int:
+    """Runs a job's work with logging set up (see setup_logging) and returns its exit code: what
+    `work` returns (None is DONE); for an error listed in `errors` (the job's own) or in
+    BAD_INPUT_ERRORS, its code and one line `wuerstchen <job>: <message>` on stderr; for any other
+    error, its traceback and FAILED."""
+    setup_logging(own_level)
     codes = {**(errors or {}), **dict.fromkeys(BAD_INPUT_ERRORS, BAD_INPUT)}  # the job's own first: more specific
     try:
         code = work()

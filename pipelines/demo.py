@@ -19,6 +19,7 @@ local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji da
 
 import argparse
 import contextlib
+import logging
 import sys
 import tempfile
 import time
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             run(args.flavor, args.image_size, args.out)
 
         return run_job("demo", stages_only)
-    return run_job("demo", lambda: demo(args))
+    # The demo prints what each step did itself: the jobs' INFO lines would say it twice.
+    return run_job("demo", lambda: demo(args), own_level=logging.WARNING)
 
 
 def demo(args: argparse.Namespace) -> None:
