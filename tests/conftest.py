@@ -167,13 +167,22 @@ def make_bucket(name: str) -> str:
     return name
 
 
+# Read by Ray Train's controller, which inherits its cluster's environment: it looks at its workers
+# every 2 s by default, up to 2 s lost at the start, the end and each restart of every one of the
+# suite's ~20 training runs.
+TRAIN_POLLING = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
     """One real local Ray cluster for the session (4 logical CPUs: actors never starve the tasks)."""
     import ray
 
     temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in TRAIN_POLLING.items():
+            monkeypatch.setenv(key, value)  # the cluster's processes keep it; this one does not
+        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

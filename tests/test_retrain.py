@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, wait_for_port
+from conftest import TRAIN_POLLING, free_port, wait_for_port
 from prep_factory import good, write_tar
 
 from pipelines import registry
@@ -44,7 +44,10 @@ def ray_head(mlflow_server, tmp_path_factory):
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--disable-usage-stats",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *own_ports],
-        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # On SIGTERM the head first drains itself for Serve, asking the GCS, which the same signal stopped:
+        # 30 s lost at every teardown. This cluster has nothing to drain.
+        env=_env() | {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"} | TRAIN_POLLING,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         wait_for_port(dashboard, timeout=120, process=process)
@@ -100,21 +103,33 @@ def _ray(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
-def _submit(address: str, config: Path, submission_id: str) -> None:
+def _submit(address: str, config: Path, submission_id: str, wait: bool = False) -> str:
+    """Submits the retraining job; with `wait`, follows its log to the end (one `ray` process, not a poll
+    of `ray job status`, which costs seconds of CPU a call on this 2-core machine) and returns it, with
+    the final status line."""
     deadline = time.monotonic() + 120
     while True:
-        out = _ray("job", "submit", f"--address={address}", "--working-dir=.", f"--submission-id={submission_id}",
-                   "--no-wait", "--", "python", "-m", "pipelines.retrain", "--config", str(config))
+        try:
+            out = _ray("job", "submit", f"--address={address}", "--working-dir=.", f"--submission-id={submission_id}",
+                       *([] if wait else ["--no-wait"]), "--", "python", "-m", "pipelines.retrain", "--config", str(config))
+        except subprocess.TimeoutExpired:
+            actors = _ray("list", "actors", f"--address={address}", "--filter", "state=ALIVE", timeout=60)
+            raise TimeoutError(f"job {submission_id} still {_status(address, submission_id)} after 600 s; live actors:\n"
+                               f"{actors.stdout[-3000:]}\njob log:\n{_logs(address, submission_id)[-6000:]}") from None
         # A head that just started answers before its job agent is up: that one is worth a retry.
-        if out.returncode == 0 or "No available agent" not in out.stderr or time.monotonic() > deadline:
+        if "No available agent" not in out.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert out.returncode == 0, out.stdout + out.stderr
+    # Waiting, a failed job exits 1: the caller checks the status.
+    assert out.returncode == 0 or (wait and _final_status(out.stdout + out.stderr, submission_id) == "FAILED"), \
+        out.stdout + out.stderr
+    return out.stdout + out.stderr
 
 
-def _status(address: str, submission_id: str) -> str:
-    out = _ray("job", "status", f"--address={address}", submission_id, timeout=60)
-    text, job = out.stdout + out.stderr, re.escape(submission_id)
+def _final_status(text: str, submission_id: str) -> str:
+    """The status that `ray job status` prints, or that `ray job submit` / `ray job logs --follow` print
+    when the job has ended."""
+    job = re.escape(submission_id)
     for pattern, status in ((rf"Job '{job}' succeeded", "SUCCEEDED"), (rf"Job '{job}' failed", "FAILED"),
                             (rf"Job '{job}' was stopped", "STOPPED")):
         if re.search(pattern, text):
@@ -123,20 +138,44 @@ def _status(address: str, submission_id: str) -> str:
     return found[1] if found else "UNKNOWN: " + text[-1000:]
 
 
+def _status(address: str, submission_id: str) -> str:
+    out = _ray("job", "status", f"--address={address}", submission_id, timeout=60)
+    return _final_status(out.stdout + out.stderr, submission_id)
+
+
 def _logs(address: str, submission_id: str) -> str:
     return _ray("job", "logs", f"--address={address}", submission_id, timeout=60).stdout
 
 
-def _wait(address: str, submission_id: str, timeout: float = 600) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _status(address, submission_id)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status, _logs(address, submission_id)
-        time.sleep(3)
-    actors = _ray("list", "actors", f"--address={address}", "--filter", "state=ALIVE", timeout=60)
-    raise TimeoutError(f"job {submission_id} still {status} after {timeout} s; live actors:\n{actors.stdout[-3000:]}\n"
-                       f"job log:\n{_logs(address, submission_id)[-6000:]}")
+def _run(address: str, config: Path, submission_id: str) -> tuple[str, str]:
+    """Submits the job and waits for its end: its status and its log."""
+    logs = _submit(address, config, submission_id, wait=True)
+    return _final_status(logs, submission_id), logs
+
+
+class _Follower:
+    """`ray job logs --follow` of a job, into a file that the test reads as often as it likes: the job's
+    log as it grows, and the status line once the job has ended."""
+
+    def __init__(self, address: str, submission_id: str, folder: Path):
+        self.submission_id, self.path = submission_id, folder / f"{submission_id}.log"
+        self.file = open(self.path, "w")
+        self.process = subprocess.Popen([str(BIN / "ray"), "job", "logs", f"--address={address}", "--follow", submission_id],
+                                        env=_env(), cwd=REPO, stdout=self.file, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.path.read_text()
+
+    def ended(self) -> bool:
+        return self.process.poll() is not None
+
+    def status(self) -> str:
+        return _final_status(self.text(), self.submission_id) if self.ended() else "RUNNING"
+
+    def wait(self, timeout: float = 600) -> tuple[str, str]:
+        self.process.wait(timeout=timeout)
+        self.file.close()
+        return self.status(), self.text()
 
 
 def _versions(uri: str) -> list:
@@ -153,8 +192,7 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     _shard(tmp_path / "src", 0)
     config = _config(tmp_path, uri)
 
-    _submit(ray_head, config, "retrain-first")
-    status, logs = _wait(ray_head, "retrain-first")
+    status, logs = _run(ray_head, config, "retrain-first")
     assert status == "SUCCEEDED", logs[-4000:]
     first = _summary(logs)
     assert first["decision"] == "promoted" and first["base_version"] is None and first["rows_added"] > 0
@@ -163,8 +201,7 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     stored = json.loads((tmp_path / "runs" / "retrain" / "summaries" / f"{first['attempt_id']}.json").read_text())
     assert stored == first
 
-    _submit(ray_head, config, "retrain-nothing")
-    status, logs = _wait(ray_head, "retrain-nothing")
+    status, logs = _run(ray_head, config, "retrain-nothing")
     assert status == "SUCCEEDED", logs[-4000:]
     assert "nothing to do" in logs and _summary(logs)["decision"] == "nothing_to_do"
     assert [v.version for v in _versions(uri)] == ["1"]
@@ -176,25 +213,26 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     long = _config(tmp_path, uri, steps=40, every=10)
     _submit(ray_head, long, "retrain-a")
     _submit(ray_head, long, "retrain-b")
-    deadline, statuses = time.monotonic() + 300, {}
-    while time.monotonic() < deadline and "FAILED" not in statuses.values():
-        statuses = {sid: _status(ray_head, sid) for sid in ("retrain-a", "retrain-b")}
-        time.sleep(2)
-    refused = next(sid for sid, status in statuses.items() if status == "FAILED")
-    running = next(sid for sid in statuses if sid != refused)
-    assert "refused: another run" in _logs(ray_head, refused)
-    while time.monotonic() < deadline and "step 15/40" not in _logs(ray_head, running):
-        time.sleep(2)
+    jobs = {sid: _Follower(ray_head, sid, tmp_path) for sid in ("retrain-a", "retrain-b")}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(job.ended() for job in jobs.values()):
+        time.sleep(0.5)
+    ended = [sid for sid, job in jobs.items() if job.ended()]
+    assert [jobs[sid].status() for sid in ended] == ["FAILED"], {sid: job.text()[-3000:] for sid, job in jobs.items()}
+    (refused,) = ended
+    running = next(sid for sid in jobs if sid != refused)
+    assert "refused: another run" in jobs[refused].wait()[1]
+    while time.monotonic() < deadline and "step 15/40" not in jobs[running].text():
+        time.sleep(0.5)
     assert _status(ray_head, running) == "RUNNING"
     _ray("job", "stop", f"--address={ray_head}", running, timeout=120)
-    status, logs = _wait(ray_head, running)
+    status, logs = jobs[running].wait()
     assert status == "STOPPED" and "retrain summary" not in logs
     assert [v.version for v in _versions(uri)] == ["1"]
     assert (tmp_path / "runs" / "retrain" / "attempt.json").is_file()
 
     time.sleep(8)  # lease.stale_after_s: the killed run's lease expires
-    _submit(ray_head, long, "retrain-rerun")
-    status, logs = _wait(ray_head, "retrain-rerun")
+    status, logs = _run(ray_head, long, "retrain-rerun")
     assert status == "SUCCEEDED", logs[-4000:]
     assert "resuming attempt" in logs and "resuming rt-retrain-" in logs  # training resumed from its checkpoint
     second = _summary(logs)
