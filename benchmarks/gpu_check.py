@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.stage_speed import _diffusers_copy
+from benchmarks.stage_speed import diffusers_copy
 from stages import StageA, StageB, StageC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -36,8 +36,8 @@ def parity(flavor: str, device: torch.device, only_stage_c: bool = False) -> dic
     # The prior's output (x - a) / (|1 - b| + 1e-5) amplifies any rounding where b is near 1, and random
     # weights put some b there: the head's output (a, b) is the well-conditioned thing to compare.
     ours = randomize_(StageC.from_flavor(flavor), seed=1, std=0.02).to(device).eval()
-    theirs = _diffusers_copy(ours, WuerstchenPrior, device).eval()
-    theirs_sdpa = _diffusers_copy(ours, WuerstchenPrior, device).eval()
+    theirs = diffusers_copy(ours, WuerstchenPrior, device).eval()
+    theirs_sdpa = diffusers_copy(ours, WuerstchenPrior, device).eval()
     theirs_sdpa.set_attn_processor(AttnProcessor2_0())
     heads = {}
     for name, model in [("ours", ours), ("theirs", theirs), ("theirs_sdpa", theirs_sdpa)]:
@@ -62,7 +62,7 @@ def parity(flavor: str, device: torch.device, only_stage_c: bool = False) -> dic
         return out
 
     ours = randomize_(StageB.from_flavor(flavor), seed=2, std=0.02).to(device).eval()
-    theirs = _diffusers_copy(ours, WuerstchenDiffNeXt, device).eval()
+    theirs = diffusers_copy(ours, WuerstchenDiffNeXt, device).eval()
     side = 128
     x = torch.randn(1, 4, side, side, generator=gen).to(device)
     e = torch.randn(1, 16, 12, 12, generator=gen).to(device)
@@ -78,7 +78,7 @@ def parity(flavor: str, device: torch.device, only_stage_c: bool = False) -> dic
     del ours, theirs
 
     ours = randomize_(StageA.from_flavor(flavor), seed=3, std=0.02).to(device).eval()
-    theirs = _diffusers_copy(ours, PaellaVQModel, device).eval()
+    theirs = diffusers_copy(ours, PaellaVQModel, device).eval()
     images = torch.rand(1, 3, 512, 512, generator=gen).to(device)
     with torch.no_grad():
         h = ours.encode(images)

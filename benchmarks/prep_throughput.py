@@ -142,7 +142,7 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
 
         side = semantic_image_size(cfg.encode.resolution, cfg.encode.resolution)[0]
         with torch.no_grad():
-            stage.semantic(stage._images(binary_buffers(b.column("semantic_pixels")), list(range(b.num_rows)), side))
+            stage.semantic(stage.images(binary_buffers(b.column("semantic_pixels")), list(range(b.num_rows)), side))
             stage.text(*stage.text.tokenize(b.column("caption").to_pylist()))
 
     encode(inputs[0])  # warm-up

@@ -47,7 +47,7 @@ def compare(models: dict, inputs, device, dtype, warmup: int, repeats: int) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _diffusers_copy(ours, theirs_cls, device):
+def diffusers_copy(ours, theirs_cls, device):
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ours.config).items()}
     theirs = theirs_cls(**config).to(device)
     theirs.load_state_dict(ours.state_dict())
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                "threads": torch.get_num_threads()}
 
     ours = StageC.from_flavor(args.flavor, dropout=0.0).to(device).train()
-    theirs = _diffusers_copy(ours, WuerstchenPrior, device).train()
-    theirs_sdpa = _diffusers_copy(ours, WuerstchenPrior, device).train()
+    theirs = diffusers_copy(ours, WuerstchenPrior, device).train()
+    theirs_sdpa = diffusers_copy(ours, WuerstchenPrior, device).train()
     theirs_sdpa.set_attn_processor(AttnProcessor2_0())
     b, s = args.batch, args.latent
     inputs = (torch.randn(b, 16, s, s, device=device), torch.rand(b, device=device),
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     del ours, theirs, theirs_sdpa
 
     ours = StageB.from_flavor(args.flavor, dropout=0.0).to(device).train()
-    theirs = _diffusers_copy(ours, WuerstchenDiffNeXt, device).train()
+    theirs = diffusers_copy(ours, WuerstchenDiffNeXt, device).train()
     side = int(s * 10.67)  # the Stage B latent for that image size (spec: latent_dim_scale 10.67)
     side -= side % (ours.config.patch_size * 2 ** (len(ours.config.c_hidden) - 1))
     b_batch = max(1, b // 4)

@@ -235,7 +235,7 @@ class Encode:
             self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
         self.columns = spec.latent_columns + spec.text_columns
 
-    def _images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
+    def images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
         """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
         binary column (side x side x 3 bytes per row)."""
         import torch
@@ -273,7 +273,7 @@ class Encode:
 
         def encode_one(encoder, buffers: tuple, side: int, row: int):
             with torch.no_grad():
-                return encoder(self._images(buffers, [row], side))
+                return encoder(self.images(buffers, [row], side))
 
         captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
         size = self.cfg.batch_size
@@ -300,7 +300,7 @@ class Encode:
             padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
             with torch.no_grad(), self._autocast():
                 # Parts of a fixed size whatever the batch: a padded batch is cut the same way every time.
-                part = {name: torch.cat([encoder(self._images(buffers, padded[i : i + per_call], side))
+                part = {name: torch.cat([encoder(self.images(buffers, padded[i : i + per_call], side))
                                          for i in range(0, len(padded), per_call)])[: len(rows)].float()
                         for name, encoder, buffers, side, per_call in encoders}
             part.update(self._text(captions[first : first + len(rows)]))

@@ -81,6 +81,17 @@ def random_stage_a_kwargs(seed: int) -> dict:
     )
 
 
+def offline_hub(monkeypatch, cache):
+    """Hugging Face hub calls see only `cache`, offline (no weights can be downloaded here)."""
+    # huggingface_hub reads its environment once, at import: patch its constants as well.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

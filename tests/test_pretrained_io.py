@@ -5,7 +5,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from conftest import randomize_
+from conftest import offline_hub, randomize_
 
 from stages import CheckpointMismatchError, SemanticCompressor, StageA, StageB, StageC
 
@@ -96,18 +96,8 @@ def test_a_path_that_is_neither_folder_nor_hub_id(tmp_path):
         StageC.from_pretrained(tmp_path / "nope" / "nothing")
 
 
-def _offline_hub(monkeypatch, cache):
-    # huggingface_hub reads its environment once, at import: patch its constants as well.
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 def test_a_hub_id_without_network_gives_an_actionable_error(tmp_path, monkeypatch):
-    _offline_hub(monkeypatch, tmp_path / "hub")
+    offline_hub(monkeypatch, tmp_path / "hub")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"(?s)could not fetch 'warp-ai/wuerstchen-prior'.*pass the local folder"):
         StageC.from_pretrained("warp-ai/wuerstchen-prior")
@@ -120,7 +110,7 @@ def test_a_hub_id_resolves_through_the_local_hub_cache(tmp_path, monkeypatch):
     StageC.from_flavor("tiny").save_pretrained(snapshot / "prior")
     (cache / "models--warp-ai--wuerstchen-prior" / "refs").mkdir(parents=True)
     (cache / "models--warp-ai--wuerstchen-prior" / "refs" / "main").write_text("0" * 40)
-    _offline_hub(monkeypatch, cache)
+    offline_hub(monkeypatch, cache)
     monkeypatch.chdir(tmp_path)
     model = StageC.from_pretrained("warp-ai/wuerstchen-prior")
     assert model.config == StageC.flavor_config("tiny")

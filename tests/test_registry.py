@@ -298,7 +298,7 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     """The README's `wuerstchen register --decoder-bundle warp-ai/wuerstchen`, with the hub repository
     in huggingface_hub's offline cache layout (no network here): decoder/, vqgan/, text_encoder/ and
     tokenizer/ are all found in the repository."""
-    from test_pretrained_io import _offline_hub
+    from conftest import offline_hub
 
     from latent_cache.spec import EncoderWeights
     from latent_cache.encoders import text_fingerprint
@@ -314,7 +314,7 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     write_decoder_pipeline(snapshot, StageB.from_flavor("tiny"), encoder, StageA.from_flavor("tiny"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("2" * 40)
-    _offline_hub(monkeypatch, cache)
+    offline_hub(monkeypatch, cache)
     monkeypatch.chdir(tmp_path)
     name = "decoders-from-hub"
     argv = ["--decoder-bundle", "warp-ai/wuerstchen", "--flavor", "tiny", "--name", name,

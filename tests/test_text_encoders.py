@@ -174,7 +174,7 @@ def test_the_text_encoder_of_a_decoder_pipeline_folder_is_found(tmp_path):
 def test_the_text_encoder_of_a_decoder_pipeline_hub_id_is_found(tmp_path, monkeypatch):
     """`register --decoder-bundle warp-ai/wuerstchen`: the hub path for real, through a repository
     snapshot in the cache layout huggingface_hub reads offline."""
-    from test_pretrained_io import _offline_hub
+    from conftest import offline_hub
 
     cache = tmp_path / "hub"
     repo = cache / "models--warp-ai--wuerstchen"
@@ -182,7 +182,7 @@ def test_the_text_encoder_of_a_decoder_pipeline_hub_id_is_found(tmp_path, monkey
     _decoder_repo(repo / "snapshots" / ("1" * 40), encoder)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("1" * 40)
-    _offline_hub(monkeypatch, cache)
+    offline_hub(monkeypatch, cache)
     monkeypatch.chdir(tmp_path)  # no local folder of that name
     loaded = ClipTextEncoder.from_pretrained("warp-ai/wuerstchen")
     torch.testing.assert_close(loaded.encode(["a red apple"]), encoder.encode(["a red apple"]))

@@ -30,8 +30,8 @@ def train_config(cache: str, storage: str, uri: str, run_name: str, **sets) -> T
     return load(TrainConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
-def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metricmetric_history(run_id, key)]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -40,13 +40,13 @@ def test_two_workers_train_checkpoint_to_s3_and_track_in_mlflow(tiny_cache, mlfl
     cfg = train_config(tiny_cache, f"s3://{bucket}/runs", mlflow_server, f"run-{strategy}", **{"parallel.strategy": strategy})
     result, run_id = run_training(cfg)
     assert result.metrics["step"] == 6
-    steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
+    steps = [s for s, _ in metric_history(mlflow_server, run_id, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
     for key in ("val_loss_ema", "val_loss_raw"):  # the EMA weights (registered) and the trained ones
-        val = _history(mlflow_server, run_id, key)
+        val = metric_history(mlflow_server, run_id, key)
         assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val), key
     for key in ("lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
-        assert len(_history(mlflow_server, run_id, key)) == 6, key
+        assert len(metric_history(mlflow_server, run_id, key)) == 6, key
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["parallel.strategy"] == strategy
     artifacts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)]
@@ -71,7 +71,7 @@ def test_resume_continues_from_the_checkpoint_with_the_saved_weights(tiny_cache,
 
     result, second_run = run_training(train_config(tiny_cache, storage, mlflow_server, "resume", steps=6))
     assert second_run == first_run, "a resumed run continues its MLflow run"
-    assert [s for s, _ in _history(mlflow_server, first_run, "loss")] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert [s for s, _ in metric_history(mlflow_server, first_run, "loss")] == [1, 2, 3, 4, 5, 6]  # no step twice
     assert result.metrics["step"] == 6
     tags = MlflowClient(mlflow_server).get_run(first_run).data.tags
     assert tags["resume.step_3.weights_sha256"] == weights_digest_of(saved["model"])
@@ -91,7 +91,7 @@ def test_a_worker_failure_is_recovered_from_the_latest_checkpoint(tiny_cache, ml
     result, run_id = run_training(cfg)
     assert (tmp_path / "failed-once").exists()
     assert result.metrics["step"] == 6
-    steps = [s for s, _ in _history(mlflow_server, run_id, "loss")]
+    steps = [s for s, _ in metric_history(mlflow_server, run_id, "loss")]
     # Steps after the last checkpoint (3) ran before the failure and again after the restart from
     # it, but each is logged once: nothing repeats and nothing is missing.
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -159,7 +159,7 @@ def test_fsdp2_sharded_checkpoints_resume_with_the_saved_weights(tiny_cache, mlf
     dcp.load(state, checkpoint_id=str(folder / "sharded"))
     result, again = run_training(train_config(tiny_cache, storage, mlflow_server, "sharded", steps=6, **sets))
     assert again == run_id and result.metrics["step"] == 6
-    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert tags["resume.step_3.weights_sha256"] == weights_digest_of(state["model"])
 
@@ -196,5 +196,5 @@ def test_a_run_name_with_another_config_or_storage_is_refused_not_continued(tiny
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                               filter_string="tags.`wuerstchen.run_name` = 'one-config'")
     assert [r.info.run_id for r in runs] == [run_id]
-    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == [1, 2, 3], "nothing trained on"
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3], "nothing trained on"
     assert sorted(p.name for p in (tmp_path / "runs" / "one-config").glob("checkpoint_0*")) == ["checkpoint_00000003"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_train import _history, train_config
+from test_train import metric_history, train_config
 
 from latent_cache.reader import Cache, is_validation
 from core.config import ConfigError, load
@@ -107,7 +107,7 @@ def test_a_killed_worker_process_is_recovered_with_every_step_logged_once(refere
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                               filter_string="tags.`wuerstchen.run_name` = 'killed'")
     assert [r.info.run_id for r in runs] == [run_id]
-    history = _history(mlflow_server, run_id, "loss")
+    history = metric_history(mlflow_server, run_id, "loss")
     assert sorted(s for s, _ in history) == list(range(1, STEPS + 1)), "every step logged exactly once"
 
     # The same seed, the same order: the killed run trained on the reference run's batches up to
@@ -119,7 +119,7 @@ def test_a_killed_worker_process_is_recovered_with_every_step_logged_once(refere
         first, second = attempts(order_log(tmp_path / "order", rank))
         assert [b["keys"] for b in first] == expected[: len(first)] and len(first) >= 4
         assert [b["keys"] for b in second] == expected[3:]
-    assert dict(history) == pytest.approx(dict(_history(mlflow_server, reference_run, "loss")), rel=1e-5)
+    assert dict(history) == pytest.approx(dict(metric_history(mlflow_server, reference_run, "loss")), rel=1e-5)
 
 
 def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_server, tmp_path):
@@ -150,7 +150,7 @@ def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_serv
     # Rank 0 really held more: its fourth batch of each epoch was left out when rank 1 ran out.
     assert [e["epoch"] for e in logs[0] if "left_out" in e] == [0, 1]
     assert not [e for e in logs[1] if "left_out" in e]
-    assert [s for s, _ in _history(mlflow_server, run_id, "loss")] == list(range(1, steps + 1))
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == list(range(1, steps + 1))
 
 
 def test_a_shuffle_buffer_under_two_batches_is_refused():
