@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TRAIN_POLLING, free_port, wait_for_port
+from conftest import TRAIN_POLLING, free_ports, wait_for_port
 from prep_factory import good, write_tar
 
 from pipelines import registry
@@ -35,11 +35,11 @@ def ray_head(mlflow_server, tmp_path_factory):
     """`ray start --head --block` in its own process group, stopped by signalling that group (`ray
     stop` would also stop the test session's other local cluster)."""
     temp = tmp_path_factory.mktemp("rayhead")
-    port, dashboard = free_port(), free_port()
     # Every port of its own: another Ray on this machine (the session's local cluster) holds the defaults.
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    flags = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    port, dashboard, *ports = free_ports(2 + len(flags))
+    own_ports = [f"--{flag}={p}" for flag, p in zip(flags, ports)]
     log = open(temp / "ray-start.log", "w")
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--disable-usage-stats",
