@@ -60,7 +60,15 @@ class Cache:
 
         if not self.files:
             raise ValueError(f"the cache at {self.url} has no rows yet")
-        ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
+        # The files are known (the manifest lists them): the V1 reader plans from that list, while
+        # the V2 one starts a pool of new footer-reading actor processes (up to 32) for every
+        # execution, i.e. every epoch of every dataset; on a small node that costs more than the reading.
+        context = ray.data.DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
+        finally:
+            context.use_datasource_v2 = v2
         return ds.select_columns(columns) if columns else ds
 
 

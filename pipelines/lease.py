@@ -209,16 +209,16 @@ class Lease:
             age = time.time() - float(record.get("heartbeat", 0))
             if age < self.stale_after_s:
                 raise LeaseHeldError(
-                    f"another run holds {self.url}: {self._describe(record)}, heartbeat {age:.0f} s ago. It is "
+                    f"refused: another run holds {self.url}: {self._describe(record)}, heartbeat {age:.0f} s ago. It is "
                     f"still running; if it died, its lease expires {self.stale_after_s - age:.0f} s from now."
                 )
             token = self.store.replace(self._text(), current.token)
             if token is None:
-                raise LeaseHeldError(f"another run took over the stale lease {self.url} at the same moment")
+                raise LeaseHeldError(f"refused: another run took over the stale lease {self.url} at the same moment")
             log.warning("took over the stale lease %s: %s, heartbeat %.0f s ago (more than stale_after_s %s s)",
                         self.url, self._describe(record), age, self.stale_after_s)
             return self._hold(token)
-        raise LeaseHeldError(f"{self.url} changed under every attempt to take it: other runs are starting; try later")
+        raise LeaseHeldError(f"refused: {self.url} changed under every attempt to take it: other runs are starting; try later")
 
     def _hold(self, token: str) -> "Lease":
         self._token, self._refreshed = token, time.monotonic()

@@ -68,7 +68,7 @@ def test_one_holder_at_a_time_and_a_dead_holder_expires(state):
     url, read, _ = state
     first = Lease(url, stale_after_s=3, heartbeat_s=0.5).acquire()
     time.sleep(3.5)  # longer than stale_after_s: the heartbeat keeps it fresh
-    with pytest.raises(LeaseHeldError, match="another run holds"):
+    with pytest.raises(LeaseHeldError, match="refused: another run holds"):
         Lease(url, stale_after_s=3, heartbeat_s=0.5).acquire()
     first.check("the next phase")
     first.release()

@@ -15,8 +15,10 @@ from test_train import metric_history, train_config
 from latent_cache.reader import Cache, is_validation
 from core.config import ConfigError, load
 from pipelines.train import run_training
+from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import epoch_seed
+from stages import StageC
 
 STEPS = 8  # two whole epochs: each rank holds 4 batches of 4 of the ~34 training rows
 VALIDATION_FRACTION = 0.2  # train_config's
@@ -124,10 +126,12 @@ def test_a_killed_worker_process_is_recovered_with_every_step_logged_once(refere
 
 def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_server, tmp_path):
     """Rank 1's share is one batch short every epoch (3 batches against rank 0's 4): both ranks run
-    every step, each epoch ends for both when rank 1's runs out, and nothing hangs."""
+    every step, each epoch ends for both when rank 1's runs out, and nothing hangs. Under FSDP2, whose
+    collectives (sharded forward and backward, the full checkpoint gathered to rank 0) hang first when
+    the ranks disagree."""
     steps = 7  # epochs 0 and 1, and the first batch of epoch 2
     cfg = train_config(tiny_cache, str(tmp_path / "runs"), mlflow_server, "uneven", steps=steps, **{
-        "data.order_log": str(tmp_path / "order"), "fault.short_rank": 1,
+        "data.order_log": str(tmp_path / "order"), "fault.short_rank": 1, "parallel.strategy": "fsdp2",
     })
     outcome = {}
 
@@ -151,6 +155,9 @@ def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_serv
     assert [e["epoch"] for e in logs[0] if "left_out" in e] == [0, 1]
     assert not [e for e in logs[1] if "left_out" in e]
     assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == list(range(1, steps + 1))
+    with ckpt_io.latest(cfg.checkpoint).as_directory() as folder:  # the full state, gathered from the shards
+        saved = ckpt_io.read(folder)
+    assert saved["train_state"]["step"] == steps and saved["model"].keys() == StageC.from_flavor("tiny").state_dict().keys()
 
 
 def test_a_shuffle_buffer_under_two_batches_is_refused():
