@@ -140,6 +140,10 @@ class EncodeConfig:
     text_mode: str = "embeddings"  # "embeddings" (fp16 last_hidden_state) or "tokens" (ids + mask)
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_width: PositiveInt | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
+    # The decoder's text conditioning, for Stage B training (v2: CLIP ViT-H, e.g. the text_encoder of
+    # warp-ai/wuerstchen); None = not encoded. Always cached as embeddings.
+    decoder_text_encoder: EncoderWeights | None = None
+    decoder_text_width: PositiveInt | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
     batch_size: PositiveInt = 32
     # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
@@ -160,7 +164,8 @@ class EncodeConfig:
     def spec(self) -> CacheSpec:
         """What the cache's rows hold; the other fields say how the encoders run."""
         return CacheSpec(flavor=self.flavor, resolution=self.resolution, text_mode=self.text_mode, semantic=self.semantic,
-                         text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width)
+                         text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width,
+                         decoder_text_encoder=self.decoder_text_encoder, decoder_text_width=self.decoder_text_width)
 
 
 @config_dataclass

@@ -222,18 +222,19 @@ class Encode:
             self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
         spec = cfg.spec()
-        semantic, text, stage_a = build_encoders(spec)
+        semantic, text, stage_a, decoder_text = build_encoders(spec)
         # The fingerprints of the encoders this actor really runs (weights as loaded on its node).
-        self.identity = encoder_identity(encoder_fingerprints(spec, semantic, text, stage_a), text.width)
+        self.identity = encoder_identity(encoder_fingerprints(spec, semantic, text, stage_a, decoder_text), text.width)
         self.semantic = fold_batchnorm(semantic).to(self.device)
         self.stage_a = fold_batchnorm(stage_a).to(self.device) if stage_a is not None else None
         self.text = text.to(self.device)
+        self.decoder_text = decoder_text.to(self.device) if decoder_text is not None else None
         side = cfg.resolution
         # name -> (encoder, pixel column, side, images per call on GPU)
         self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_pixels", semantic_image_size(side, side)[0], cfg.batch_size)}
         if self.stage_a is not None:
             self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
-        self.columns = spec.latent_columns + spec.text_columns
+        self.columns = spec.latent_columns + spec.text_columns + spec.decoder_text_columns
 
     def images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
         """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
@@ -255,12 +256,19 @@ class Encode:
         import torch
 
         n = len(captions)
+        padded = captions + [captions[-1]] * (self.cfg.batch_size - n)
         with self.tokenizer_lock:  # a Rust tokenizer may refuse calls from two threads at once
-            ids, mask = self.text.tokenize(captions + [captions[-1]] * (self.cfg.batch_size - n))
+            ids, mask = self.text.tokenize(padded)
+            decoder_ids, decoder_mask = self.decoder_text.tokenize(padded) if self.decoder_text is not None else (None, None)
+        out = {}
         with torch.no_grad(), self._autocast():
             if self.cfg.text_mode == "embeddings":
-                return {"text_embeddings": self.text(ids, mask).float()[:n]}
-        return {"text_tokens": ids[:n], "text_mask": mask[:n]}
+                out["text_embeddings"] = self.text(ids, mask).float()[:n]
+            else:
+                out.update(text_tokens=ids[:n], text_mask=mask[:n])
+            if self.decoder_text is not None:
+                out["decoder_text_embeddings"] = self.decoder_text(decoder_ids, decoder_mask).float()[:n]
+        return out
 
     def _autocast(self):
         import torch

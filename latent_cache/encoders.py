@@ -9,7 +9,7 @@ import json
 import torch
 
 from latent_cache.spec import CacheSpec, EncoderWeights
-from stages import SemanticCompressor, StageA, StageC
+from stages import SemanticCompressor, StageA, StageB, StageC
 from stages.original_format import load_original, load_original_semantic_compressor
 from stages.text_encoders import ClipTextEncoder
 
@@ -111,15 +111,29 @@ def text_width(flavor: str, width: int | None = None) -> int:
     return width or StageC.flavor_config(flavor).c_cond
 
 
+def decoder_text_width(flavor: str, width: int | None = None) -> int:
+    """The width of the decoder's text encoder: as configured, or the flavor's Stage B clip_embd."""
+    return width or StageB.flavor_config(flavor).clip_embd
+
+
+def _text_tower(what: str, flavor: str, weights: EncoderWeights, width: int) -> ClipTextEncoder:
+    _needs_weights(flavor, what, weights)
+    if weights.path is not None:
+        return ClipTextEncoder.from_pretrained(weights.path)
+    heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
+    return ClipTextEncoder.tiny(width=width, layers=2, heads=heads, seed=weights.seed)
+
+
 def build_text_encoder(flavor: str, weights: EncoderWeights, width: int | None = None) -> ClipTextEncoder:
     """Stage C's text encoder: a transformers CLIP folder / hub id, or a seeded random tiny tower of
     `width` (default: the flavor's c_cond) with the real CLIP tokenizer."""
-    _needs_weights(flavor, "text encoder", weights)
-    if weights.path is not None:
-        return ClipTextEncoder.from_pretrained(weights.path)
-    width = text_width(flavor, width)
-    heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
-    return ClipTextEncoder.tiny(width=width, layers=2, heads=heads, seed=weights.seed)
+    return _text_tower("text encoder", flavor, weights, text_width(flavor, width))
+
+
+def build_decoder_text_encoder(flavor: str, weights: EncoderWeights, width: int | None = None) -> ClipTextEncoder:
+    """Stage B's text encoder (v2: CLIP ViT-H, e.g. the text_encoder of warp-ai/wuerstchen), or a
+    seeded random tiny tower of `width` (default: the flavor's Stage B clip_embd)."""
+    return _text_tower("decoder text encoder", flavor, weights, decoder_text_width(flavor, width))
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -143,15 +157,18 @@ def model_fingerprint(kind: str, model, weights: EncoderWeights) -> dict:
     return info
 
 
-def build_encoders(spec: CacheSpec) -> tuple[SemanticCompressor, ClipTextEncoder, StageA | None]:
-    """(semantic compressor, text encoder, Stage A or None) of a cache spec."""
+def build_encoders(spec: CacheSpec) -> tuple[SemanticCompressor, ClipTextEncoder, StageA | None, ClipTextEncoder | None]:
+    """(semantic compressor, text encoder, Stage A or None, decoder text encoder or None) of a cache spec."""
     semantic = build_semantic_compressor(spec.flavor, spec.semantic)
     stage_a = build_stage_a(spec.flavor, spec.stage_a) if spec.stage_a is not None else None
     text = build_text_encoder(spec.flavor, spec.text_encoder, spec.text_width)
-    return semantic, text, stage_a
+    decoder_text = None
+    if spec.decoder_text_encoder is not None:
+        decoder_text = build_decoder_text_encoder(spec.flavor, spec.decoder_text_encoder, spec.decoder_text_width)
+    return semantic, text, stage_a, decoder_text
 
 
-def encoder_fingerprints(spec: CacheSpec, semantic, text: ClipTextEncoder, stage_a=None) -> dict:
+def encoder_fingerprints(spec: CacheSpec, semantic, text: ClipTextEncoder, stage_a=None, decoder_text=None) -> dict:
     """The fingerprint of each encoder of a prep run, as the cache's manifest records them."""
     fingerprints = {
         "semantic_compressor": model_fingerprint("semantic_compressor", semantic, spec.semantic),
@@ -159,6 +176,8 @@ def encoder_fingerprints(spec: CacheSpec, semantic, text: ClipTextEncoder, stage
     }
     if stage_a is not None:
         fingerprints["stage_a"] = model_fingerprint("stage_a", stage_a, spec.stage_a)
+    if decoder_text is not None:
+        fingerprints["decoder_text_encoder"] = text_fingerprint(decoder_text, spec.decoder_text_encoder)
     return fingerprints
 
 
@@ -166,8 +185,8 @@ def spec_fingerprints(spec: CacheSpec) -> tuple[dict, int]:
     """(fingerprint of each encoder, text width), with the encoders built here. A prep run with rows
     takes them from its encoder actors instead (what they state, see `latent_cache.writer`); this is
     for a run with nothing to encode, which still checks the cache against its spec."""
-    semantic, text, stage_a = build_encoders(spec)
-    return encoder_fingerprints(spec, semantic, text, stage_a), text.width
+    semantic, text, stage_a, decoder_text = build_encoders(spec)
+    return encoder_fingerprints(spec, semantic, text, stage_a, decoder_text), text.width
 
 
 def text_fingerprint(encoder: ClipTextEncoder, weights: EncoderWeights) -> dict:

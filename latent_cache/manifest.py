@@ -6,7 +6,7 @@ import json
 import time
 
 from core.storage import join, read_text, write_text_atomically
-from latent_cache.spec import CacheSpec
+from latent_cache.spec import CacheSpec, decoder_text_width
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,7 +40,7 @@ def new_manifest(spec: CacheSpec, encoders: dict, text_width: int, provenance: d
         "updated_at": now,
         **spec.settings(),
         **provenance,
-        "shapes": spec.tensor_shapes(text_width),
+        "shapes": spec.tensor_shapes(text_width, decoder_text_width(encoders)),
         "encoders": encoders,
         "shards": {},
         "files": [],
@@ -83,9 +83,16 @@ def check_encoders(manifest: dict, spec: CacheSpec, encoders: dict, text_width: 
                 f"the cache at {url} was made with a {name} of fingerprint {theirs}, this run's has "
                 f"{info['fingerprint']}: appending would mix latents of different encoders. Use another output URL."
             )
-    shapes = spec.tensor_shapes(text_width)
+    shapes = spec.tensor_shapes(text_width, decoder_text_width(encoders))
     if manifest["shapes"] != shapes:
         raise CacheMismatchError(f"the cache at {url} has tensor shapes {manifest['shapes']}, this run {shapes}")
+
+
+# encoder -> (the column its output fills, the prep setting that adds it) for the optional ones
+ENCODER_OUTPUTS = {
+    "stage_a": ("stage_a_latents column (Stage A latents)", "stage_a"),
+    "decoder_text_encoder": ("decoder_text_embeddings column (the decoder's text conditioning)", "decoder_text_encoder"),
+}
 
 
 def fingerprints(manifest: dict) -> dict[str, str]:
@@ -97,7 +104,11 @@ def check_fingerprints(manifest: dict, expected: dict[str, str], url: str) -> No
     ours = fingerprints(manifest)
     for name, fingerprint in expected.items():
         if name not in ours:
-            raise CacheMismatchError(f"the cache at {url} has no {name} latents (it was made with encoders {sorted(ours)})")
+            column, setting = ENCODER_OUTPUTS.get(name, (f"{name} output", name))
+            raise CacheMismatchError(
+                f"the cache at {url} has no {column}: it was made with the encoders {sorted(ours)}, without a {name}. "
+                f"Re-run data prep into another output URL with encode.{setting} set."
+            )
         if ours[name] != fingerprint:
             raise CacheMismatchError(
                 f"the cache at {url} was made with a {name} of fingerprint {ours[name]} "

@@ -8,6 +8,8 @@ any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Colum
     stage_a_latents  float16 [4, H/4, W/4] Stage A encoder output (optional, for Stage B)
     text_embeddings  float16 [77, width]   (text_mode "embeddings")
     text_tokens int32 [77] + text_mask int8 [77]   (text_mode "tokens")
+    decoder_text_embeddings float16 [77, width]   the decoder's text conditioning (optional, for Stage B;
+                     the v2 decoder's is CLIP ViT-H's last_hidden_state), in either text mode
 """
 
 import dataclasses
@@ -22,6 +24,7 @@ TENSOR_DTYPES = {
     "text_embeddings": np.float16,
     "text_tokens": np.int32,
     "text_mask": np.int8,
+    "decoder_text_embeddings": np.float16,
 }
 # text mode -> the columns of its text conditioning
 TEXT_COLUMNS = {"embeddings": ["text_embeddings"], "tokens": ["text_tokens", "text_mask"]}
@@ -49,6 +52,9 @@ class CacheSpec:
     text_encoder: EncoderWeights
     stage_a: EncoderWeights | None = None  # Stage A latents (for Stage B training); None = not encoded
     text_width: int | None = None  # width of a random text encoder (default: the flavor's Stage C c_cond)
+    # The decoder's text encoder (for Stage B training); None = its conditioning is not encoded.
+    decoder_text_encoder: EncoderWeights | None = None
+    decoder_text_width: int | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
 
     @property
     def bucket(self) -> str:
@@ -59,11 +65,15 @@ class CacheSpec:
         return list(TEXT_COLUMNS[self.text_mode])
 
     @property
+    def decoder_text_columns(self) -> list[str]:
+        return ["decoder_text_embeddings"] if self.decoder_text_encoder is not None else []
+
+    @property
     def latent_columns(self) -> list[str]:
         return ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
 
-    def tensor_shapes(self, text_width: int) -> dict[str, list[int]]:
-        """The shape of every tensor column, given the width of the text encoder really used (a
+    def tensor_shapes(self, text_width: int, decoder_text_width: int | None = None) -> dict[str, list[int]]:
+        """The shape of every tensor column, given the widths of the text encoders really used (a
         pretrained one has its own). `stages` is imported here, not at the top: the prep config
         imports this module on every Ray worker that reads or decodes, and torch costs each ~3 s."""
         from stages.latents import semantic_image_size
@@ -78,8 +88,18 @@ class CacheSpec:
         else:
             shapes["text_tokens"] = [CONTEXT_LENGTH]
             shapes["text_mask"] = [CONTEXT_LENGTH]
+        if self.decoder_text_encoder is not None:
+            if decoder_text_width is None:
+                raise ValueError("the shape of decoder_text_embeddings needs the decoder text encoder's width")
+            shapes["decoder_text_embeddings"] = [CONTEXT_LENGTH, decoder_text_width]
         return shapes
 
     def settings(self) -> dict:
         """What the manifest records of the spec besides the encoders' fingerprints and the shapes."""
         return {"flavor": self.flavor, "resolution": self.resolution, "bucket": self.bucket, "text_mode": self.text_mode}
+
+
+def decoder_text_width(encoders: dict) -> int | None:
+    """The width of the decoder text encoder among a cache's encoder fingerprints (None: it has none)."""
+    info = encoders.get("decoder_text_encoder")
+    return info["config"]["width"] if info else None

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from core import storage
 from latent_cache import manifest as manifests
-from latent_cache.spec import TENSOR_DTYPES, CacheSpec
+from latent_cache.spec import TENSOR_DTYPES, CacheSpec, decoder_text_width
 
 KEEP = ""  # the drop_reason of a kept row
 # The column in which the encoder actors state, on every row, the encoders they ran (their
@@ -188,7 +188,7 @@ class CacheWriter:
             self.manifest = manifests.new_manifest(self.spec, encoders, text_width, self.provenance)
         else:
             manifests.check_encoders(self.manifest, self.spec, encoders, text_width, self.url)
-        self.shapes = self.spec.tensor_shapes(text_width)
+        self.shapes = self.spec.tensor_shapes(text_width, decoder_text_width(encoders))
         if self.waves:
             self.current = _Wave(self.fs, self.root, self.waves[0], self.max_rows)
 

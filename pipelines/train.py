@@ -1,5 +1,5 @@
 """`python -m pipelines.train --config FILE [--set key=value ...]` / `wuerstchen train ...`: train
-Stage C on the latent cache with Ray Train (DDP or FSDP2), checkpointing to local disk or S3 and
+Stage C (or, with model.stage=b, Stage B) on the latent cache with Ray Train (DDP or FSDP2), checkpointing to local disk or S3 and
 tracking in MLflow.
 
 Rerunning the same command (same checkpoint.run_name and storage_path) resumes from the newest
@@ -20,31 +20,57 @@ log = logging.getLogger(__name__)
 
 
 def expected_fingerprints(cfg: TrainConfig):
-    """The fingerprints of the encoders this model goes with, and the text encoder (to encode "")."""
+    """The fingerprints of the encoders this model goes with (name -> fingerprint), and the text
+    encoder whose width the model must take (Stage C: the prior's, which also encodes "";
+    Stage B: the decoder's)."""
     from latent_cache.encoders import model_fingerprint, text_fingerprint
 
-    enc = cfg.encoders
-    text = enc.build_text_encoder(cfg.model.flavor)
-    semantic = enc.build_semantic_compressor(cfg.model.flavor)
-    return {
-        "semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"],
-        "text_encoder": text_fingerprint(text, enc.text_encoder)["fingerprint"],
-    }, text
+    enc, flavor = cfg.encoders, cfg.model.flavor
+    semantic = enc.build_semantic_compressor(flavor)
+    expected = {"semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"]}
+    if cfg.model.stage == "b":
+        text = enc.build_decoder_text_encoder(flavor)
+        expected["stage_a"] = model_fingerprint("stage_a", enc.build_stage_a(flavor), enc.stage_a)["fingerprint"]
+        expected["decoder_text_encoder"] = text_fingerprint(text, enc.decoder_text_encoder)["fingerprint"]
+    else:
+        text = enc.build_text_encoder(flavor)
+        expected["text_encoder"] = text_fingerprint(text, enc.text_encoder)["fingerprint"]
+    return expected, text
 
 
 def initial_weights(cfg: TrainConfig):
     """The state dict to start from (None: from scratch)."""
-    init = cfg.model.init
+    init, model_class = cfg.model.init, cfg.model.model_class
     if not init:
         return None
     if init.startswith("models:/"):
+        if cfg.model.stage != "c":
+            raise ValueError(f"model.init={init}: starting Stage B from a registered model is not supported yet; "
+                             f"give a diffusers folder or hub id, or an original .pt checkpoint")
         from pipelines.registry import load_stage_c
         from pipelines.training.tracking import tracking_uri
 
         return load_stage_c(init, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
-    from stages import StageC
+    if init.endswith((".pt", ".pth", ".ckpt")):
+        from stages.original_format import load_original
 
-    return StageC.from_pretrained(init).state_dict()
+        return load_original(model_class, init, flavor=cfg.model.flavor, config=cfg.model.model_config()).state_dict()
+    return model_class.from_pretrained(init).state_dict()
+
+
+def build_task(cfg: TrainConfig, cache, text_encoder):
+    """The training task of `cfg.model.stage` for this cache, after checking that the model takes
+    the text encoder's width."""
+    from pipelines.training.tasks import StageBTask, StageCTask
+
+    model_config = cfg.model.model_config()
+    width, name = (model_config.clip_embd, "clip_embd") if cfg.model.stage == "b" else (model_config.c_cond, "c_cond")
+    if text_encoder.width != width:
+        raise ValueError(f"the model takes text tokens of width {name}={width}; the text encoder gives {text_encoder.width}")
+    if cfg.model.stage == "b":
+        return StageBTask(cfg.model, cfg.decoder_objective, cfg.validation)
+    return StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
+                      empty_text=text_encoder.encode([""])[0].cpu().numpy())
 
 
 def run_training(cfg: TrainConfig):
@@ -58,15 +84,12 @@ def run_training(cfg: TrainConfig):
     from pipelines.training.data import data_config, datasets
     from pipelines.training.loop import train_func
     from pipelines.training.plan import TrainPlan
-    from pipelines.training.tasks import StageCTask
     from pipelines.training.tracking import start_or_resume_run, tracking_uri
 
     cache = Cache(cfg.data.cache)
     expected, text_encoder = expected_fingerprints(cfg)
     cache.check_fingerprints(expected)  # refused here, before any worker starts
-    c_cond = cfg.model.stage_c_config().c_cond
-    if text_encoder.width != c_cond:
-        raise ValueError(f"the model takes text tokens of width c_cond={c_cond}; the text encoder gives {text_encoder.width}")
+    task = build_task(cfg, cache, text_encoder)
     rows = cache.rows
     if cfg.data.shards is not None:
         unknown = sorted(set(cfg.data.shards) - set(cache.manifest["shards"]))
@@ -80,9 +103,6 @@ def run_training(cfg: TrainConfig):
             f"each of {cfg.parallel.num_workers} workers would get about {per_worker:.0f} training rows of {cfg.data.cache}, "
             f"fewer than data.batch_size={cfg.data.batch_size}"
         )
-    task = StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
-                      empty_text=text_encoder.encode([""])[0].cpu().numpy())
-
     uri = tracking_uri(cfg.tracking.tracking_uri)
     config_dict = dataclasses.asdict(cfg)
     resume = ckpt_io.latest(cfg.checkpoint)
@@ -140,8 +160,7 @@ def check_resumable(saved: dict, config: dict, where: str) -> None:
     from core.config import ConfigError
     from pipelines.training.tracking import RESUMABLE_KEYS, config_changes, config_hash, flatten
 
-    if config_hash(saved) != config_hash(config):
-        changes = config_changes(flatten(saved), json.loads(json.dumps(config)))  # tuples as the saved lists
+    if config_hash(saved) != config_hash(config) and (changes := config_changes(flatten(saved), json.loads(json.dumps(config)))):
         raise ConfigError(
             f"checkpoint {where} was trained with another config ({'; '.join(changes[:10])}): give this config a new "
             f"checkpoint.run_name, or restore those values to resume it (only {', '.join(RESUMABLE_KEYS)} may change)"

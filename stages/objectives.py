@@ -1,5 +1,5 @@
-"""The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents, and the
-validation loss of Stage C (the same MSE on a fixed grid of t with fixed noise).
+"""The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents, and their
+validation losses (the same MSE on a fixed grid of t with fixed noise).
 
 Each takes the model and a batch of cached tensors and returns the scalar loss. Pass `t` and `noise`
 to evaluate deterministically (validation on a fixed grid of t with fixed noise): conditioning
@@ -117,6 +117,26 @@ def fixed_noise(keys: Sequence[str], shape, seed: int, t_index: int) -> torch.Te
 
 
 @torch.no_grad()
+def _fixed_grid_loss(model: nn.Module, batches: Iterable[tuple], t_grid: Sequence[float], seed: int, p2_weighting: bool,
+                     predict) -> float:
+    """The noise MSE (p2-weighted) of every row at each t of `t_grid`, with `fixed_noise`, averaged over
+    rows and t. `batches`: (keys, x0, *conditions) on the model's device; `predict(model, x_t, t,
+    *conditions)` is the model's noise prediction. Eval mode, and the model given back in its mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for keys, x0, *conditions in batches:
+        x0 = x0.float()
+        for i, t_value in enumerate(t_grid):
+            t = torch.full((x0.shape[0],), float(t_value), device=x0.device)
+            noise = fixed_noise(keys, x0.shape[1:], seed, i).to(x0.device)
+            eps = predict(model, add_noise(x0, noise, t), t, *conditions)
+            total += float(weighted_mse(eps, noise, t, p2_weighting)) * x0.shape[0]
+            count += x0.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def stage_c_validation_loss(
     model: nn.Module,
     batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
@@ -124,22 +144,24 @@ def stage_c_validation_loss(
     seed: int,
     p2_weighting: bool = True,
 ) -> float:
-    """The noise MSE (p2-weighted) of every row at each t of `t_grid`, with `fixed_noise`, averaged
-    over rows and t: deterministic, so two checkpoints are comparable, and independent of how the
-    rows are batched. `batches`: (keys, z_c, text) with z_c and text on the model's device. The
-    model is evaluated in eval mode and given back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for keys, z_c, text in batches:
-        for i, t_value in enumerate(t_grid):
-            t = torch.full((z_c.shape[0],), float(t_value), device=z_c.device)
-            noise = fixed_noise(keys, z_c.shape[1:], seed, i).to(z_c.device)
-            eps = model(add_noise(z_c, noise, t), t, text)
-            total += float(weighted_mse(eps, noise, t, p2_weighting)) * z_c.shape[0]
-            count += z_c.shape[0]
-    model.train(was_training)
-    return total / max(count, 1)
+    """Stage C's validation loss: the noise MSE (p2-weighted) of every row at each t of `t_grid`, with
+    `fixed_noise`, averaged over rows and t: deterministic, so two checkpoints are comparable, and
+    independent of how the rows are batched. `batches`: (keys, z_c, text) on the model's device."""
+    return _fixed_grid_loss(model, batches, t_grid, seed, p2_weighting, lambda m, x, t, text: m(x, t, text))
+
+
+def stage_b_validation_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor, torch.Tensor]],
+    t_grid: Sequence[float],
+    seed: int,
+    objective: "StageBObjective" = StageBObjective(),
+) -> float:
+    """Stage B's validation loss, as Stage C's: `batches` of (keys, Stage A latents h, semantic e,
+    decoder text) on the model's device; the noise is on z_B = h / scale_factor."""
+    scaled = ((keys, stage_a_to_stage_b(h.float(), objective.scale_factor), e, text) for keys, h, e, text in batches)
+    return _fixed_grid_loss(model, scaled, t_grid, seed, objective.p2_weighting,
+                            lambda m, x, t, e, text: m(x, t, e.float(), text))
 
 
 def stage_b_loss(

@@ -40,7 +40,18 @@ def test_other_settings_encoders_or_shapes_are_refused():
 def test_a_reader_with_other_encoders_is_refused():
     manifest = manifests.new_manifest(SPEC, ENCODERS, 32, {})
     manifests.check_fingerprints(manifest, {"semantic_compressor": "s1"}, "c")
-    with pytest.raises(CacheMismatchError, match=r"has no stage_a latents \(it was made with encoders"):
+    with pytest.raises(CacheMismatchError, match=r"has no stage_a_latents column \(Stage A latents\): it was made with the "
+                                                 r"encoders \['semantic_compressor', 'text_encoder'\], without a stage_a. .*encode.stage_a set"):
         manifests.check_fingerprints(manifest, {"stage_a": "x"}, "c")
     with pytest.raises(CacheMismatchError, match=r"semantic_compressor of fingerprint s1 \(a.pt\), but .* has fingerprint s2"):
         manifests.check_fingerprints(manifest, {"semantic_compressor": "s2"}, "c")
+
+
+def test_a_cache_with_the_decoder_text_records_its_shape_from_that_encoder_width():
+    spec = dataclasses.replace(SPEC, decoder_text_encoder=EncoderWeights(seed=1))
+    encoders = {**ENCODERS, "decoder_text_encoder": {"fingerprint": "d1", "config": {"width": 24}}}
+    manifest = manifests.new_manifest(spec, encoders, 32, {})
+    assert manifest["shapes"]["decoder_text_embeddings"] == [77, 24]
+    manifests.check_encoders(manifest, spec, encoders, 32, "c")
+    with pytest.raises(CacheMismatchError, match="decoder_text_encoder of fingerprint None, this run's has d1"):
+        manifests.check_encoders(manifests.new_manifest(SPEC, ENCODERS, 32, {}), spec, encoders, 32, "c")

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.training.config import CheckpointConfig
+from pipelines.training.config import MODEL_STAGES, CheckpointConfig
 from pipelines.training.parallel import unwrap
-from stages import StageC
 
 TRAIN_STATE = "train_state.json"
 # The validation loss of each weights folder's weights, by its metric name (MLflow, train_state).
@@ -37,6 +36,17 @@ log = logging.getLogger(__name__)
 class IncompleteCheckpointError(FileNotFoundError):
     """A checkpoint folder whose files are missing or not of the size its train_state records (an
     upload cut short)."""
+
+
+def model_class_of(model_config) -> type:
+    """The model class (StageC, StageB) of a model config."""
+    return next(cls for cls in MODEL_STAGES.values() if isinstance(model_config, cls.config_class))
+
+
+def saved_model_class(train_state: dict) -> type:
+    """The class of the model a checkpoint holds, from the config it records (model.stage; a
+    checkpoint written before Stage B training existed holds a Stage C)."""
+    return MODEL_STAGES[train_state.get("config", {}).get("model", {}).get("stage", "c")]
 
 
 def checkpoint_name(step: int) -> str:
@@ -58,7 +68,7 @@ def write(
         if state is None:
             continue
         with torch.device("meta"):
-            holder = StageC(model_config)
+            holder = model_class_of(model_config)(model_config)
         holder.load_state_dict(state, assign=True)
         holder.save_pretrained(directory / name)
     if optimizer_state is not None:
@@ -133,10 +143,11 @@ def read(directory: Path) -> dict:
     (a sharded one: train_state and ema; the rest is loaded with `load_sharded`)."""
     directory = Path(directory)
     out = {"train_state": read_train_state(directory)}
+    model_class = saved_model_class(out["train_state"])
     if (directory / "model").is_dir():
-        out["model"] = StageC.from_pretrained(directory / "model").state_dict()
+        out["model"] = model_class.from_pretrained(directory / "model").state_dict()
     if (directory / "ema").is_dir():
-        out["ema"] = StageC.from_pretrained(directory / "ema").state_dict()
+        out["ema"] = model_class.from_pretrained(directory / "ema").state_dict()
     if (directory / OPTIMIZER).is_file():
         out["optimizer"] = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
     return out

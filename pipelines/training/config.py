@@ -8,7 +8,8 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 
 from latent_cache.spec import EncoderWeights
 from core.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
-from stages.objectives import StageCObjective
+from stages.objectives import StageBObjective, StageCObjective
+from stages.stage_b import StageB
 from stages.stage_c import StageC, StageCConfig
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -17,36 +18,55 @@ AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it 
 FAULT_ACTIONS = ("raise", "stall")
 
 
+# model.stage -> the model trained: "c" the text-conditional prior, "b" the diffusion decoder
+MODEL_STAGES = {"c": StageC, "b": StageB}
+
+
 @config_dataclass
 class ModelConfig:
+    stage: str = "c"  # "c": Stage C (the prior, on z_C and the text); "b": Stage B (the decoder, on Stage A latents)
     flavor: str = "small"
-    # None: from scratch; a diffusers-format folder or hub id (e.g. warp-ai/wuerstchen-prior); or an
-    # MLflow model URI such as models:/wuerstchen-stage-c@champion
+    # None: from scratch; a diffusers-format folder or hub id (e.g. warp-ai/wuerstchen-prior, or
+    # warp-ai/wuerstchen for Stage B: its decoder/ subfolder); an original .pt checkpoint (Stage B);
+    # or an MLflow model URI such as models:/wuerstchen-stage-c@champion (Stage C)
     init: str | None = None
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # StageCConfig fields
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of the stage's config (StageCConfig, StageBConfig)
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.flavor not in StageC.flavors:
-            raise ValueError(f"model.flavor must be one of {sorted(StageC.flavors)}, got {self.flavor!r}")
-        known = [f.name for f in dataclasses.fields(StageCConfig)]
+        if self.stage not in MODEL_STAGES:
+            raise ValueError(f"model.stage must be one of {sorted(MODEL_STAGES)}, got {self.stage!r}")
+        model_class = self.model_class
+        if self.flavor not in model_class.flavors:
+            raise ValueError(f"model.flavor must be one of {sorted(model_class.flavors)}, got {self.flavor!r}")
+        config_class = model_class.config_class
+        known = [f.name for f in dataclasses.fields(config_class)]
         unknown = sorted(set(self.overrides) - set(known))
         if unknown:
-            raise ValueError(f"model.overrides: unknown Stage C fields {unknown}; known: {known}")
-        # The values get StageCConfig's own types (a YAML "0.1" is the float 0.1), checked by pydantic.
+            raise ValueError(f"model.overrides: unknown Stage {self.stage.upper()} fields {unknown}; known: {known}")
+        # The values get the config's own types (a YAML "0.1" is the float 0.1), checked by pydantic.
         try:
-            typed = TypeAdapter(StageCConfig).validate_python(self.overrides)
+            typed = TypeAdapter(config_class).validate_python(self.overrides)
         except ValidationError as err:
             raise ValueError(describe(err, "model.overrides")) from None
         self.overrides = {name: getattr(typed, name) for name in self.overrides}
 
-    def stage_c_config(self) -> StageCConfig:
-        """The flavor's Stage C config with the overrides: the one place the trained model's shape is decided."""
-        return StageC.flavor_config(self.flavor, **self.overrides)
+    @property
+    def model_class(self):
+        return MODEL_STAGES[self.stage]
 
-    def build(self, init_state: dict | None = None) -> StageC:
-        """The Stage C to train: random init (the caller seeds torch), or `init_state` loaded."""
-        model = StageC(self.stage_c_config())
+    def model_config(self):
+        """The flavor's config with the overrides: the one place the trained model's shape is decided."""
+        return self.model_class.flavor_config(self.flavor, **self.overrides)
+
+    def stage_c_config(self) -> StageCConfig:
+        if self.stage != "c":
+            raise ValueError(f"model.stage is {self.stage!r}: this model is not a Stage C")
+        return self.model_config()
+
+    def build(self, init_state: dict | None = None):
+        """The model to train: random init (the caller seeds torch), or `init_state` loaded."""
+        model = self.model_class(self.model_config())
         if init_state is not None:
             model.load_state_dict(init_state)
         model.set_gradient_checkpointing(self.gradient_checkpointing)
@@ -61,6 +81,11 @@ class EncodersConfig:
     semantic: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
     text_width: PositiveInt | None = None
+    # Stage B's: the Stage A whose latents it learns and the decoder's text encoder (prep's
+    # encode.stage_a and encode.decoder_text_encoder).
+    stage_a: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
+    decoder_text_encoder: EncoderWeights = dataclasses.field(default_factory=EncoderWeights)
+    decoder_text_width: PositiveInt | None = None
 
     # Named build_*: `text_encoder` and `semantic` are the weights fields (YAML keys) already.
     def build_text_encoder(self, flavor: str):
@@ -68,6 +93,18 @@ class EncodersConfig:
         from latent_cache.encoders import build_text_encoder
 
         return build_text_encoder(flavor, self.text_encoder, self.text_width)
+
+    def build_decoder_text_encoder(self, flavor: str):
+        """The decoder's frozen text encoder (a ClipTextEncoder), as prep built it."""
+        from latent_cache.encoders import build_decoder_text_encoder
+
+        return build_decoder_text_encoder(flavor, self.decoder_text_encoder, self.decoder_text_width)
+
+    def build_stage_a(self, flavor: str):
+        """The Stage A whose latents the cache holds (for its fingerprint)."""
+        from latent_cache.encoders import build_stage_a
+
+        return build_stage_a(flavor, self.stage_a)
 
     def build_semantic_compressor(self, flavor: str):
         """The frozen semantic compressor of the model `flavor` (its fingerprint must match the cache's)."""
@@ -204,7 +241,8 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     encoders: EncodersConfig = dataclasses.field(default_factory=EncodersConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    objective: StageCObjective = dataclasses.field(default_factory=StageCObjective)
+    objective: StageCObjective = dataclasses.field(default_factory=StageCObjective)  # model.stage "c"
+    decoder_objective: StageBObjective = dataclasses.field(default_factory=StageBObjective)  # model.stage "b"
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)

@@ -23,11 +23,19 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
     if strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:  # each (ResBlock | TimestepBlock | AttnBlock) is one unit
+        for block in sharding_units(model):
             fully_shard(block)
         fully_shard(model)
         return model
     raise ValueError(f"unknown parallel strategy {strategy!r}")
+
+
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP2's units: each residual, timestep and attention block (Stage C's `blocks`, the blocks of
+    each level of Stage B), then the model itself holds what is left (mappers, embedding, head)."""
+    from stages.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
+
+    return [m for m in model.modules() if isinstance(m, (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock))]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -4,13 +4,13 @@ picklable plan, decided once on the driver, so that no worker rebuilds or re-dec
 import dataclasses
 
 from pipelines.training.config import TrainConfig
-from pipelines.training.tasks import StageCTask
+from pipelines.training.tasks import StageBTask, StageCTask
 
 
 @dataclasses.dataclass
 class TrainPlan:
     cfg: TrainConfig
-    task: StageCTask
+    task: StageCTask | StageBTask
     tracking_uri: str  # resolved on the driver: a worker has another working directory and environment
     mlflow_run_id: str
     cache_fingerprints: dict[str, str]  # of the cache's encoders, recorded in every checkpoint

@@ -18,9 +18,15 @@ from pipelines.training.config import EncodersConfig, ModelConfig, ValidationCon
 from latent_cache.spec import TEXT_COLUMNS
 from pipelines.training.data import to_tensors
 from stages import StageC
-from stages.objectives import StageCObjective, stage_c_loss, stage_c_validation_loss
+from stages.latents import stage_c_to_semantic
+from stages.objectives import StageBObjective, StageCObjective, stage_b_loss, stage_b_validation_loss, stage_c_loss, stage_c_validation_loss
 
 STAGE_C_LATENTS = "stage_c_latents"
+STAGE_A_LATENTS = "stage_a_latents"
+DECODER_TEXT = "decoder_text_embeddings"
+# What a Stage B batch holds: key (the fixed validation noise), h (what it learns), z_C (its semantic
+# condition e = 42 z_C - 1) and the decoder's text conditioning.
+STAGE_B_COLUMNS = ["key", STAGE_A_LATENTS, STAGE_C_LATENTS, DECODER_TEXT]
 
 
 def stage_c_columns(text_mode: str) -> list[str]:
@@ -84,3 +90,34 @@ class StageCTask:
         v = self.validation
         inputs = validation_inputs(batches, self.device, self.text_encoder)
         return stage_c_validation_loss(model, inputs, v.t_grid, v.seed, self.objective.p2_weighting)
+
+
+@dataclasses.dataclass
+class StageBTask:
+    """Training Stage B (the diffusion decoder) on cached Stage A latents, conditioned on the cached
+    semantic latents (the semantic compressor frozen: what fine-tuning the public decoder needs) and
+    the cached decoder text conditioning, with the recipe's semantic-condition dropout."""
+
+    model: ModelConfig
+    objective: StageBObjective
+    validation: ValidationConfig
+    device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
+
+    columns = STAGE_B_COLUMNS
+
+    def build_model(self, init_state: dict | None = None):
+        return self.model.build(init_state)
+
+    def setup(self, device: torch.device) -> "StageBTask":
+        self.device = device
+        return self
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        semantic = stage_c_to_semantic(batch[STAGE_C_LATENTS])
+        return stage_b_loss(model, batch[STAGE_A_LATENTS], semantic, batch[DECODER_TEXT], self.objective, generator)
+
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float:
+        v = self.validation
+        inputs = ((b["key"], b[STAGE_A_LATENTS], stage_c_to_semantic(b[STAGE_C_LATENTS]), b[DECODER_TEXT])
+                  for b in (to_tensors(raw, self.device) for raw in batches))
+        return stage_b_validation_loss(model, inputs, v.t_grid, v.seed, self.objective)

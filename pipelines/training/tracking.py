@@ -86,11 +86,20 @@ def config_hash(config: dict) -> str:
 
 
 def config_changes(recorded: dict[str, str], config: dict) -> list[str]:
-    """The defining keys whose flattened value differs between `recorded` (a run's params) and `config`."""
+    """The defining keys whose flattened value differs between `recorded` (a run's params) and `config`.
+    A key the recorded run does not have (added to TrainConfig since) is no change while it holds its
+    default: the run was trained as that default says (e.g. model.stage "c" for a run of the days
+    when Stage C was the only model), so an upgrade does not strand runs in progress."""
+    import dataclasses
+
+    from pipelines.training.config import TrainConfig
+
     current = flatten(defining_config(config))
     defined = flatten(defining_config(_unflatten(recorded)))
+    defaults = flatten(defining_config(json.loads(json.dumps(dataclasses.asdict(TrainConfig())))))
     return [f"{k}: {defined.get(k, '(absent)')} -> {current.get(k, '(absent)')}"
-            for k in sorted(set(current) | set(defined)) if current.get(k) != defined.get(k)]
+            for k in sorted(set(current) | set(defined))
+            if current.get(k) != defined.get(k) and not (k not in defined and k in defaults and current[k] == defaults[k])]
 
 
 def _unflatten(flat: dict[str, str]) -> dict:
@@ -123,7 +132,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, config: dict, 
         run = found[0]
         recorded = run.data.tags.get(CONFIG_HASH_TAG)
         changes = config_changes(run.data.params, config)
-        if recorded != digest and (recorded is not None or changes):  # no tag: a run of older code, judged by its params
+        if recorded != digest and changes:  # judged by its params: a run of older code may lack a key, or the tag
             raise ConfigError(
                 f"checkpoint.run_name={run_name!r} is MLflow run {run.info.run_id} (experiment {experiment!r}), started with "
                 f"another config (hash {recorded}, this one {digest}): {'; '.join(changes[:10]) or 'see its params'}. "

@@ -1,0 +1,177 @@
+"""Stage B (the diffusion decoder) as another task of the same trainer: its loss learns what its
+semantic condition says (an overfitting check), a cache without what it learns is refused naming
+it, and a run on Ray Train (FSDP2, 2 CPU workers) checkpoints a decoder and resumes."""
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from prep_factory import plain_shards
+from test_train import metric_history, train_config
+
+from core.config import load
+from core.storage import resolve
+from data_prep.config import PrepConfig
+from data_prep.runner import run_prep
+from latent_cache import manifest as manifests
+from latent_cache.encoders import spec_fingerprints, weights_digest
+from latent_cache.manifest import CacheMismatchError
+from latent_cache.spec import CacheSpec, EncoderWeights
+from pipelines.train import run_training
+from pipelines.training import checkpoint as ckpt_io
+from pipelines.training.config import ModelConfig, TrainConfig, ValidationConfig
+from pipelines.training.tasks import StageBTask
+from stages import StageB
+from stages.latents import semantic_to_stage_c
+from stages.objectives import StageBObjective
+
+STAGE_B = {"model.stage": "b"}
+
+
+def test_stage_b_overfits_a_handful_of_latents_and_follows_its_semantic_condition():
+    """Four Stage A latents, each with its own semantic latent: after 300 steps the fixed-grid loss is
+    a fraction of the start's, and several times lower with each latent's own condition than with
+    the conditions shifted by one. A decoder that ignored its condition (or got another row's)
+    would score the same both ways."""
+    torch.manual_seed(0)
+    task = StageBTask(ModelConfig(stage="b", flavor="tiny"), StageBObjective(effnet_dropout=0.0), ValidationConfig())
+    task.setup(torch.device("cpu"))
+    model = task.build_model()
+    n = 4
+    h = torch.randn(n, 4, 16, 16) * 0.3764  # z_B = h / 0.3764 of unit variance, as the recipe scales it
+    e = torch.randn(n, 16, 4, 4)
+    batch = {"key": [f"row-{i}" for i in range(n)], "stage_a_latents": h, "stage_c_latents": semantic_to_stage_c(e),
+             "decoder_text_embeddings": torch.randn(1, 77, 32).expand(n, 77, 32)}  # one caption: e tells the rows apart
+
+    def held_out(order: list[int]) -> float:
+        rows = {k: (v if k == "key" else v.numpy()) for k, v in batch.items()}
+        rows["stage_c_latents"] = rows["stage_c_latents"][order]
+        return task.validation_loss(model, [rows])
+
+    own, shifted = list(range(n)), [1, 2, 3, 0]
+    start = held_out(own)
+    assert start == pytest.approx(held_out(shifted))  # the output layer starts at zero
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        optimizer.zero_grad()
+        task.loss(model, batch, generator).backward()
+        optimizer.step()
+    trained, wrong = held_out(own), held_out(shifted)
+    assert trained < 0.2 * start, (start, trained)
+    assert wrong > 2.5 * trained, (trained, wrong)
+
+
+def test_the_stage_and_its_overrides_are_checked():
+    with pytest.raises(ValueError, match=r"model.stage must be one of \['b', 'c'\], got 'a'"):
+        load(TrainConfig, None, ["model.stage=a"])
+    with pytest.raises(ValueError, match=r"unknown Stage B fields \['depth'\]"):
+        load(TrainConfig, None, ["model.stage=b", "model.flavor=tiny", "model.overrides={depth: 2}"])
+    cfg = load(TrainConfig, None, ["model.stage=b", "model.flavor=tiny", "model.overrides={c_cond: 16}"])
+    assert isinstance(cfg.model.build(), StageB) and cfg.model.model_config().c_cond == 16
+    with pytest.raises(ValueError, match="this model is not a Stage C"):
+        cfg.model.stage_c_config()
+
+
+@pytest.mark.parametrize("missing", ["stage_a", "decoder_text_encoder"])
+def test_a_cache_without_what_stage_b_needs_is_refused_naming_it(missing, tmp_path):
+    """A cache made for Stage C only (no Stage A latents, or no decoder text conditioning) is refused
+    before Ray or MLflow start, with the column it lacks and the prep setting that adds it."""
+    spec = CacheSpec(flavor="tiny", resolution=128, text_mode="embeddings", semantic=EncoderWeights(),
+                     text_encoder=EncoderWeights(), stage_a=EncoderWeights(), decoder_text_encoder=EncoderWeights())
+    if missing == "stage_a":
+        spec = CacheSpec(**{**spec.__dict__, "stage_a": None})
+    else:
+        spec = CacheSpec(**{**spec.__dict__, "decoder_text_encoder": None})
+    encoders, width = spec_fingerprints(spec)
+    fs, root = resolve(str(tmp_path / "cache"))
+    manifests.write(fs, root, manifests.new_manifest(spec, encoders, width, {}))
+    cfg = train_config(str(tmp_path / "cache"), str(tmp_path / "runs"), "http://127.0.0.1:1", "b", **STAGE_B)
+    column = {"stage_a": "stage_a_latents", "decoder_text_encoder": "decoder_text_embeddings"}[missing]
+    with pytest.raises(CacheMismatchError, match=rf"has no {column} column .*with encode.{missing} set"):
+        run_training(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def decoder_cache(ray_cluster, tmp_path_factory):
+    """A tiny cache with what Stage B learns: Stage A latents and the decoder's text conditioning."""
+    root = tmp_path_factory.mktemp("decoder-data")
+    source = plain_shards(root / "src", shards=2, per_shard=19, seed0=500)
+    cfg = load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={root / 'cache'}", "encode.flavor=tiny",
+        "encode.resolution=128", "encode.batch_size=16", "encode.stage_a={}", "encode.decoder_text_encoder={seed: 1}",
+    ])
+    assert run_prep(cfg)["rows_written"] == 38
+    return str(root / "cache")
+
+
+def test_stage_b_trains_on_two_fsdp2_workers_checkpoints_a_decoder_and_resumes(decoder_cache, mlflow_server, tmp_path):
+    storage = str(tmp_path / "runs")
+    sets = STAGE_B | {"model.flavor": "tiny", "parallel.strategy": "fsdp2", "encoders.decoder_text_encoder.seed": 1,
+                      "checkpoint.every_steps": 2, "validation.every_steps": 2, "tracking.experiment": "tests-stage-b"}
+    cfg = train_config(decoder_cache, storage, mlflow_server, "decoder", steps=4, **sets)
+    result, run_id = run_training(cfg)
+    assert result.metrics["step"] == 4
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4]
+    val = metric_history(mlflow_server, run_id, "val_loss_ema")
+    assert [s for s, _ in val] == [2, 4] and all(np.isfinite(v) for _, v in val)
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert {"fingerprint.stage_a", "fingerprint.decoder_text_encoder", "fingerprint.semantic_compressor"} <= set(tags)
+
+    with ckpt_io.latest(cfg.checkpoint).as_directory() as folder:
+        saved = ckpt_io.read(folder)
+        ema = StageB.from_pretrained(f"{folder}/ema")  # a decoder in the diffusers layout
+    assert saved["train_state"]["step"] == 4 and ema.config == StageB.flavor_config("tiny")
+    model = StageB.from_flavor("tiny")
+    model.load_state_dict(saved["model"])
+
+    result, again = run_training(train_config(decoder_cache, storage, mlflow_server, "decoder", steps=6, **sets))
+    assert again == run_id and result.metrics["step"] == 6
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
+    assert tags["resume.step_4.weights_sha256"] == weights_digest(model)
+
+
+def test_the_shipped_stage_b_config_goes_with_the_shipped_decoder_prep_config():
+    """configs/train_stage_b_twemoji_small.yaml trains on the cache that prep_twemoji_decoders.yaml makes:
+    the encoders it expects are the ones that prep records (else every run of it would be refused)."""
+    from pathlib import Path
+
+    from pipelines.train import expected_fingerprints
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    prep = load(PrepConfig, configs / "prep_twemoji_decoders.yaml")
+    train = load(TrainConfig, configs / "train_stage_b_twemoji_small.yaml")
+    assert train.data.cache == prep.output.url and train.model.flavor == prep.encode.flavor
+    recorded, _ = spec_fingerprints(prep.encode.spec())
+    expected, decoder_text = expected_fingerprints(train)
+    assert expected == {name: recorded[name]["fingerprint"] for name in expected}
+    assert decoder_text.width == train.model.model_config().clip_embd
+
+
+def test_a_run_of_the_days_before_stage_b_resumes_and_another_stage_is_refused():
+    """A checkpoint (or MLflow run) written before model.stage, encoders.stage_a, ... existed lacks
+    those keys: at their defaults they change nothing, so it resumes; another value is a change."""
+    import dataclasses
+    import json
+
+    from core.config import ConfigError
+    from pipelines.train import check_resumable
+    from pipelines.training.tracking import config_changes, flatten
+
+    def config_of(*sets: str) -> dict:  # as the driver compares it with a checkpoint's
+        return json.loads(json.dumps(dataclasses.asdict(load(TrainConfig, None, ["model.flavor=tiny", *sets]))))
+
+    config = config_of()
+    older = {k: v for k, v in config.items() if k != "decoder_objective"}
+    older["model"] = {k: v for k, v in config["model"].items() if k != "stage"}
+    older["encoders"] = {k: v for k, v in config["encoders"].items() if not k.startswith(("stage_a", "decoder_"))}
+    check_resumable(older, config, "ckpt")
+    assert config_changes(flatten(older), config) == []
+    as_b = config_of("model.stage=b")
+    assert config_changes(flatten(older), as_b) == ["model.stage: (absent) -> b"]
+    with pytest.raises(ConfigError, match=r"checkpoint ckpt was trained with another config \(model.stage: \(absent\) -> b\)"):
+        check_resumable(older, as_b, "ckpt")
+    changed = config_of("optim.lr=0.5")
+    assert config_changes(flatten(older), changed) == ["optim.lr: 0.0001 -> 0.5"]
