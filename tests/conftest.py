@@ -110,7 +110,7 @@ from pathlib import Path
 # does, is an integration test; so is one that starts its own server or runs the project's code in a
 # child process (a job, the CLI, a consumer): those say so with `pytest.mark.integration`. Every other
 # test is a unit test: in process, nothing started, seconds at most (`make test-unit`).
-REAL_SERVICES = frozenset({"s3_server", "ray_cluster", "mlflow_server", "tiny_cache"})
+REAL_SERVICES = frozenset({"s3_server", "ray_cluster", "mlflow_server", "tiny_cache", "decoder_cache"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -281,3 +281,24 @@ def tiny_cache(ray_cluster, tmp_path_factory):
     summary = run_prep(cfg)
     assert summary["rows_written"] == 38
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def decoder_cache(ray_cluster, tmp_path_factory):
+    """A tiny cache with everything prep can add: the Stage A latents and the decoder's text
+    conditioning (what Stage B learns from), and the prior's text as tokens (tokens mode)."""
+    from prep_factory import plain_shards
+
+    from core.config import load
+    from data_prep.config import PrepConfig
+    from data_prep.runner import run_prep
+
+    root = tmp_path_factory.mktemp("decoder-data")
+    source = plain_shards(root / "src", shards=2, per_shard=19, seed0=500)
+    cfg = load(PrepConfig, None, [
+        f"source.url={source}", "source.format=webdataset", f"output.url={root / 'cache'}", "encode.flavor=tiny",
+        "encode.resolution=128", "encode.batch_size=16", "encode.text_mode=tokens", "encode.stage_a={}",
+        "encode.decoder_text_encoder={seed: 1}",
+    ])
+    assert run_prep(cfg)["rows_written"] == 38
+    return str(root / "cache")

@@ -8,12 +8,9 @@ import pytest
 import torch
 from conftest import make_bucket
 from mlflow.tracking import MlflowClient
-from prep_factory import plain_shards
 
 from core.storage import resolve
 from latent_cache.manifest import CacheMismatchError
-from data_prep.config import PrepConfig
-from data_prep.runner import run_prep
 from core.config import load
 from pipelines.train import run_training
 from pipelines.training import checkpoint as ckpt_io
@@ -156,14 +153,11 @@ def test_model_init_from_a_registered_mlflow_model(mlflow_server, tmp_path):
     assert all(torch.equal(state[k], v) for k, v in prior.state_dict().items())
 
 
-def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(ray_cluster, mlflow_server, tmp_path):
-    source = plain_shards(tmp_path / "src", shards=1, per_shard=14, seed0=900)
-    prep = load(PrepConfig, None, [
-        f"source.url={source}", "source.format=webdataset", f"output.url={tmp_path / 'cache'}", "encode.flavor=tiny",
-        "encode.resolution=128", "encode.batch_size=16", "encode.text_mode=tokens",
-    ])
-    run_prep(prep)
-    cfg = train_config(str(tmp_path / "cache"), str(tmp_path / "runs"), mlflow_server, "tokens", steps=2, **{
+def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(decoder_cache, mlflow_server, tmp_path):
+    from latent_cache.reader import Cache
+
+    assert Cache(decoder_cache).manifest["text_mode"] == "tokens"
+    cfg = train_config(decoder_cache, str(tmp_path / "runs"), mlflow_server, "tokens", steps=2, **{
         "parallel.num_workers": 1, "checkpoint.every_steps": 2, "validation.every_steps": 2, "data.batch_size": 4})
     result, _ = run_training(cfg)
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss_ema"]) and np.isfinite(result.metrics["loss"])

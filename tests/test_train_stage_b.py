@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from prep_factory import plain_shards
 from test_train import metric_history, train_config
 
 from core.config import load
 from core.storage import resolve
 from data_prep.config import PrepConfig
-from data_prep.runner import run_prep
 from latent_cache import manifest as manifests
 from latent_cache.encoders import spec_fingerprints, weights_digest
 from latent_cache.manifest import CacheMismatchError
@@ -91,19 +89,6 @@ def test_a_cache_without_what_stage_b_needs_is_refused_naming_it(missing, tmp_pa
     with pytest.raises(CacheMismatchError, match=rf"has no {column} column .*with encode.{missing} set"):
         run_training(cfg)
     assert not (tmp_path / "runs").exists()
-
-
-@pytest.fixture(scope="module")
-def decoder_cache(ray_cluster, tmp_path_factory):
-    """A tiny cache with what Stage B learns: Stage A latents and the decoder's text conditioning."""
-    root = tmp_path_factory.mktemp("decoder-data")
-    source = plain_shards(root / "src", shards=2, per_shard=19, seed0=500)
-    cfg = load(PrepConfig, None, [
-        f"source.url={source}", "source.format=webdataset", f"output.url={root / 'cache'}", "encode.flavor=tiny",
-        "encode.resolution=128", "encode.batch_size=16", "encode.stage_a={}", "encode.decoder_text_encoder={seed: 1}",
-    ])
-    assert run_prep(cfg)["rows_written"] == 38
-    return str(root / "cache")
 
 
 def test_stage_b_trains_on_two_fsdp2_workers_checkpoints_a_decoder_and_resumes(decoder_cache, mlflow_server, tmp_path):
