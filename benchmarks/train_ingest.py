@@ -1,8 +1,9 @@
 """Ingest overhead of the Ray Train loop: samples/s of `pipelines.train` (1 worker, reading the
 parquet cache through Ray Data) against a bare PyTorch loop on the same model, batch and objective
-with the tensors already in memory, side by side in one run.
+(the same training task) with the tensors already in memory, side by side in one run; for Stage C
+or Stage B (`--stage b`: the decoder on Stage A latents).
 
-    python -m benchmarks.train_ingest [--rows 2048] [--steps 60] [--batch 32] [--flavor small]
+    python -m benchmarks.train_ingest [--stage c] [--rows 2048] [--steps 60] [--batch 32] [--flavor small]
 
 The cache is written directly (random latents, the flavor's seeded encoders' fingerprints), so the
 benchmark does not depend on data prep's speed.
@@ -23,26 +24,35 @@ import torch
 from benchmarks.report import emit
 
 
-def write_cache(root: Path, rows: int, flavor: str) -> str:
+# What a Stage B run adds to the cache and to the trainer's encoders (the decoder text tower with its own seed).
+STAGE_B_PREP = ["encode.stage_a={}", "encode.decoder_text_encoder={seed: 1}"]
+STAGE_B_TRAIN = ["model.stage=b", "encoders.stage_a={}", "encoders.decoder_text_encoder={seed: 1}"]
+
+
+def write_cache(root: Path, rows: int, flavor: str, stage: str) -> str:
+    """A cache of `rows` random rows with every column the stage's task reads, and the manifest of the
+    flavor's seeded encoders (so the trainer's fingerprint check passes)."""
     from core.config import load
     from data_prep.config import PrepConfig
     from latent_cache import manifest as manifests
     from latent_cache.encoders import spec_fingerprints
+    from latent_cache.spec import decoder_text_width
 
-    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}"])
+    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}", *(STAGE_B_PREP if stage == "b" else [])])
     spec = cfg.encode.spec()
     encoders, width = spec_fingerprints(spec)
-    shapes = spec.tensor_shapes(width)
+    shapes = spec.tensor_shapes(width, decoder_text_width(encoders))
     rng = np.random.default_rng(0)
-    table = pa.table({
-        "key": [f"k{i:07d}" for i in range(rows)],
-        "stage_c_latents": pa.FixedShapeTensorArray.from_numpy_ndarray(
-            ((rng.standard_normal((rows, *shapes["stage_c_latents"])) + 1) / 42).astype(np.float16)),
-        "text_embeddings": pa.FixedShapeTensorArray.from_numpy_ndarray(
-            rng.standard_normal((rows, *shapes["text_embeddings"])).astype(np.float16)),
-    })
+    columns = {"key": [f"k{i:07d}" for i in range(rows)]}
+    for name, shape in shapes.items():
+        values = rng.standard_normal((rows, *shape))
+        if name == "stage_c_latents":
+            values = (values + 1) / 42  # z_C of e ~ N(0, 1)
+        elif name == "stage_a_latents":
+            values = values * 0.3764  # z_B of unit variance
+        columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(values.astype(np.float16))
     (root / "data").mkdir(parents=True)
-    pq.write_table(table, root / "data" / "part-0.parquet")
+    pq.write_table(pa.table(columns), root / "data" / "part-0.parquet")
     manifest = manifests.new_manifest(spec, encoders, width, provenance={})
     manifests.record_wave(manifest, {"bench": {"rows_in": rows, "rows_written": rows, "dropped": {}}},
                          [{"path": "data/part-0.parquet", "rows": rows, "bytes": 0}])
@@ -51,34 +61,37 @@ def write_cache(root: Path, rows: int, flavor: str) -> str:
 
 
 def bare_loop(cfg, cache_url: str, steps: int) -> float:
-    """Samples/s of the same model, objective, optimizer and EMA on in-memory tensors."""
+    """Samples/s of the same model, task (objective), optimizer and EMA on in-memory tensors."""
     from latent_cache.reader import Cache
+    from pipelines.train import build_task, expected_fingerprints
+    from pipelines.training.data import to_tensors
     from pipelines.training.ema import Ema
-    from stages.objectives import stage_c_loss
 
     torch.manual_seed(0)
-    table = Cache(cache_url).read_table(["stage_c_latents", "text_embeddings"])
-    b = cfg.data.batch_size
-    z = torch.from_numpy(table.column("stage_c_latents").chunk(0).to_numpy_ndarray()[:b].astype(np.float32))
-    text = torch.from_numpy(table.column("text_embeddings").chunk(0).to_numpy_ndarray()[:b].astype(np.float32))
+    cache = Cache(cache_url)
+    task = build_task(cfg, cache, expected_fingerprints(cfg)[1]).setup(torch.device("cpu"))
+    table = cache.read_table(task.columns).slice(0, cfg.data.batch_size)
+    batch = to_tensors({name: (table.column(name).to_pylist() if name == "key" else table.column(name).chunk(0).to_numpy_ndarray())
+                        for name in task.columns}, torch.device("cpu"))
     model = cfg.model.build().train()
     ema = Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-    empty = torch.zeros(1, *text.shape[1:])
+    generator = torch.Generator().manual_seed(0)
     times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        stage_c_loss(model, z, text, empty, cfg.objective).backward()
+        task.loss(model, batch, generator).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         ema.update(model, step)
         times.append(time.perf_counter() - start)
-    return b / statistics.median(times[steps // 5:])
+    return cfg.data.batch_size / statistics.median(times[steps // 5:])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("c", "b"), default="c", help="the model trained: Stage C or Stage B")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
@@ -97,13 +110,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.cpus)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache = write_cache(tmp / "cache", args.rows, args.flavor)
+        cache = write_cache(tmp / "cache", args.rows, args.flavor, args.stage)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         cfg = load(TrainConfig, None, [
             f"model.flavor={args.flavor}", f"data.cache={cache}", f"data.batch_size={args.batch}", f"steps={args.steps}",
             f"checkpoint.storage_path={tmp / 'runs'}", f"checkpoint.every_steps={args.steps}", f"validation.every_steps={args.steps}",
             "data.validation_fraction=0.01", "parallel.num_workers=1", f"parallel.cpus_per_worker={args.cpus}",
             f"tracking.tracking_uri={uri}", "tracking.log_every=1", "objective.caption_dropout=0.0",
+            *(STAGE_B_TRAIN if args.stage == "b" else []),
         ])
         ray.init(num_cpus=args.cpus + 2, include_dashboard=False, log_to_driver=False)
         _, run_id = run_training(cfg)
@@ -115,7 +129,7 @@ def main(argv=None) -> int:
         ray_sps = statistics.median(sps)
         bare_sps = bare_loop(cfg, cache, args.steps)
     results = {
-        "flavor": args.flavor, "batch": args.batch, "cpus": args.cpus, "steps": args.steps,
+        "stage": args.stage, "flavor": args.flavor, "batch": args.batch, "cpus": args.cpus, "steps": args.steps,
         "ray_train_samples_per_s": ray_sps, "bare_loop_samples_per_s": bare_sps,
         "ratio_ray_over_bare": ray_sps / bare_sps, "data_wait_fraction_median": statistics.median(wait),
         "data_wait_fraction_mean": statistics.mean(wait),
