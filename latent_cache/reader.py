@@ -63,12 +63,14 @@ class Cache:
         # The files are known (the manifest lists them): the V1 reader plans from that list, while
         # the V2 one starts a pool of new footer-reading actor processes (up to 32) for every
         # execution, i.e. every epoch of every dataset; on a small node that costs more than the reading.
+        # V1 samples a file or two here, behind a progress bar of its own: not for a job's console.
         context = ray.data.DataContext.get_current()
-        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        saved = context.use_datasource_v2, context.enable_progress_bars
+        context.use_datasource_v2, context.enable_progress_bars = False, False
         try:
             ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
         finally:
-            context.use_datasource_v2 = v2
+            context.use_datasource_v2, context.enable_progress_bars = saved
         return ds.select_columns(columns) if columns else ds
 
 

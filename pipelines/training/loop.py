@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,9 @@ def train_func(config: dict) -> None:
     plan: TrainPlan = config["plan"]
     cfg, task = plan.cfg, plan.task
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines below show progress
+    # DDP's note that a 1x1 convolution's gradient is laid out unlike its bucket: a copy per step on
+    # CPU, a line per worker on the job's console.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -140,7 +144,7 @@ def train_step(state: TrainState, task, cfg: TrainConfig, rank: int, samples_per
         with context_manager, torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
             loss = task.loss(model, batch, state.generator)
             (loss / o.grad_accum).backward()
-        loss_sum += float(loss) / o.grad_accum
+        loss_sum += float(loss.detach()) / o.grad_accum
     grad_norm = grad_norm_and_clip(model, o.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
