@@ -4,6 +4,8 @@ registry as a pyfunc model, as a new version of a named model with the alias `ch
     wuerstchen register --run-id RUN            the newest checkpoint of a training run
     wuerstchen register --checkpoint URI        a checkpoint folder (local or s3://)
         [--name wuerstchen-stage-c] [--decoders models:/wuerstchen-decoders/1] [--tracking-uri URI]
+        a Stage B checkpoint (model.stage b) becomes a new version of the decoder bundle
+        (default name wuerstchen-decoders), with the Stage A and decoder text encoder of its cache
     wuerstchen register --decoder-bundle SOURCE [--flavor small] [--name wuerstchen-decoders]
         registers Stage B + Stage A once: SOURCE is a diffusers decoder pipeline folder or hub id
         (e.g. warp-ai/wuerstchen), or "random" for seeded random weights of the flavor (demos)
@@ -67,6 +69,13 @@ def _checkpoint(mlflow_client, run_id: str | None, checkpoint_uri: str | None):
     return found, join(storage.rstrip("/"), name, Path(found.path).name)
 
 
+def _stage_of(found) -> str:
+    """The model.stage a checkpoint was trained as ("c" for one written before Stage B training existed)."""
+    from pipelines.training import checkpoint as ckpt_io
+
+    return ckpt_io.train_state_of(found).get("config", {}).get("model", {}).get("stage", "c")
+
+
 def _set_challenger(mlflow_client, name: str, version) -> None:
     if "promotion.decision" not in version.tags:  # not yet through the gate: it is the candidate
         mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
@@ -90,6 +99,10 @@ def register_stage_c(
         raise ValueError("give exactly one of a training run id or a checkpoint URI")
     mlflow_client = registry.client(tracking_uri)
     found, source = _checkpoint(mlflow_client, run_id, checkpoint)
+    stage = _stage_of(found)
+    if stage != "c":
+        raise ValueError(f"{source} is a checkpoint of Stage {stage.upper()}, not of Stage C: register it as a decoder "
+                         f"bundle (`wuerstchen register --run-id/--checkpoint` finds the stage by itself)")
     existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, source)
     if existing is not None:
         _set_challenger(mlflow_client, name, existing)
@@ -165,7 +178,6 @@ def register_decoders(
 ) -> dict:
     """Registers Stage B + Stage A (+ the reference of their text encoder) once; the same weights
     registered again return the existing version."""
-    import mlflow
     import torch
 
     from latent_cache.spec import EncoderWeights
@@ -186,21 +198,94 @@ def register_decoders(
     existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, digest)
     if existing is not None:
         return {"name": name, "version": existing.version, "created": False, "source": source}
+    described = "seeded random weights (demo)" if source == "random" else source
+    return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, {
+        registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(),
+    })
+
+
+def _log_decoder_bundle(name: str, stage_b, stage_a, text_ref, flavor: str, source: str, tags: dict,
+                        run_id: str | None = None) -> dict:
+    """Logs Stage B + Stage A (+ the reference of the decoder's text encoder) as a pyfunc model, in
+    `run_id` (the training run) or a run of its own, and registers it as a new version of `name`."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "decoders"
         stage_b.save_pretrained(folder / "decoder")
         stage_a.save_pretrained(folder / "vqgan")
         model_config = {"flavor": flavor, "text_encoder": text_ref.to_dict()}
-        with mlflow.start_run(run_name=f"register-{name}"):
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"):
             info = mlflow.pyfunc.log_model(
                 name="decoders", python_model=str(MODEL_CODE / "decoders.py"), artifacts={"decoders": str(folder)},
                 model_config=model_config, pip_requirements=_pip_requirements(),
             )
-    described = "seeded random weights (demo)" if source == "random" else source
-    version = mlflow.register_model(info.model_uri, name, tags={
-        registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(),
-    })
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    log.info("registered %s version %s from %s", name, version.version, source)
     return {"name": name, "version": version.version, "created": True, "source": source}
+
+
+def register_trained_decoder(tracking_uri: str | None = None, name: str = registry.DECODERS_MODEL,
+                             run_id: str | None = None, checkpoint: str | None = None) -> dict:
+    """Registers a trained Stage B checkpoint's EMA weights as a new version of the decoder bundle,
+    with the Stage A and the decoder text encoder its cache was made with (both checked against the
+    fingerprints the checkpoint recorded), tagged with the training run, step and validation loss."""
+    from latent_cache.encoders import build_stage_a, decoder_text_width, model_fingerprint
+    from latent_cache.spec import EncoderWeights
+    from pipelines.training import checkpoint as ckpt_io
+    from stages import StageB
+
+    if (run_id is None) == (checkpoint is None):
+        raise ValueError("give exactly one of a training run id or a checkpoint URI")
+    mlflow_client = registry.client(tracking_uri)
+    found, source = _checkpoint(mlflow_client, run_id, checkpoint)
+    if _stage_of(found) != "b":
+        raise ValueError(f"{source} is not a checkpoint of Stage B")
+    existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, source)
+    if existing is not None:
+        return {"name": name, "version": existing.version, "created": False, "source": source}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(found.to_directory(str(Path(tmp) / "checkpoint")))
+        state = ckpt_io.read_train_state(folder)
+        weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
+        if not (weights / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
+        stage_b = StageB.from_pretrained(weights)
+    config, trained_with = state["config"], state["cache_fingerprints"]
+    flavor, encoders = config["model"]["flavor"], config["encoders"]
+    stage_a_weights = EncoderWeights(**encoders["stage_a"])
+    stage_a = build_stage_a(flavor, stage_a_weights)
+    width = decoder_text_width(flavor, encoders["decoder_text_width"])
+    text_ref = text_encoder_ref(flavor, EncoderWeights(**encoders["decoder_text_encoder"]), width)
+    for what, fingerprint in (("stage_a", model_fingerprint("stage_a", stage_a, stage_a_weights)["fingerprint"]),
+                              ("decoder_text_encoder", text_ref.fingerprint)):
+        if fingerprint != trained_with.get(what):
+            raise ValueError(f"the {what} of this checkpoint's config has fingerprint {fingerprint}, but it was trained on "
+                             f"a cache of {what} {trained_with.get(what)}")
+    train_run = state.get("mlflow_run_id") or run_id
+    tags = {
+        registry.SOURCE_TAG: source, "weights": f"trained: {source} ({weights.name})", "flavor": flavor,
+        "code_version": registry.code_version(), "training.run_id": train_run or "", "training.step": str(state["step"]),
+        **{f"fingerprint.{k}": v for k, v in trained_with.items()},
+    }
+    val_loss = state.get("validation", {}).get(ckpt_io.VAL_LOSS[weights.name])
+    if val_loss is not None:
+        tags["training.val_loss"] = f"{val_loss:.6g}"
+    return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, tags, run_id=train_run)
+
+
+def register_checkpoint(tracking_uri: str | None = None, name: str | None = None, run_id: str | None = None,
+                        checkpoint: str | None = None, decoders: str | None = None) -> dict:
+    """Registers a training run's newest checkpoint (or a checkpoint folder) as what it was trained
+    as: a Stage C version, or (model.stage b) a decoder bundle version."""
+    if (run_id is None) == (checkpoint is None):
+        raise ValueError("give exactly one of a training run id or a checkpoint URI")
+    found, _ = _checkpoint(registry.client(tracking_uri), run_id, checkpoint)
+    if _stage_of(found) == "b":
+        if decoders:
+            raise ValueError("--decoders names the decoder bundle of a Stage C version; this checkpoint is a Stage B")
+        return register_trained_decoder(tracking_uri, name or registry.DECODERS_MODEL, run_id, checkpoint)
+    return register_stage_c(tracking_uri, name or registry.STAGE_C_MODEL, run_id, checkpoint, decoders)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.decoder_bundle:
             out = register_decoders(args.tracking_uri, args.name or registry.DECODERS_MODEL, args.decoder_bundle, args.flavor, args.seed)
         else:
-            out = register_stage_c(args.tracking_uri, args.name or registry.STAGE_C_MODEL, args.run_id, args.checkpoint, args.decoders)
+            out = register_checkpoint(args.tracking_uri, args.name, args.run_id, args.checkpoint, args.decoders)
         state = "registered" if out["created"] else "already registered as"
         print(f"{state} models:/{out['name']}/{out['version']} (from {out['source']})")
 

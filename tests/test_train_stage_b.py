@@ -117,6 +117,28 @@ def test_stage_b_trains_on_two_fsdp2_workers_checkpoints_a_decoder_and_resumes(d
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert tags["resume.step_4.weights_sha256"] == weights_digest(model)
 
+    # Registered as what it is: a new version of the decoder bundle (not a Stage C), with the Stage A
+    # and the decoder text encoder of its cache, loadable through models:/.
+    import mlflow
+
+    from pipelines.register import register_checkpoint, register_stage_c
+
+    with pytest.raises(ValueError, match="is a checkpoint of Stage B, not of Stage C"):
+        register_stage_c(mlflow_server, "stage-c-tests-b", run_id=run_id)
+    bundle = register_checkpoint(mlflow_server, "decoders-trained", run_id=run_id)
+    assert register_checkpoint(mlflow_server, "decoders-trained", run_id=run_id) == {**bundle, "created": False}
+    version = MlflowClient(mlflow_server).get_model_version("decoders-trained", bundle["version"])
+    assert version.tags["training.run_id"] == run_id and version.tags["training.step"] == "6"
+    assert float(version.tags["training.val_loss"]) == pytest.approx(metric_history(mlflow_server, run_id, "val_loss_ema")[-1][1], rel=1e-5)
+    assert version.tags["fingerprint.stage_a"] == tags["fingerprint.stage_a"]
+    with ckpt_io.latest(cfg.checkpoint).as_directory() as folder:
+        trained_ema = weights_digest(StageB.from_pretrained(f"{folder}/ema"))
+    decoders = mlflow.pyfunc.load_model(f"models:/decoders-trained/{bundle['version']}").unwrap_python_model()
+    assert weights_digest(decoders.stage_b) == trained_ema
+    semantic = np.random.default_rng(0).standard_normal((1, 16, 3, 3)).astype(np.float32)
+    images = decoders.predict(None, {"semantic": semantic, "prompt": ["a cat"]}, params={"decoder_steps": 2})
+    assert images.dtype == np.uint8 and images.shape[0] == 1 and images.shape[-1] == 3
+
 
 def test_the_shipped_stage_b_config_goes_with_the_shipped_decoder_prep_config():
     """configs/train_stage_b_twemoji_small.yaml trains on the cache that prep_twemoji_decoders.yaml makes:
