@@ -143,8 +143,10 @@ def test_model_init_from_a_registered_mlflow_model(mlflow_server, tmp_path):
     prior = StageC.from_flavor("tiny")
     prior.save_pretrained(tmp_path / "prior")
     mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_experiment("init-test")
-    with mlflow.start_run():
+    # Not mlflow.set_experiment: it would stay this process's active experiment, and a later test's
+    # mlflow.start_run(run_id=...) of a run in another experiment would be refused.
+    experiment_id = MlflowClient(mlflow_server).create_experiment("init-test")
+    with mlflow.start_run(experiment_id=experiment_id):
         info = mlflow.pyfunc.log_model(name="stage_c", python_model=Holder(), artifacts={"prior": str(tmp_path / "prior")},
                                        registered_model_name="init-test-stage-c")
     MlflowClient(mlflow_server).set_registered_model_alias("init-test-stage-c", "champion", info.registered_model_version)
