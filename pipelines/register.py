@@ -76,6 +76,18 @@ def _stage_of(found) -> str:
     return ckpt_io.train_state_of(found).get("config", {}).get("model", {}).get("stage", "c")
 
 
+def _download_weights(found, source: str, tmp: Path) -> tuple[dict, Path]:
+    """(train_state, the folder of the weights to register: ema/, else model/) of a checkpoint, downloaded under `tmp`."""
+    from pipelines.training import checkpoint as ckpt_io
+
+    folder = Path(found.to_directory(str(tmp / "checkpoint")))
+    state = ckpt_io.read_train_state(folder)
+    weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
+    if not (weights / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
+    return state, weights
+
+
 def _set_challenger(mlflow_client, name: str, version) -> None:
     if "promotion.decision" not in version.tags:  # not yet through the gate: it is the candidate
         mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
@@ -113,11 +125,7 @@ def register_stage_c(
         decoders = f"models:/{bundle.name}/{bundle.version}"  # pinned: an alias could move under us
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(found.to_directory(str(Path(tmp) / "checkpoint")))
-        state = ckpt_io.read_train_state(folder)
-        weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
-        if not (weights / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
+        state, weights = _download_weights(found, source, Path(tmp))
         config = state["config"]
         cache = Cache(config["data"]["cache"])
         encoders = config["encoders"]
@@ -245,11 +253,7 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
     if existing is not None:
         return {"name": name, "version": existing.version, "created": False, "source": source}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(found.to_directory(str(Path(tmp) / "checkpoint")))
-        state = ckpt_io.read_train_state(folder)
-        weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
-        if not (weights / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
+        state, weights = _download_weights(found, source, Path(tmp))
         stage_b = StageB.from_pretrained(weights)
     config, trained_with = state["config"], state["cache_fingerprints"]
     flavor, encoders = config["model"]["flavor"], config["encoders"]
