@@ -144,6 +144,9 @@ class EncodeConfig:
     # warp-ai/wuerstchen); None = not encoded. Always cached as embeddings.
     decoder_text_encoder: EncoderWeights | None = None
     decoder_text_width: PositiveInt | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
+    # Keep the cropped training images themselves (uint8, resolution^2 x 3 bytes a row), for Stage A
+    # training: it then reads decoded, filtered, cropped pixels instead of decoding the source again.
+    images: bool = False
     batch_size: PositiveInt = 32
     # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
@@ -165,7 +168,8 @@ class EncodeConfig:
         """What the cache's rows hold; the other fields say how the encoders run."""
         return CacheSpec(flavor=self.flavor, resolution=self.resolution, text_mode=self.text_mode, semantic=self.semantic,
                          text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width,
-                         decoder_text_encoder=self.decoder_text_encoder, decoder_text_width=self.decoder_text_width)
+                         decoder_text_encoder=self.decoder_text_encoder, decoder_text_width=self.decoder_text_width,
+                         images=self.images)
 
 
 @config_dataclass

@@ -235,6 +235,7 @@ class Encode:
         if self.stage_a is not None:
             self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
         self.columns = spec.latent_columns + spec.text_columns + spec.decoder_text_columns
+        self.keep_images = spec.images
 
     def images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
         """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
@@ -327,6 +328,8 @@ class Encode:
         if kept:
             latents = (self._encode_on_cpu if self.pool is not None else self._encode_on_gpu)(batch, kept)
             latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
+        if self.keep_images:  # the full-resolution pixels are the images column (raw HWC bytes per row)
+            batch = batch.append_column("images", batch.column("pixels").cast(pa.large_binary()))
         batch = batch.drop_columns(["pixels", "semantic_pixels"])
         for name in self.columns:
             data = np.ascontiguousarray(latents[name].cpu().numpy().astype(TENSOR_DTYPES[name])) if kept else np.zeros(0, np.uint8)
@@ -353,7 +356,7 @@ def prep_dataset(cfg: PrepConfig, source_fs, pending: list[tuple[str, str]], kno
     res = cfg.encode.resolution
     ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
     ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source, "fs": source_fs})
-    full_pixels = cfg.encode.stage_a is not None or cfg.filters.clip_score is not None
+    full_pixels = cfg.encode.stage_a is not None or cfg.encode.images or cfg.filters.clip_score is not None
     sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
     ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=DECODE_BATCH)
     if cfg.filters.clip_score is not None:

@@ -95,6 +95,22 @@ ENCODER_OUTPUTS = {
 }
 
 
+# tensor column -> (what it holds, the prep setting that adds it), for the optional columns no encoder makes
+OPTIONAL_COLUMNS = {"images": ("the cropped training images", "encode.images: true")}
+
+
+def check_columns(manifest: dict, columns: list[str], url: str, purpose: str) -> None:
+    """Refuses a cache without one of the tensor `columns` (other than key) that `purpose` reads."""
+    for name in columns:
+        if name == "key" or name in manifest["shapes"]:
+            continue
+        what, setting = OPTIONAL_COLUMNS.get(name, (name, f"what adds {name}"))
+        raise CacheMismatchError(
+            f"the cache at {url} has no {name} column ({what}), which {purpose} reads: its tensor columns are "
+            f"{sorted(manifest['shapes'])}. Re-run data prep into another output URL with {setting}."
+        )
+
+
 def fingerprints(manifest: dict) -> dict[str, str]:
     return {name: info["fingerprint"] for name, info in manifest["encoders"].items()}
 

@@ -50,6 +50,10 @@ class Cache:
         """Refuses the cache when an encoder it was made with is not the one the caller uses."""
         manifests.check_fingerprints(self.manifest, expected, self.url)
 
+    def check_columns(self, columns: list[str], purpose: str) -> None:
+        """Refuses the cache when it lacks a tensor column of `columns` that `purpose` reads."""
+        manifests.check_columns(self.manifest, columns, self.url, purpose)
+
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """All rows with plain pyarrow (no Ray)."""
         tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files]

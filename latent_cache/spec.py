@@ -10,6 +10,8 @@ any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Colum
     text_tokens int32 [77] + text_mask int8 [77]   (text_mode "tokens")
     decoder_text_embeddings float16 [77, width]   the decoder's text conditioning (optional, for Stage B;
                      the v2 decoder's is CLIP ViT-H's last_hidden_state), in either text mode
+    images           uint8 [R, R, 3]       the training image itself, RGB, as the encoders saw it
+                     (optional, for Stage A training: decoded, filtered and cropped once by prep)
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ TENSOR_DTYPES = {
     "text_tokens": np.int32,
     "text_mask": np.int8,
     "decoder_text_embeddings": np.float16,
+    "images": np.uint8,
 }
 # text mode -> the columns of its text conditioning
 TEXT_COLUMNS = {"embeddings": ["text_embeddings"], "tokens": ["text_tokens", "text_mask"]}
@@ -55,6 +58,7 @@ class CacheSpec:
     # The decoder's text encoder (for Stage B training); None = its conditioning is not encoded.
     decoder_text_encoder: EncoderWeights | None = None
     decoder_text_width: int | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
+    images: bool = False  # the cropped training images themselves (for Stage A training)
 
     @property
     def bucket(self) -> str:
@@ -71,6 +75,10 @@ class CacheSpec:
     @property
     def latent_columns(self) -> list[str]:
         return ["stage_c_latents"] + (["stage_a_latents"] if self.stage_a is not None else [])
+
+    @property
+    def image_columns(self) -> list[str]:
+        return ["images"] if self.images else []
 
     def tensor_shapes(self, text_width: int, decoder_text_width: int | None = None) -> dict[str, list[int]]:
         """The shape of every tensor column, given the widths of the text encoders really used (a
@@ -92,6 +100,8 @@ class CacheSpec:
             if decoder_text_width is None:
                 raise ValueError("the shape of decoder_text_embeddings needs the decoder text encoder's width")
             shapes["decoder_text_embeddings"] = [CONTEXT_LENGTH, decoder_text_width]
+        if self.images:
+            shapes["images"] = [self.resolution, self.resolution, 3]
         return shapes
 
     def settings(self) -> dict:

@@ -1,6 +1,7 @@
 """`python -m pipelines.train --config FILE [--set key=value ...]` / `wuerstchen train ...`: train
-Stage C (or, with model.stage=b, Stage B) on the latent cache with Ray Train (DDP or FSDP2), checkpointing to local disk or S3 and
-tracking in MLflow.
+Stage C (or, with model.stage=b, Stage B on the cache's Stage A latents; with model.stage=a, Stage A
+on the cache's images) with Ray Train (DDP or FSDP2), checkpointing to local disk or S3 and tracking
+in MLflow.
 
 Rerunning the same command (same checkpoint.run_name and storage_path) resumes from the newest
 complete checkpoint, with more steps if `steps` was raised; a worker failure is retried from the
@@ -22,10 +23,12 @@ log = logging.getLogger(__name__)
 def expected_fingerprints(cfg: TrainConfig):
     """The fingerprints of the encoders this model goes with (name -> fingerprint), and the text
     encoder whose width the model must take (Stage C: the prior's, which also encodes "";
-    Stage B: the decoder's)."""
+    Stage B: the decoder's; Stage A learns the images themselves: none and None)."""
     from latent_cache.encoders import model_fingerprint, text_fingerprint
 
     enc, flavor = cfg.encoders, cfg.model.flavor
+    if cfg.model.stage == "a":
+        return {}, None
     semantic = enc.build_semantic_compressor(flavor)
     expected = {"semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"]}
     if cfg.model.stage == "b":
@@ -45,8 +48,8 @@ def initial_weights(cfg: TrainConfig):
         return None
     if init.startswith("models:/"):
         if cfg.model.stage != "c":
-            raise ValueError(f"model.init={init}: starting Stage B from a registered model is not supported yet; "
-                             f"give a diffusers folder or hub id, or an original .pt checkpoint")
+            raise ValueError(f"model.init={init}: starting Stage {cfg.model.stage.upper()} from a registered model is not "
+                             f"supported yet; give a diffusers folder or hub id, or an original .pt checkpoint")
         from pipelines.registry import load_stage_c
         from pipelines.training.tracking import tracking_uri
 
@@ -61,8 +64,11 @@ def initial_weights(cfg: TrainConfig):
 def build_task(cfg: TrainConfig, cache, text_encoder):
     """The training task of `cfg.model.stage` for this cache, after checking that the model takes
     the text encoder's width."""
-    from pipelines.training.tasks import StageBTask, StageCTask
+    from pipelines.training.tasks import STAGE_A_COLUMNS, StageATask, StageBTask, StageCTask
 
+    if cfg.model.stage == "a":
+        cache.check_columns(STAGE_A_COLUMNS, "Stage A training")
+        return StageATask(cfg.model, cfg.vqgan_objective)
     model_config = cfg.model.model_config()
     width, name = (model_config.clip_embd, "clip_embd") if cfg.model.stage == "b" else (model_config.c_cond, "c_cond")
     if text_encoder.width != width:
@@ -122,8 +128,7 @@ def run_training(cfg: TrainConfig):
 
     connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, task.columns, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
-    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None,
-                     resume_checkpoint=resume.path if resume is not None else None)
+    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,

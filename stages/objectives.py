@@ -1,5 +1,6 @@
 """The training objectives of Stage C and Stage B: noise-prediction MSE on cached latents, and their
-validation losses (the same MSE on a fixed grid of t with fixed noise).
+validation losses (the same MSE on a fixed grid of t with fixed noise); and Stage A's, the VQGAN's
+reconstruction loss with its codebook and commitment terms.
 
 Each takes the model and a batch of cached tensors and returns the scalar loss. Pass `t` and `noise`
 to evaluate deterministically (validation on a fixed grid of t with fixed noise): conditioning
@@ -11,6 +12,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.diffusion import add_noise, p2_loss_weight, sample_t
@@ -44,6 +46,37 @@ class StageBObjective:
     def __post_init__(self):
         _check_probability("effnet_dropout", self.effnet_dropout)
         sample_t(1, self.t_sampling)
+
+
+RECONSTRUCTION_LOSSES = ("mse", "l1")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAObjective:
+    """Stage A (the Paella VQGAN): pixel reconstruction + vq_weight x (codebook + 0.25 commitment).
+    Not included: the perceptual (LPIPS) and adversarial (patch discriminator) terms of VQGAN
+    recipes, which sharpen textures at the cost of PSNR; a pixel loss alone gives the blurrier,
+    higher-PSNR autoencoder."""
+
+    reconstruction: str = "mse"  # or "l1"
+    vq_weight: float = 1.0
+    # Decode the quantized latents, with a straight-through gradient (the VQGAN recipe). False: a
+    # plain autoencoder, no codebook trained (Würstchen v2 decodes Stage B's unquantized latents).
+    quantize: bool = True
+
+    def __post_init__(self):
+        if self.reconstruction not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction!r}")
+        if self.vq_weight < 0:
+            raise ValueError(f"vq_weight must be >= 0, got {self.vq_weight}")
+
+
+def stage_a_loss(model: nn.Module, images: torch.Tensor, objective: StageAObjective = StageAObjective()) -> torch.Tensor:
+    """Stage A: reconstruct images (B, 3, H, W) in [0, 1]; the model's forward returns (reconstruction,
+    quantizer loss)."""
+    reconstruction, vq_loss = model(images, quantize=objective.quantize)
+    error = F.mse_loss if objective.reconstruction == "mse" else F.l1_loss
+    return error(reconstruction.float(), images.float()) + objective.vq_weight * vq_loss.float()
 
 
 def _check_probability(name: str, value: float) -> None:

@@ -127,5 +127,12 @@ class StageA(PretrainedModel):
             h, _, _ = self.vquantizer(h)
         return self.out_block(self.up_blocks(h))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (reconstruction, the quantizer's codebook + commitment loss): what training
+        calls (through forward, so that DDP and FSDP2 see it). quantize=False: the decoder reads the
+        encoder's output directly, as Würstchen v2 decodes Stage B's latents; the loss is then 0."""
+        h = self.encode(x)
+        vq_loss = h.new_zeros(())
+        if quantize:
+            h, vq_loss, _ = self.vquantizer(h)
+        return self.decode(h), vq_loss

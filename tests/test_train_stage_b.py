@@ -1,12 +1,17 @@
 """Stage B (the diffusion decoder) as another task of the same trainer: its loss learns what its
 semantic condition says (an overfitting check), a cache without what it learns is refused naming
-it, and a run on Ray Train (FSDP2, 2 CPU workers) checkpoints a decoder and resumes."""
+it, and a run on Ray Train (FSDP2, 2 CPU workers) recovers from a killed worker, checkpoints a
+decoder and registers it."""
+
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from test_train import metric_history, train_config
+from test_train_data_order import _kill_when_stalled
 
 from core.config import load
 from core.storage import resolve
@@ -61,8 +66,8 @@ def test_stage_b_overfits_a_handful_of_latents_and_follows_its_semantic_conditio
 
 
 def test_the_stage_and_its_overrides_are_checked():
-    with pytest.raises(ValueError, match=r"model.stage must be one of \['b', 'c'\], got 'a'"):
-        load(TrainConfig, None, ["model.stage=a"])
+    with pytest.raises(ValueError, match=r"model.stage must be one of \['a', 'b', 'c'\], got 'd'"):
+        load(TrainConfig, None, ["model.stage=d"])
     with pytest.raises(ValueError, match=r"unknown Stage B fields \['depth'\]"):
         load(TrainConfig, None, ["model.stage=b", "model.flavor=tiny", "model.overrides={depth: 2}"])
     cfg = load(TrainConfig, None, ["model.stage=b", "model.flavor=tiny", "model.overrides={c_cond: 16}"])
@@ -91,31 +96,37 @@ def test_a_cache_without_what_stage_b_needs_is_refused_naming_it(missing, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_stage_b_trains_on_two_fsdp2_workers_checkpoints_a_decoder_and_resumes(decoder_cache, mlflow_server, tmp_path):
-    storage = str(tmp_path / "runs")
+def test_stage_b_trains_on_two_fsdp2_workers_recovers_from_a_killed_worker_and_checkpoints_a_decoder(
+        decoder_cache, mlflow_server, tmp_path):
+    """4 steps on 2 FSDP2 workers, rank 0's process SIGKILLed at step 3: the run restarts from the
+    checkpoint of step 2 (the same weights digest) and logs every step once; its checkpoint holds a
+    decoder in the diffusers layout, registered as a decoder bundle."""
+    storage, marker = str(tmp_path / "runs"), tmp_path / "stalled"
     sets = STAGE_B | {"model.flavor": "tiny", "parallel.strategy": "fsdp2", "encoders.decoder_text_encoder.seed": 1,
-                      "checkpoint.every_steps": 2, "validation.every_steps": 2, "tracking.experiment": "tests-stage-b"}
-    cfg = train_config(decoder_cache, storage, mlflow_server, "decoder", steps=4, **sets)
+                      "checkpoint.every_steps": 2, "validation.every_steps": 2, "tracking.experiment": "tests-stage-b",
+                      "fault.fail_at_step": 3, "fault.rank": 0, "fault.action": "stall", "fault.marker": str(marker)}
+    killed: list[str] = []
+    killer = threading.Thread(target=_kill_when_stalled, args=(marker, killed), daemon=True)
+    killer.start()
+    cfg = train_config(decoder_cache, storage, mlflow_server, "decoder", steps=4, max_failures=1, **sets)
     result, run_id = run_training(cfg)
+    killer.join(timeout=10)
+    assert len(killed) == 1, "the stalled Ray Train worker was not found alive and killed"
     assert result.metrics["step"] == 4
-    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4], "every step logged once"
     val = metric_history(mlflow_server, run_id, "val_loss_ema")
     assert [s for s, _ in val] == [2, 4] and all(np.isfinite(v) for _, v in val)
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert {"fingerprint.stage_a", "fingerprint.decoder_text_encoder", "fingerprint.semantic_compressor"} <= set(tags)
+    fs, root = cfg.checkpoint.storage()
+    model = StageB.from_flavor("tiny")
+    model.load_state_dict(ckpt_io.read(Path(root) / "decoder" / ckpt_io.checkpoint_name(2))["model"])
+    assert tags["resume.step_2.weights_sha256"] == weights_digest(model)
 
     with ckpt_io.latest(cfg.checkpoint).as_directory() as folder:
         saved = ckpt_io.read(folder)
         ema = StageB.from_pretrained(f"{folder}/ema")  # a decoder in the diffusers layout
     assert saved["train_state"]["step"] == 4 and ema.config == StageB.flavor_config("tiny")
-    model = StageB.from_flavor("tiny")
-    model.load_state_dict(saved["model"])
-
-    result, again = run_training(train_config(decoder_cache, storage, mlflow_server, "decoder", steps=6, **sets))
-    assert again == run_id and result.metrics["step"] == 6
-    assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4, 5, 6]
-    tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
-    assert tags["resume.step_4.weights_sha256"] == weights_digest(model)
 
     # Registered as what it is: a new version of the decoder bundle (not a Stage C), with the Stage A
     # and the decoder text encoder of its cache, loadable through models:/.
@@ -128,7 +139,7 @@ def test_stage_b_trains_on_two_fsdp2_workers_checkpoints_a_decoder_and_resumes(d
     bundle = register_checkpoint(mlflow_server, "decoders-trained", run_id=run_id)
     assert register_checkpoint(mlflow_server, "decoders-trained", run_id=run_id) == {**bundle, "created": False}
     version = MlflowClient(mlflow_server).get_model_version("decoders-trained", bundle["version"])
-    assert version.tags["training.run_id"] == run_id and version.tags["training.step"] == "6"
+    assert version.tags["training.run_id"] == run_id and version.tags["training.step"] == "4"
     assert float(version.tags["training.val_loss"]) == pytest.approx(metric_history(mlflow_server, run_id, "val_loss_ema")[-1][1], rel=1e-5)
     assert version.tags["fingerprint.stage_a"] == tags["fingerprint.stage_a"]
     with ckpt_io.latest(cfg.checkpoint).as_directory() as folder:

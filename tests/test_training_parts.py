@@ -382,11 +382,11 @@ def test_the_plan_travels_to_the_workers_as_it_is():
 
     cfg = load(TrainConfig, None, ["model.flavor=tiny", "model.overrides={depth: 1}", "optim.betas=[0.8, 0.9]"])
     task = _stage_c_task()
-    plan = TrainPlan(cfg, task, "http://mlflow", "run", {"text_encoder": "abc"}, resume_checkpoint="s3://b/run/ckpt")
+    plan = TrainPlan(cfg, task, "http://mlflow", "run", {"text_encoder": "abc"})
     back = pickle.loads(pickle.dumps(plan))
     assert back.cfg == cfg and back.cfg.model.stage_c_config() == cfg.model.stage_c_config()
     assert back.cfg.model.stage_c_config().depth == 1 and back.cfg.optim.betas == (0.8, 0.9)
-    assert back.resume_checkpoint == plan.resume_checkpoint and np.array_equal(back.task.empty_text, task.empty_text)
+    assert back.mlflow_run_id == plan.mlflow_run_id and np.array_equal(back.task.empty_text, task.empty_text)
 
 
 def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():

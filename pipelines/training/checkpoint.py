@@ -214,21 +214,18 @@ class Checkpointer:
         self.sharded = cfg.parallel.strategy == "fsdp2" and cfg.checkpoint.fsdp_state_dict == "sharded"
 
     def restore(self, state) -> bool:
-        """Loads into `state` Ray Train's own checkpoint (a restart within this run) when complete,
-        else the driver's pick (plan.resume_checkpoint, the newest complete one, see `latest`);
-        False when there is none (a new run)."""
+        """Loads into `state` the newest complete checkpoint of the run in its storage (see `latest`);
+        False when there is none (a new run). On a restart after a failure that is usually the one
+        Ray Train recorded, but a checkpoint written and reported just before a worker died can be
+        complete in storage without Ray having recorded it: it is newer, and taken. Ray's record is
+        not trusted either when a file of it is missing or cut short (skipped, for the one before)."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None and (found := incomplete(checkpoint)):
-            # Ray's own record names its newest checkpoint, but a file of it is missing or cut short.
-            if self.rank == 0:
-                log.warning("checkpoint %s is incomplete (%s): resuming from %s instead", checkpoint.path, "; ".join(found),
-                            self.plan.resume_checkpoint or "the start")
-            checkpoint = None
-        if checkpoint is None and self.plan.resume_checkpoint:
-            fs, _ = self.plan.cfg.checkpoint.storage()
-            checkpoint = ray.train.Checkpoint(path=self.plan.resume_checkpoint, filesystem=fs)
+        recorded = ray.train.get_checkpoint()
+        checkpoint = latest(self.plan.cfg.checkpoint)
+        if self.rank == 0 and recorded is not None and (checkpoint is None or checkpoint.path.rstrip("/") != recorded.path.rstrip("/")):
+            log.warning("Ray Train's newest checkpoint is %s; restoring the newest complete one in storage instead: %s",
+                        recorded.path, checkpoint.path if checkpoint is not None else "none, from the start")
         if checkpoint is None:
             return False
         with checkpoint.as_directory() as folder:  # kept open until a sharded checkpoint is loaded
@@ -257,7 +254,7 @@ class Checkpointer:
                     "config": dataclasses.asdict(self.plan.cfg),
                     "sharded_world_size": self.world if self.sharded else None,
                     # What the weights of this very checkpoint scored (register tags the version with it).
-                    "validation": {k: metrics[k] for k in VAL_LOSS.values() if k in metrics},
+                    "validation": {k: v for k, v in metrics.items() if k.startswith("val_")},
                 }
                 write(Path(tmp), unwrap(state.model).config, full["model"], full["ema"], full["optimizer"], train_state)
             part = ray.train.Checkpoint.from_directory(tmp) if (self.rank == 0 or self.sharded) else None

@@ -8,7 +8,8 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 
 from latent_cache.spec import EncoderWeights
 from core.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
-from stages.objectives import StageBObjective, StageCObjective
+from stages.objectives import StageAObjective, StageBObjective, StageCObjective
+from stages.stage_a import StageA
 from stages.stage_b import StageB
 from stages.stage_c import StageC, StageCConfig
 
@@ -18,13 +19,16 @@ AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it 
 FAULT_ACTIONS = ("raise", "stall")
 
 
-# model.stage -> the model trained: "c" the text-conditional prior, "b" the diffusion decoder
-MODEL_STAGES = {"c": StageC, "b": StageB}
+# model.stage -> the model trained: "c" the text-conditional prior, "b" the diffusion decoder, "a"
+# the VQGAN (on the cache's images)
+MODEL_STAGES = {"c": StageC, "b": StageB, "a": StageA}
 
 
 @config_dataclass
 class ModelConfig:
-    stage: str = "c"  # "c": Stage C (the prior, on z_C and the text); "b": Stage B (the decoder, on Stage A latents)
+    # "c": Stage C (the prior, on z_C and the text); "b": Stage B (the decoder, on Stage A latents);
+    # "a": Stage A (the VQGAN, on the cache's images)
+    stage: str = "c"
     flavor: str = "small"
     # None: from scratch; a diffusers-format folder or hub id (e.g. warp-ai/wuerstchen-prior, or
     # warp-ai/wuerstchen for Stage B: its decoder/ subfolder); an original .pt checkpoint (Stage B);
@@ -50,6 +54,9 @@ class ModelConfig:
         except ValidationError as err:
             raise ValueError(describe(err, "model.overrides")) from None
         self.overrides = {name: getattr(typed, name) for name in self.overrides}
+        if self.gradient_checkpointing and not hasattr(model_class, "set_gradient_checkpointing"):
+            raise ValueError(f"model.gradient_checkpointing is not available for Stage {self.stage.upper()} "
+                             f"(a small convolutional network: its activations are not what limits memory)")
 
     @property
     def model_class(self):
@@ -69,7 +76,8 @@ class ModelConfig:
         model = self.model_class(self.model_config())
         if init_state is not None:
             model.load_state_dict(init_state)
-        model.set_gradient_checkpointing(self.gradient_checkpointing)
+        if self.gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
         return model
 
 
@@ -243,6 +251,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     objective: StageCObjective = dataclasses.field(default_factory=StageCObjective)  # model.stage "c"
     decoder_objective: StageBObjective = dataclasses.field(default_factory=StageBObjective)  # model.stage "b"
+    vqgan_objective: StageAObjective = dataclasses.field(default_factory=StageAObjective)  # model.stage "a"
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)

@@ -69,13 +69,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def to_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """A numpy batch of the cache's columns -> float32 / int64 tensors on `device` (keys stay strings)."""
+    """A numpy batch of the cache's columns -> float32 / int64 tensors on `device` (keys stay strings;
+    the uint8 HWC images go to the device as bytes and become (B, 3, H, W) floats in [0, 1] there)."""
     out = {}
     for name, value in batch.items():
         if name == "key":
             out[name] = [str(k) for k in value]
         elif name in ("text_tokens", "text_mask"):
             out[name] = torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
+        elif name == "images":
+            out[name] = torch.as_tensor(np.asarray(value, dtype=np.uint8), device=device).permute(0, 3, 1, 2).float().div_(255.0)
         else:
             out[name] = torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
     return out

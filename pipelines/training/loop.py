@@ -45,14 +45,20 @@ _STALL_SECONDS = 600
 
 
 def validate(model, ema: Ema, val_set, task) -> dict[str, float]:
-    """The validation loss of the trained weights and, with an EMA, of the EMA weights (what a
-    checkpoint's ema/ holds and what gets registered), named as in checkpoint.VAL_LOSS. Every rank
-    runs it (FSDP2 needs them all)."""
-    out = {ckpt_io.VAL_LOSS["model"]: task.validation_loss(model, val_set)}
+    """The validation figures of the trained weights and, with an EMA, of the EMA weights (what a
+    checkpoint's ema/ holds and what gets registered): val_loss_raw / val_loss_ema as in
+    checkpoint.VAL_LOSS, and val_<figure>_raw / _ema for a task's other figures (Stage A's PSNR).
+    Every rank runs it (FSDP2 needs them all)."""
+    out = _named(task.validation_loss(model, val_set), "raw")
     if ema.shadow:
         with ema.swapped_in(model):
-            out[ckpt_io.VAL_LOSS["ema"]] = task.validation_loss(model, val_set)
+            out.update(_named(task.validation_loss(model, val_set), "ema"))
     return out
+
+
+def _named(figures, weights: str) -> dict[str, float]:
+    figures = figures if isinstance(figures, dict) else {"loss": figures}
+    return {f"val_{name}_{weights}": value for name, value in figures.items()}
 
 
 def _maybe_fail(fault: FaultConfig, step: int, rank: int) -> None:
@@ -113,6 +119,8 @@ def train_func(config: dict) -> None:
     logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else None
     if resumed:
         note_resume(state, logger)
+    elif logger is not None:  # a restart before the first checkpoint reruns steps a failed attempt logged
+        logger.skip_logged("loss")
     # loop, saving every checkpoint.every_steps
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     while state.step < cfg.steps:

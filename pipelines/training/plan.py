@@ -4,19 +4,16 @@ picklable plan, decided once on the driver, so that no worker rebuilds or re-dec
 import dataclasses
 
 from pipelines.training.config import TrainConfig
-from pipelines.training.tasks import StageBTask, StageCTask
+from pipelines.training.tasks import StageATask, StageBTask, StageCTask
 
 
 @dataclasses.dataclass
 class TrainPlan:
     cfg: TrainConfig
-    task: StageCTask | StageBTask
+    task: StageCTask | StageBTask | StageATask
     tracking_uri: str  # resolved on the driver: a worker has another working directory and environment
     mlflow_run_id: str
     cache_fingerprints: dict[str, str]  # of the cache's encoders, recorded in every checkpoint
-    # The weights to start from (None: random init); only for a new run, a resume loads its checkpoint.
+    # The weights to start from (None: random init); only for a new run, a resume loads its checkpoint
+    # (every worker finds the run's newest complete one in storage: see Checkpointer.restore).
     init_state: dict | None = None
-    # The newest complete checkpoint of the run when this trainer starts (the driver's pick, see
-    # checkpoint.latest): Ray Train V2 restores a run it is still tracking by itself (get_checkpoint),
-    # but a finished or killed run rerun as a new trainer starts from here (resume_from_checkpoint is gone).
-    resume_checkpoint: str | None = None

@@ -1,7 +1,7 @@
 """What is specific to the model being trained, as a task object the loop calls: which model it
-builds, which cache columns a batch holds, the training loss of a batch and the validation loss.
-The loop, the train state and the checkpointer know nothing of Stage C; Stage B, Stage A or a LoRA
-fine-tune plug in as other tasks with the same methods.
+builds, which cache columns a batch holds, the training loss of a batch and the validation figures
+(a loss, or a dict of figures with a "loss"). The loop, the train state and the checkpointer know
+nothing of Stage C; Stage B, Stage A or a LoRA fine-tune plug in as other tasks with the same methods.
 
 A task is built on the driver (it travels to the workers inside the TrainPlan, so it holds only
 picklable values) and `setup(device)` on each worker builds what runs there (the text encoder).
@@ -19,7 +19,8 @@ from latent_cache.spec import TEXT_COLUMNS
 from pipelines.training.data import to_tensors
 from stages import StageC
 from stages.latents import stage_c_to_semantic
-from stages.objectives import StageBObjective, StageCObjective, stage_b_loss, stage_b_validation_loss, stage_c_loss, stage_c_validation_loss
+from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
+                               stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
 
 STAGE_C_LATENTS = "stage_c_latents"
 STAGE_A_LATENTS = "stage_a_latents"
@@ -27,6 +28,9 @@ DECODER_TEXT = "decoder_text_embeddings"
 # What a Stage B batch holds: key (the fixed validation noise), h (what it learns), z_C (its semantic
 # condition e = 42 z_C - 1) and the decoder's text conditioning.
 STAGE_B_COLUMNS = ["key", STAGE_A_LATENTS, STAGE_C_LATENTS, DECODER_TEXT]
+IMAGES = "images"
+# What a Stage A batch holds: the cropped training images (uint8 in the cache, [0, 1] floats in a batch).
+STAGE_A_COLUMNS = ["key", IMAGES]
 
 
 def stage_c_columns(text_mode: str) -> list[str]:
@@ -121,3 +125,54 @@ class StageBTask:
         inputs = ((b["key"], b[STAGE_A_LATENTS], stage_c_to_semantic(b[STAGE_C_LATENTS]), b[DECODER_TEXT])
                   for b in (to_tensors(raw, self.device) for raw in batches))
         return stage_b_validation_loss(model, inputs, v.t_grid, v.seed, self.objective)
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: nn.Module, images: Iterable[torch.Tensor], quantize: bool) -> dict[str, float]:
+    """Stage A's reconstructions of held-out images (B, 3, H, W) in [0, 1], in eval mode: the mean
+    squared error, and the mean per-image PSNR (dB) and SSIM of the reconstruction clamped to [0, 1]
+    (torchmetrics), averaged over images. The model is given back in its mode."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    was_training = model.training
+    model.eval()
+    sums, count = {"loss": 0.0, "psnr": 0.0, "ssim": 0.0}, 0
+    for x in images:
+        reconstruction, _ = model(x, quantize=quantize)
+        reconstruction = reconstruction.float()
+        n = x.shape[0]
+        sums["loss"] += float(torch.nn.functional.mse_loss(reconstruction, x)) * n
+        clamped = reconstruction.clamp(0, 1)
+        psnr = peak_signal_noise_ratio(clamped, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        sums["psnr"] += float(psnr.sum())
+        sums["ssim"] += float(structural_similarity_index_measure(clamped, x, data_range=1.0, reduction="sum"))
+        count += n
+    model.train(was_training)
+    return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+@dataclasses.dataclass
+class StageATask:
+    """Training Stage A (the Paella VQGAN) on the cache's cropped training images: pixel
+    reconstruction with the codebook and commitment terms; validated by the reconstruction's MSE (the
+    loss), PSNR and SSIM on the held-out images."""
+
+    model: ModelConfig
+    objective: StageAObjective
+    device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
+
+    columns = STAGE_A_COLUMNS
+
+    def build_model(self, init_state: dict | None = None):
+        return self.model.build(init_state)
+
+    def setup(self, device: torch.device) -> "StageATask":
+        self.device = device
+        return self
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return stage_a_loss(model, batch[IMAGES], self.objective)
+
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        images = (to_tensors(raw, self.device)[IMAGES] for raw in batches)
+        return reconstruction_metrics(model, images, self.objective.quantize)
