@@ -4,8 +4,12 @@ registry as a pyfunc model, as a new version of a named model with the alias `ch
     wuerstchen register --run-id RUN            the newest checkpoint of a training run
     wuerstchen register --checkpoint URI        a checkpoint folder (local or s3://)
         [--name wuerstchen-stage-c] [--decoders models:/wuerstchen-decoders/1] [--tracking-uri URI]
+        a Stage C version pins a decoder bundle version: --decoders as given (a URI, checked to be
+        trained on the same semantic latents; or a bare NAME: its newest version trained on them),
+        else the newest version of wuerstchen-decoders trained on them, if any;
         a Stage B checkpoint (model.stage b) becomes a new version of the decoder bundle
-        (default name wuerstchen-decoders), with the Stage A and decoder text encoder of its cache
+        (default name wuerstchen-decoders), with the Stage A and decoder text encoder of its cache;
+        a Stage A checkpoint is refused: its ema/ is the encode.stage_a.path of a decoder cache
     wuerstchen register --decoder-bundle SOURCE [--flavor small] [--name wuerstchen-decoders]
         registers Stage B + Stage A once: SOURCE is a diffusers decoder pipeline folder or hub id
         (e.g. warp-ai/wuerstchen), or "random" for seeded random weights of the flavor (demos)
@@ -93,6 +97,35 @@ def _set_challenger(mlflow_client, name: str, version) -> None:
         mlflow_client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
 
 
+def pinned_decoders(mlflow_client, decoders: str | None, semantic: str | None) -> str | None:
+    """The decoder bundle version (models:/NAME/VERSION) a Stage C version pins, given a Stage C
+    trained on latents of the semantic compressor of fingerprint `semantic`:
+      - models:/NAME/VERSION or models:/NAME@ALIAS: that version (an alias resolved now: it could
+        move), refused when its Stage B was trained on another semantic compressor's latents;
+      - a bare NAME: the newest version of NAME trained on latents of this semantic compressor;
+      - None: the same in the default bundle (wuerstchen-decoders), or none when it has no such version
+        (random or downloaded bundles record no semantic compressor they were trained with)."""
+    if decoders is not None and decoders.startswith("models:/"):
+        bundle = registry.resolve_version(mlflow_client, decoders)
+        theirs = bundle.tags.get("fingerprint.semantic_compressor")
+        if theirs is not None and semantic is not None and theirs != semantic:
+            raise ValueError(
+                f"{decoders} (version {bundle.version}) has a Stage B trained on latents of the semantic compressor "
+                f"{theirs}; this Stage C was trained on latents of {semantic}: its outputs would be a condition the "
+                f"decoder never saw. Pin a bundle trained with the same semantic compressor"
+            )
+        return f"models:/{bundle.name}/{bundle.version}"
+    name = decoders or registry.DECODERS_MODEL
+    matching = [v for v in registry.versions(mlflow_client, name) if semantic and v.tags.get("fingerprint.semantic_compressor") == semantic]
+    if matching:
+        log.info("pinning %s version %s: its Stage B was trained on this Stage C's semantic latents", name, matching[-1].version)
+        return f"models:/{name}/{matching[-1].version}"
+    if decoders is not None:
+        raise ValueError(f"no version of the decoder bundle {name} was trained on latents of this Stage C's semantic "
+                         f"compressor ({semantic}): give a models:/ URI to pin another one")
+    return None
+
+
 def register_stage_c(
     tracking_uri: str | None = None,
     name: str = registry.STAGE_C_MODEL,
@@ -120,12 +153,9 @@ def register_stage_c(
         _set_challenger(mlflow_client, name, existing)
         log.info("%s is already registered as %s version %s", source, name, existing.version)
         return {"name": name, "version": existing.version, "created": False, "source": source}
-    if decoders is not None:
-        bundle = registry.resolve_version(mlflow_client, decoders)
-        decoders = f"models:/{bundle.name}/{bundle.version}"  # pinned: an alias could move under us
-
     with tempfile.TemporaryDirectory() as tmp:
         state, weights = _download_weights(found, source, Path(tmp))
+        decoders = pinned_decoders(mlflow_client, decoders, state["cache_fingerprints"].get("semantic_compressor"))
         config = state["config"]
         cache = Cache(config["data"]["cache"])
         encoders = config["encoders"]
@@ -309,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--checkpoint", help="a checkpoint folder, local or s3://")
     what.add_argument("--decoder-bundle", metavar="SOURCE", help='register decoders: a decoder pipeline folder / hub id, or "random"')
     parser.add_argument("--name", help=f"registered model name (default {registry.STAGE_C_MODEL}, or {registry.DECODERS_MODEL} for a decoder bundle)")
-    parser.add_argument("--decoders", help="a registered decoder bundle for this Stage C version, e.g. models:/wuerstchen-decoders/1")
+    parser.add_argument("--decoders", help="the decoder bundle this Stage C version pins: models:/wuerstchen-decoders/1, or a "
+                        "bundle name (its newest version trained on the same semantic latents); default: that of wuerstchen-decoders")
     parser.add_argument("--flavor", default="small", help="decoder bundle only: the flavor of random weights / text encoder")
     parser.add_argument("--seed", type=int, default=0, help="decoder bundle only: seed of random weights")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")

@@ -326,3 +326,39 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     assert config["text_encoder"]["path"] == "warp-ai/wuerstchen"
     expected = text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
     assert config["text_encoder"]["fingerprint"] == expected
+
+
+def test_a_stage_c_version_pins_a_decoder_bundle_trained_on_its_semantic_latents(mlflow_server):
+    """pinned_decoders on versions tagged as register tags a trained decoder bundle: by default the
+    newest version of wuerstchen-decoders trained on the Stage C's semantic latents; a bare name the
+    same in that bundle; a URI as given, unless its Stage B learned another compressor's latents."""
+    from pipelines.register import pinned_decoders
+
+    client = registry.client(mlflow_server)
+    before = {name: len(registry.versions(client, name)) for name in (registry.DECODERS_MODEL, "my-decoders")}
+    made = []
+    for name, semantic in ((registry.DECODERS_MODEL, "aaa"), (registry.DECODERS_MODEL, "bbb"), (registry.DECODERS_MODEL, "aaa"),
+                           (registry.DECODERS_MODEL, None), ("my-decoders", "aaa")):
+        if not registry.versions(client, name) and name not in made:
+            client.create_registered_model(name)
+        made.append(name)
+        tags = {"fingerprint.semantic_compressor": semantic} if semantic else {}
+        client.create_model_version(name, "s3://nowhere/weights", tags=tags)
+
+    def uri(name: str, n: int) -> str:  # the n-th version made here
+        return f"models:/{name}/{before[name] + n}"
+
+    default = registry.DECODERS_MODEL
+    assert pinned_decoders(client, None, "aaa") == uri(default, 3)
+    assert pinned_decoders(client, None, "bbb") == uri(default, 2)
+    assert pinned_decoders(client, None, "ccc") is None
+    assert pinned_decoders(client, "my-decoders", "aaa") == uri("my-decoders", 1)
+    with pytest.raises(ValueError, match="no version of the decoder bundle my-decoders was trained on latents of this "
+                                         r"Stage C's semantic compressor \(bbb\)"):
+        pinned_decoders(client, "my-decoders", "bbb")
+    assert pinned_decoders(client, uri(default, 4), "ccc") == uri(default, 4)
+    client.set_registered_model_alias(default, "pin-test", str(before[default] + 3))
+    assert pinned_decoders(client, f"models:/{default}@pin-test", "aaa") == uri(default, 3)
+    with pytest.raises(ValueError, match=rf"{uri(default, 2)} \(version {before[default] + 2}\) has a Stage B trained on "
+                                         "latents of the semantic compressor bbb; this Stage C was trained on latents of aaa"):
+        pinned_decoders(client, uri(default, 2), "aaa")
