@@ -1,7 +1,8 @@
 """Ingest overhead of the Ray Train loop: samples/s of `pipelines.train` (1 worker, reading the
 parquet cache through Ray Data) against a bare PyTorch loop on the same model, batch and objective
-(the same training task) with the tensors already in memory, side by side in one run; for Stage C
-or Stage B (`--stage b`: the decoder on Stage A latents).
+(the same training task) with the tensors already in memory, side by side in one run; for Stage C,
+Stage B (`--stage b`: the decoder on Stage A latents) or Stage A (`--stage a`: the VQGAN on the
+cache's uint8 images, 256 px).
 
     python -m benchmarks.train_ingest [--stage c] [--rows 2048] [--steps 60] [--batch 32] [--flavor small]
 
@@ -27,6 +28,8 @@ from benchmarks.report import emit
 # What a Stage B run adds to the cache and to the trainer's encoders (the decoder text tower with its own seed).
 STAGE_B_PREP = ["encode.stage_a={}", "encode.decoder_text_encoder={seed: 1}"]
 STAGE_B_TRAIN = ["model.stage=b", "encoders.stage_a={}", "encoders.decoder_text_encoder={seed: 1}"]
+PREP = {"a": ["encode.images=true"], "b": STAGE_B_PREP, "c": []}
+TRAIN = {"a": ["model.stage=a"], "b": STAGE_B_TRAIN, "c": []}
 
 
 def write_cache(root: Path, rows: int, flavor: str, stage: str) -> str:
@@ -38,13 +41,16 @@ def write_cache(root: Path, rows: int, flavor: str, stage: str) -> str:
     from latent_cache.encoders import spec_fingerprints
     from latent_cache.spec import decoder_text_width
 
-    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}", *(STAGE_B_PREP if stage == "b" else [])])
+    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}", *PREP[stage]])
     spec = cfg.encode.spec()
     encoders, width = spec_fingerprints(spec)
     shapes = spec.tensor_shapes(width, decoder_text_width(encoders))
     rng = np.random.default_rng(0)
     columns = {"key": [f"k{i:07d}" for i in range(rows)]}
     for name, shape in shapes.items():
+        if name == "images":
+            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(rng.integers(0, 256, (rows, *shape), np.uint8))
+            continue
         values = rng.standard_normal((rows, *shape))
         if name == "stage_c_latents":
             values = (values + 1) / 42  # z_C of e ~ N(0, 1)
@@ -91,7 +97,7 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("c", "b"), default="c", help="the model trained: Stage C or Stage B")
+    parser.add_argument("--stage", choices=("c", "b", "a"), default="c", help="the model trained: Stage C, B or A")
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
             f"checkpoint.storage_path={tmp / 'runs'}", f"checkpoint.every_steps={args.steps}", f"validation.every_steps={args.steps}",
             "data.validation_fraction=0.01", "parallel.num_workers=1", f"parallel.cpus_per_worker={args.cpus}",
             f"tracking.tracking_uri={uri}", "tracking.log_every=1", "objective.caption_dropout=0.0",
-            *(STAGE_B_TRAIN if args.stage == "b" else []),
+            *TRAIN[args.stage],
         ])
         ray.init(num_cpus=args.cpus + 2, include_dashboard=False, log_to_driver=False)
         _, run_id = run_training(cfg)

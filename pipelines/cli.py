@@ -16,7 +16,7 @@ from core.ray_cluster import quiet_console
 COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
     "prep": ("prep", "filter image-text pairs and encode them into the latent cache"),
-    "train": ("train", "train Stage C (or Stage B: model.stage=b) on the latent cache with Ray Train, tracked in MLflow"),
+    "train": ("train", "train Stage C (or Stage B: model.stage=b; Stage A: model.stage=a) on the cache with Ray Train, tracked in MLflow"),
     "evaluate": ("evaluate", "compute the held-out validation loss of a registered Stage C version"),
     "register": ("register", "register a trained Stage C (or a decoder bundle) in the MLflow model registry"),
     "promote": ("promote", "move the champion alias to a better challenger, or roll it back"),

@@ -137,23 +137,35 @@ def model_config_of(model_uri: str) -> dict:
     return mlflow.models.get_model_info(model_uri).flavors["python_function"].get("config") or {}
 
 
-def find_prior_folder(root: Path) -> Path:
-    """The diffusers-layout Stage C folder inside downloaded model artifacts."""
+def find_model_folder(root: Path, model_class=StageC) -> Path:
+    """The diffusers-layout folder of a `model_class` (StageC, StageB, StageA) inside downloaded model
+    artifacts (a Stage C version holds its prior; a decoder bundle its Stage B and Stage A)."""
     for config in sorted(root.rglob("config.json")):
         try:
-            if json.loads(config.read_text()).get("_class_name") == StageC.diffusers_class_name:
+            if json.loads(config.read_text()).get("_class_name") == model_class.diffusers_class_name:
                 return config.parent
         except ValueError:
             continue
-    raise FileNotFoundError(f"no Stage C ({StageC.diffusers_class_name}) folder in the model artifacts under {root}")
+    raise FileNotFoundError(f"no {model_class.__name__} ({model_class.diffusers_class_name}) folder in the model artifacts under {root}")
 
 
-def load_stage_c(model_uri: str, tracking_uri: str | None = None) -> StageC:
-    """The Stage C weights of a registered model version."""
+def find_prior_folder(root: Path) -> Path:
+    """The diffusers-layout Stage C folder inside downloaded model artifacts."""
+    return find_model_folder(root, StageC)
+
+
+def load_registered(model_uri: str, model_class=StageC, tracking_uri: str | None = None):
+    """The weights of `model_class` in a registered model version: the prior of a Stage C version,
+    or the Stage B or Stage A of a decoder bundle."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return StageC.from_pretrained(find_prior_folder(download(model_uri, tmp)))
+        return model_class.from_pretrained(find_model_folder(download(model_uri, tmp), model_class))
+
+
+def load_stage_c(model_uri: str, tracking_uri: str | None = None) -> StageC:
+    """The Stage C weights of a registered model version."""
+    return load_registered(model_uri, StageC, tracking_uri)

@@ -46,14 +46,11 @@ def initial_weights(cfg: TrainConfig):
     init, model_class = cfg.model.init, cfg.model.model_class
     if not init:
         return None
-    if init.startswith("models:/"):
-        if cfg.model.stage != "c":
-            raise ValueError(f"model.init={init}: starting Stage {cfg.model.stage.upper()} from a registered model is not "
-                             f"supported yet; give a diffusers folder or hub id, or an original .pt checkpoint")
-        from pipelines.registry import load_stage_c
+    if init.startswith("models:/"):  # a Stage C version's prior, or the Stage B / Stage A of a decoder bundle
+        from pipelines.registry import load_registered
         from pipelines.training.tracking import tracking_uri
 
-        return load_stage_c(init, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
+        return load_registered(init, model_class, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
     if init.endswith((".pt", ".pth", ".ckpt")):
         from stages.original_format import load_original
 

@@ -24,7 +24,7 @@ from pipelines.train import run_training
 from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.config import ModelConfig, TrainConfig, ValidationConfig
 from pipelines.training.tasks import StageBTask
-from stages import StageB
+from stages import StageA, StageB
 from stages.latents import semantic_to_stage_c
 from stages.objectives import StageBObjective
 
@@ -146,6 +146,16 @@ def test_stage_b_trains_on_two_fsdp2_workers_recovers_from_a_killed_worker_and_c
         trained_ema = weights_digest(StageB.from_pretrained(f"{folder}/ema"))
     decoders = mlflow.pyfunc.load_model(f"models:/decoders-trained/{bundle['version']}").unwrap_python_model()
     assert weights_digest(decoders.stage_b) == trained_ema
+    # A registered bundle is where a fine-tune of the decoders starts: model.init=models:/... gives
+    # its Stage B (model.stage b) or its Stage A (model.stage a).
+    from pipelines.train import initial_weights
+
+    bundle_uri = f"models:/decoders-trained/{bundle['version']}"
+    for stage, expected in (("b", trained_ema), ("a", weights_digest(decoders.stage_a))):
+        init = train_config(decoder_cache, storage, mlflow_server, "x", **{"model.stage": stage, "model.init": bundle_uri})
+        holder = (StageB if stage == "b" else StageA).from_flavor("tiny")
+        holder.load_state_dict(initial_weights(init))
+        assert weights_digest(holder) == expected, stage
     semantic = np.random.default_rng(0).standard_normal((1, 16, 3, 3)).astype(np.float32)
     images = decoders.predict(None, {"semantic": semantic, "prompt": ["a cat"]}, params={"decoder_steps": 2})
     assert images.dtype == np.uint8 and images.shape[0] == 1 and images.shape[-1] == 3
@@ -166,6 +176,8 @@ def test_the_shipped_stage_b_config_goes_with_the_shipped_decoder_prep_config():
     expected, decoder_text = expected_fingerprints(train)
     assert expected == {name: recorded[name]["fingerprint"] for name in expected}
     assert decoder_text.width == train.model.model_config().clip_embd
+    stage_a = load(TrainConfig, configs / "train_stage_a_twemoji_small.yaml")  # the images of the same cache
+    assert stage_a.model.stage == "a" and stage_a.data.cache == prep.output.url and prep.encode.images
 
 
 def test_a_run_of_the_days_before_stage_b_resumes_and_another_stage_is_refused():

@@ -31,8 +31,9 @@ class ModelConfig:
     stage: str = "c"
     flavor: str = "small"
     # None: from scratch; a diffusers-format folder or hub id (e.g. warp-ai/wuerstchen-prior, or
-    # warp-ai/wuerstchen for Stage B: its decoder/ subfolder); an original .pt checkpoint (Stage B);
-    # or an MLflow model URI such as models:/wuerstchen-stage-c@champion (Stage C)
+    # warp-ai/wuerstchen for Stage B or A: its decoder/ or vqgan/ subfolder); an original .pt
+    # checkpoint; or a registered model: models:/wuerstchen-stage-c@champion (Stage C), or a decoder
+    # bundle such as models:/wuerstchen-decoders/2 (Stage B: its decoder; Stage A: its VQGAN)
     init: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of the stage's config (StageCConfig, StageBConfig)
     gradient_checkpointing: bool = False
