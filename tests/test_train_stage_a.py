@@ -101,6 +101,13 @@ def test_stage_a_recovers_from_a_killed_worker_from_its_checkpoint_and_saves_a_s
         history = metric_history(mlflow_server, run_id, figure)
         assert [s for s, _ in history] == [2, 4] and all(np.isfinite(v) for _, v in history), figure
     assert 0 < metric_history(mlflow_server, run_id, "val_psnr_ema")[-1][1] < 60
+    # What a person looks at: held-out images over their reconstructions, at each validation.
+    pictures = [f.path for f in MlflowClient(mlflow_server).list_artifacts(run_id, "validation")]
+    assert pictures == ["validation/step_00000002.png", "validation/step_00000004.png"], pictures
+    local = MlflowClient(mlflow_server).download_artifacts(run_id, pictures[-1], str(tmp_path))
+    from PIL import Image
+
+    assert Image.open(local).size[1] == 2 * 128  # two rows of 128 px images
 
     fs, root = cfg.checkpoint.storage()
     step_2 = ckpt_io.read(Path(root) / "vqgan" / ckpt_io.checkpoint_name(2))

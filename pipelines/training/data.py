@@ -78,7 +78,8 @@ def to_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         elif name in ("text_tokens", "text_mask"):
             out[name] = torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
         elif name == "images":
-            out[name] = torch.as_tensor(np.asarray(value, dtype=np.uint8), device=device).permute(0, 3, 1, 2).float().div_(255.0)
+            # torch.tensor copies (a quarter of the float it becomes): Ray's numpy batches can be read-only.
+            out[name] = torch.tensor(np.asarray(value, dtype=np.uint8), device=device).permute(0, 3, 1, 2).float().div_(255.0)
         else:
             out[name] = torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
     return out

@@ -56,6 +56,19 @@ def validate(model, ema: Ema, val_set, task) -> dict[str, float]:
     return out
 
 
+def log_validation_picture(state: TrainState, task, val_set, logger: MetricLogger | None) -> None:
+    """A task's picture of its held-out rows (Stage A: originals over reconstructions), made with the
+    EMA weights when there are (what gets registered), to MLflow as validation/step_<step>.png. Every
+    rank makes it (FSDP2 needs them all); rank 0 logs it."""
+    if not hasattr(task, "validation_picture"):
+        return
+    model = state.model
+    with state.ema.swapped_in(model) if state.ema.shadow else contextlib.nullcontext():
+        picture = task.validation_picture(model, val_set)
+    if logger is not None:
+        logger.image(picture, f"validation/step_{state.step:08d}.png")
+
+
 def _named(figures, weights: str) -> dict[str, float]:
     figures = figures if isinstance(figures, dict) else {"loss": figures}
     return {f"val_{name}_{weights}": value for name, value in figures.items()}
@@ -129,6 +142,7 @@ def train_func(config: dict) -> None:
         validated = state.step % cfg.validation.every_steps == 0 or last
         if validated:
             metrics.update(validate(state.model, state.ema, val_set, task))
+            log_validation_picture(state, task, val_set, logger)
         if logger is not None and (state.step % cfg.tracking.log_every == 0 or validated or last):
             report_step(logger, metrics, state.step, cfg.steps)
         if state.step % cfg.checkpoint.every_steps == 0 or last:

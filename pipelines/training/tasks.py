@@ -176,3 +176,19 @@ class StageATask:
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         images = (to_tensors(raw, self.device)[IMAGES] for raw in batches)
         return reconstruction_metrics(model, images, self.objective.quantize)
+
+    @torch.no_grad()
+    def validation_picture(self, model: nn.Module, batches: Iterable[dict], count: int = 8) -> np.ndarray:
+        """The first `count` held-out images (top row) over their reconstructions (bottom row), uint8 HWC."""
+        taken = []
+        for raw in batches:
+            taken.append(to_tensors(raw, self.device)[IMAGES])
+            if sum(len(t) for t in taken) >= count:
+                break
+        originals = torch.cat(taken)[:count]
+        was_training = model.training
+        model.eval()
+        reconstructions, _ = model(originals, quantize=self.objective.quantize)
+        model.train(was_training)
+        rows = [torch.cat(list(images.float().clamp(0, 1)), dim=2) for images in (originals, reconstructions)]
+        return (torch.cat(rows, dim=1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()

@@ -201,6 +201,13 @@ class MetricLogger:
         except Exception as err:
             log.warning("could not set MLflow tag %s: %s", key, err)
 
+    def image(self, image, artifact_file: str) -> None:
+        """A picture (uint8 H x W x 3) as a run artifact; lost, with a warning, when MLflow is unreachable."""
+        try:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        except Exception as err:
+            log.warning("could not log %s to MLflow: %s", artifact_file, err)
+
     def flush(self) -> bool:
         while self.pending:
             chunk = self.pending[:1000]
