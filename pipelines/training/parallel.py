@@ -32,10 +32,13 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
     """FSDP2's units: each residual, timestep and attention block (Stage C's `blocks`, the blocks of
-    each level of Stage B), then the model itself holds what is left (mappers, embedding, head)."""
+    each level of Stage B, Stage A's mixing blocks), then the model itself holds what is left
+    (mappers, embedding, head; Stage A's convolutions, BatchNorm and codebook)."""
     from stages.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
+    from stages.stage_a import MixingResidualBlock
 
-    return [m for m in model.modules() if isinstance(m, (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock))]
+    units = (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock, MixingResidualBlock)
+    return [m for m in model.modules() if isinstance(m, units)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
