@@ -65,6 +65,9 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
 
     if cfg.model.stage == "a":
         cache.check_columns(STAGE_A_COLUMNS, "Stage A training")
+        crop, resolution = cfg.vqgan_objective.crop, cache.manifest["resolution"]
+        if crop is not None and crop > resolution:
+            raise ValueError(f"vqgan_objective.crop={crop} is larger than the images of {cfg.data.cache} ({resolution} px)")
         return StageATask(cfg.model, cfg.vqgan_objective)
     model_config = cfg.model.model_config()
     width, name = (model_config.clip_embd, "clip_embd") if cfg.model.stage == "b" else (model_config.c_cond, "c_cond")

@@ -60,7 +60,25 @@ def test_stage_a_overfits_four_images_and_reconstructs_each_one_not_an_average()
     assert reconstruction_metrics(model, [images], quantize=False)["psnr"] > 20
 
 
+def test_random_crops_are_squares_of_each_image_drawn_from_the_generator():
+    from stages.objectives import random_crops, stage_a_loss
+
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    crops = random_crops(images, 8, torch.Generator().manual_seed(0))
+    again = random_crops(images, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 8, 8) and torch.equal(crops, again)
+    for image, crop in zip(images, crops):  # a contiguous window of its own image
+        y, x = divmod(int(crop[0, 0, 0]) - int(image[0, 0, 0]), 16)
+        assert torch.equal(crop, image[:, y : y + 8, x : x + 8])
+    model = StageA.from_flavor("tiny")
+    assert torch.isfinite(stage_a_loss(model, images / images.max(), StageAObjective(crop=8), torch.Generator()))
+    with pytest.raises(ValueError, match=r"crop 32 is larger than the images \(16x16\)"):
+        random_crops(images, 32)
+
+
 def test_the_objective_is_checked():
+    with pytest.raises(ValueError, match="crop must be a positive multiple of 4"):
+        StageAObjective(crop=30)
     with pytest.raises(ValueError, match=r"reconstruction must be one of \('mse', 'l1'\), got 'lpips'"):
         StageAObjective(reconstruction="lpips")
     with pytest.raises(ValueError, match="model.gradient_checkpointing is not available for Stage A"):

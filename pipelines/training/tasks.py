@@ -171,7 +171,7 @@ class StageATask:
         return self
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return stage_a_loss(model, batch[IMAGES], self.objective)
+        return stage_a_loss(model, batch[IMAGES], self.objective, generator)
 
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         images = (to_tensors(raw, self.device)[IMAGES] for raw in batches)
