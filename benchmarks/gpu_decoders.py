@@ -11,12 +11,12 @@ are not what bounds them, so an MFU figure would mislead; samples/s and memory a
 """
 
 import argparse
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.gpu_train import single_rank_group
 from benchmarks.report import emit
 from stages import StageA, StageB
 from stages.latents import semantic_image_size
@@ -66,14 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29513")
-    cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = single_rank_group(args.device, port=29513)
+    cuda = device.type == "cuda"
     r = args.resolution
     results = {"gpu": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
                "flavor": args.flavor, "resolution": r}

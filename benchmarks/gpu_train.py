@@ -32,6 +32,20 @@ def forward_flops(config, batch: int, h: int = 24, w: int = 24, text_tokens: int
     return 2.0 * batch * (macs + depth * per_block)
 
 
+def single_rank_group(device_type: str, port: int) -> torch.device:
+    """A process group of this one process (FSDP2 needs one), on NCCL for "cuda" (TF32 matmuls on),
+    else gloo; returns the device."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    cuda = device_type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flavor", default="v2")
@@ -44,14 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = single_rank_group(args.device, port=29512)
+    cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     from pipelines.training.parallel import parallelize
