@@ -59,8 +59,12 @@ class VectorQuantizer(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, beta: float = VQ_BETA):
         super().__init__()
         self.beta = beta
+        # The codebook starts where the encoder's BatchNorm'd latents are: N(0, 1). (diffusers' init,
+        # uniform in +-1/n, leaves every latent about 1 from every code: trained from scratch, the
+        # codebook term then dominates the loss for the first thousands of steps.) Loaded weights
+        # replace it; only a Stage A trained from scratch sees it.
         self.embedding = nn.Embedding(num_embeddings, dim)
-        self.embedding.weight.data.uniform_(-1.0 / num_embeddings, 1.0 / num_embeddings)
+        nn.init.normal_(self.embedding.weight)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (quantized z, codebook + commitment loss, indices (B, H, W))."""
