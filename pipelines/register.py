@@ -315,13 +315,14 @@ def register_checkpoint(tracking_uri: str | None = None, name: str | None = None
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of a training run id or a checkpoint URI")
     found, source = _checkpoint(registry.client(tracking_uri), run_id, checkpoint)
-    if _stage_of(found) == "a":
+    stage = _stage_of(found)  # one read of its train_state (on S3, a request)
+    if stage == "a":
         raise ValueError(
             f"{source} is a Stage A checkpoint: a Stage A is registered inside a decoder bundle, with the Stage B "
             f"trained on its latents. Prepare a decoder cache with encode.stage_a.path set to the checkpoint's ema/ "
             f"folder (downloaded, if on S3), train Stage B on it, and register that Stage B checkpoint"
         )
-    if _stage_of(found) == "b":
+    if stage == "b":
         if decoders:
             raise ValueError("--decoders names the decoder bundle of a Stage C version; this checkpoint is a Stage B")
         return register_trained_decoder(tracking_uri, name or registry.DECODERS_MODEL, run_id, checkpoint)
