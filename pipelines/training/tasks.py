@@ -17,7 +17,6 @@ from torch import nn
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.spec import TEXT_COLUMNS
 from pipelines.training.data import to_tensors
-from stages import StageC
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
@@ -54,8 +53,19 @@ def validation_inputs(batches: Iterable[dict], device: torch.device, text_encode
         yield batch["key"], batch[STAGE_C_LATENTS], text_condition(batch, text_encoder)
 
 
+class _Task:
+    """What every task does the same way: build the model of its ModelConfig; on a worker, keep the device."""
+
+    def build_model(self, init_state: dict | None = None) -> nn.Module:
+        return self.model.build(init_state)
+
+    def setup(self, device: torch.device):
+        self.device = device
+        return self
+
+
 @dataclasses.dataclass
-class StageCTask:
+class StageCTask(_Task):
     """Training Stage C (the text-conditional prior) on cached z_C and text."""
 
     model: ModelConfig
@@ -73,12 +83,9 @@ class StageCTask:
     def columns(self) -> list[str]:
         return stage_c_columns(self.text_mode)
 
-    def build_model(self, init_state: dict | None = None) -> StageC:
-        return self.model.build(init_state)
-
     def setup(self, device: torch.device) -> "StageCTask":
         """Builds on this worker what the loss needs: the frozen text encoder (tokens mode), the empty prompt."""
-        self.device = device
+        super().setup(device)
         if self.text_mode == "tokens":
             self.text_encoder = self.encoders.build_text_encoder(self.model.flavor).to(device)
         self.empty = torch.tensor(np.asarray(self.empty_text, dtype=np.float32), device=device)[None]
@@ -97,7 +104,7 @@ class StageCTask:
 
 
 @dataclasses.dataclass
-class StageBTask:
+class StageBTask(_Task):
     """Training Stage B (the diffusion decoder) on cached Stage A latents, conditioned on the cached
     semantic latents (the semantic compressor frozen: what fine-tuning the public decoder needs) and
     the cached decoder text conditioning, with the recipe's semantic-condition dropout."""
@@ -108,13 +115,6 @@ class StageBTask:
     device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
 
     columns = STAGE_B_COLUMNS
-
-    def build_model(self, init_state: dict | None = None):
-        return self.model.build(init_state)
-
-    def setup(self, device: torch.device) -> "StageBTask":
-        self.device = device
-        return self
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         semantic = stage_c_to_semantic(batch[STAGE_C_LATENTS])
@@ -152,7 +152,7 @@ def reconstruction_metrics(model: nn.Module, images: Iterable[torch.Tensor], qua
 
 
 @dataclasses.dataclass
-class StageATask:
+class StageATask(_Task):
     """Training Stage A (the Paella VQGAN) on the cache's cropped training images: pixel
     reconstruction with the codebook and commitment terms; validated by the reconstruction's MSE (the
     loss), PSNR and SSIM on the held-out images."""
@@ -162,13 +162,6 @@ class StageATask:
     device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
 
     columns = STAGE_A_COLUMNS
-
-    def build_model(self, init_state: dict | None = None):
-        return self.model.build(init_state)
-
-    def setup(self, device: torch.device) -> "StageATask":
-        self.device = device
-        return self
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         return stage_a_loss(model, batch[IMAGES], self.objective, generator)
