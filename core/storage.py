@@ -64,6 +64,16 @@ def resolve(url: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(url).expanduser().absolute())
 
 
+def absolute(url: str) -> str:
+    """A local path (or file:// URL) made absolute against this process's working directory; any
+    other URL as it is. For what the driver hands to Ray workers, which run elsewhere."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    elif "://" in url:
+        return url
+    return str(Path(url).expanduser().absolute())
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 

@@ -389,6 +389,27 @@ def test_the_plan_travels_to_the_workers_as_it_is():
     assert back.mlflow_run_id == plan.mlflow_run_id and np.array_equal(back.task.empty_text, task.empty_text)
 
 
+def test_the_plan_names_the_checkpoint_storage_as_the_driver_resolved_it(tmp_path, monkeypatch):
+    """A relative storage path (configs/*.yaml: runs/train) means the driver's working directory: a
+    worker, which runs in another one, looks for the checkpoint to resume from there (it once found
+    none and started the run over); the run's config keeps what the user wrote."""
+    import os
+    import pickle
+
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.plan import TrainPlan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load(TrainConfig, None, ["model.flavor=tiny", "checkpoint.storage_path=runs/train"])
+    plan = pickle.loads(pickle.dumps(TrainPlan(cfg, _stage_c_task(), "http://mlflow", "run", {})))
+    monkeypatch.chdir(os.path.dirname(tmp_path))  # the worker's working directory is elsewhere
+    assert plan.checkpoints.storage_path == str(tmp_path / "runs" / "train") and plan.cfg.checkpoint.storage_path == "runs/train"
+    assert plan.checkpoints.storage()[1] == str(tmp_path / "runs" / "train")
+    s3 = load(TrainConfig, None, ["model.flavor=tiny", "checkpoint.storage_path=s3://bucket/runs"])
+    assert TrainPlan(s3, _stage_c_task(), "http://mlflow", "run", {}).checkpoints.storage_path == "s3://bucket/runs"
+
+
 def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_resume():
     import dataclasses
 

@@ -222,7 +222,7 @@ class Checkpointer:
         import ray.train
 
         recorded = ray.train.get_checkpoint()
-        checkpoint = latest(self.plan.cfg.checkpoint)
+        checkpoint = latest(self.plan.checkpoints)
         if self.rank == 0 and recorded is not None and (checkpoint is None or checkpoint.path.rstrip("/") != recorded.path.rstrip("/")):
             log.warning("Ray Train's newest checkpoint is %s; restoring the newest complete one in storage instead: %s",
                         recorded.path, checkpoint.path if checkpoint is not None else "none, from the start")

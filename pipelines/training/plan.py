@@ -3,7 +3,7 @@ picklable plan, decided once on the driver, so that no worker rebuilds or re-dec
 
 import dataclasses
 
-from pipelines.training.config import TrainConfig
+from pipelines.training.config import CheckpointConfig, TrainConfig
 from pipelines.training.tasks import StageATask, StageBTask, StageCTask
 
 
@@ -17,3 +17,12 @@ class TrainPlan:
     # The weights to start from (None: random init); only for a new run, a resume loads its checkpoint
     # (every worker finds the run's newest complete one in storage: see Checkpointer.restore).
     init_state: dict | None = None
+    # cfg.checkpoint with its storage path resolved on the driver (a relative local path would name
+    # another folder in a worker): where every worker looks for the checkpoint to resume from.
+    checkpoints: CheckpointConfig | None = None
+
+    def __post_init__(self):
+        from core.storage import absolute
+
+        if self.checkpoints is None:
+            self.checkpoints = dataclasses.replace(self.cfg.checkpoint, storage_path=absolute(self.cfg.checkpoint.storage_path))
