@@ -19,10 +19,11 @@ from latent_cache import manifest as manifests
 from latent_cache.encoders import build_stage_a, calibration_images, model_fingerprint, spec_fingerprints, weights_digest
 from latent_cache.manifest import CacheMismatchError
 from latent_cache.spec import CacheSpec, EncoderWeights
+from pipelines.quality import stage_a_reconstruction
 from pipelines.train import run_training
 from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.config import ModelConfig
-from pipelines.training.tasks import StageATask, reconstruction_metrics
+from pipelines.training.tasks import StageATask
 from stages import StageA
 from stages.objectives import StageAObjective
 
@@ -39,14 +40,14 @@ def test_stage_a_overfits_four_images_and_reconstructs_each_one_not_an_average()
     model = task.build_model()
     images = calibration_images(1, count=4, side=32)
     batch = {"key": [f"row-{i}" for i in range(4)], "images": images}
-    start = reconstruction_metrics(model, [images], quantize=True)
+    start = stage_a_reconstruction(model, [images], quantize=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(400):
         optimizer.zero_grad()
         task.loss(model, batch, generator).backward()
         optimizer.step()
-    trained = reconstruction_metrics(model, [images], quantize=True)
+    trained = stage_a_reconstruction(model, [images], quantize=True)
     mean_image = peak_signal_noise_ratio(images.mean(0, keepdim=True).expand_as(images), images, data_range=1.0,
                                          reduction="none", dim=(1, 2, 3))
     assert start["psnr"] < 10 and trained["psnr"] > 24, (start, trained)
@@ -57,7 +58,7 @@ def test_stage_a_overfits_four_images_and_reconstructs_each_one_not_an_average()
     distances = torch.cdist(reconstruction.flatten(1), images.flatten(1))
     assert distances.argmin(dim=1).tolist() == [0, 1, 2, 3], distances
     # Decoded without quantizing (how Würstchen v2 decodes Stage B's latents) it reconstructs too.
-    assert reconstruction_metrics(model, [images], quantize=False)["psnr"] > 20
+    assert stage_a_reconstruction(model, [images], quantize=False)["psnr"] > 20
 
 
 def test_random_crops_are_squares_of_each_image_drawn_from_the_generator():

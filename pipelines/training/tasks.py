@@ -16,6 +16,7 @@ from torch import nn
 
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.spec import TEXT_COLUMNS
+from pipelines.quality import stage_a_reconstruction
 from pipelines.training.data import to_tensors
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
@@ -127,30 +128,6 @@ class StageBTask(_Task):
         return stage_b_validation_loss(model, inputs, v.t_grid, v.seed, self.objective)
 
 
-@torch.no_grad()
-def reconstruction_metrics(model: nn.Module, images: Iterable[torch.Tensor], quantize: bool) -> dict[str, float]:
-    """Stage A's reconstructions of held-out images (B, 3, H, W) in [0, 1], in eval mode: the mean
-    squared error, and the mean per-image PSNR (dB) and SSIM of the reconstruction clamped to [0, 1]
-    (torchmetrics), averaged over images. The model is given back in its mode."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    was_training = model.training
-    model.eval()
-    sums, count = {"loss": 0.0, "psnr": 0.0, "ssim": 0.0}, 0
-    for x in images:
-        reconstruction, _ = model(x, quantize=quantize)
-        reconstruction = reconstruction.float()
-        n = x.shape[0]
-        sums["loss"] += float(torch.nn.functional.mse_loss(reconstruction, x)) * n
-        clamped = reconstruction.clamp(0, 1)
-        psnr = peak_signal_noise_ratio(clamped, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        sums["psnr"] += float(psnr.sum())
-        sums["ssim"] += float(structural_similarity_index_measure(clamped, x, data_range=1.0, reduction="sum"))
-        count += n
-    model.train(was_training)
-    return {name: total / max(count, 1) for name, total in sums.items()}
-
-
 @dataclasses.dataclass
 class StageATask(_Task):
     """Training Stage A (the Paella VQGAN) on the cache's cropped training images: pixel
@@ -168,7 +145,7 @@ class StageATask(_Task):
 
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         images = (to_tensors(raw, self.device)[IMAGES] for raw in batches)
-        return reconstruction_metrics(model, images, self.objective.quantize)
+        return stage_a_reconstruction(model, images, self.objective.quantize)
 
     @torch.no_grad()
     def validation_picture(self, model: nn.Module, batches: Iterable[dict], count: int = 8) -> np.ndarray:
