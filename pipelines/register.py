@@ -207,6 +207,23 @@ def register_stage_c(
     return {"name": name, "version": version.version, "created": True, "source": source}
 
 
+def random_decoders(flavor: str, seed: int = 0, text_weights=None):
+    """Seeded random Stage B + Stage A of a flavor, and the decoder text encoder of `text_weights`
+    (default: random with the same seed): what the demo registered before it had trained decoders,
+    and the baseline the trained ones are measured against."""
+    import torch
+
+    from latent_cache.encoders import build_decoder_text_encoder
+    from latent_cache.spec import EncoderWeights
+    from stages import StageA, StageB
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stage_b, stage_a = StageB.from_flavor(flavor), StageA.from_flavor(flavor)
+    text = build_decoder_text_encoder(flavor, text_weights or EncoderWeights(None, seed), stage_b.config.clip_embd)
+    return stage_b, stage_a, text
+
+
 def register_decoders(
     tracking_uri: str | None = None,
     name: str = registry.DECODERS_MODEL,
@@ -215,19 +232,29 @@ def register_decoders(
     seed: int = 0,
 ) -> dict:
     """Registers Stage B + Stage A (+ the reference of their text encoder) once; the same weights
-    registered again return the existing version."""
-    import torch
-
+    registered again return the existing version. `source`: "random" (seeded `flavor` weights), a
+    bundle folder with a bundle.json (see `pipelines.decoder_bundle`: the demo decoders; its
+    fingerprints and figures become tags, so Stage C versions trained on the same semantic
+    compressor pin it), or a diffusers folder / hub id."""
     from latent_cache.spec import EncoderWeights
     from latent_cache.encoders import weights_digest
+    from pipelines import decoder_bundle
     from stages import StageA, StageB
 
     mlflow_client = registry.client(tracking_uri)
+    tags = {}
+    meta = decoder_bundle.read_meta(source) if source != "random" else None
     if source == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            stage_b, stage_a = StageB.from_flavor(flavor), StageA.from_flavor(flavor)
+        stage_b, stage_a, _ = random_decoders(flavor, seed)
         text_ref = text_encoder_ref(flavor, EncoderWeights(None, seed), stage_b.config.clip_embd)
+    elif meta is not None:
+        stage_b, stage_a, _, meta = decoder_bundle.load(source)
+        flavor = meta["flavor"]
+        text_ref = text_encoder_ref(flavor, decoder_bundle.text_encoder_weights(meta), stage_b.config.clip_embd)
+        tags = {f"fingerprint.{k}": v for k, v in meta["fingerprints"].items()}
+        figures = meta.get("reconstruction", {}).get("figures", {})
+        tags.update({f"reconstruction.{k}": str(v["trained"]) for k, v in figures.items()})
+        tags.update({f"training.{stage}.step": str(run["step"]) for stage, run in meta.get("training", {}).items()})
     else:
         stage_b = StageB.from_pretrained(source, subfolder="decoder")
         stage_a = StageA.from_pretrained(source, subfolder="vqgan")
@@ -236,9 +263,9 @@ def register_decoders(
     existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, digest)
     if existing is not None:
         return {"name": name, "version": existing.version, "created": False, "source": source}
-    described = "seeded random weights (demo)" if source == "random" else source
+    described = {"random": "seeded random weights (demo)"}.get(source, f"trained: {meta['command']}" if meta else source)
     return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, {
-        registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(),
+        registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(), **tags,
     })
 
 
@@ -338,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run-id", help="MLflow run id of a training run (its newest checkpoint is registered)")
     what.add_argument("--checkpoint", help="a checkpoint folder, local or s3://")
-    what.add_argument("--decoder-bundle", metavar="SOURCE", help='register decoders: a decoder pipeline folder / hub id, or "random"')
+    what.add_argument("--decoder-bundle", metavar="SOURCE", help='register decoders: a bundle folder (weights/twemoji-small-decoders), a decoder pipeline folder / hub id, or "random"')
     parser.add_argument("--name", help=f"registered model name (default {registry.STAGE_C_MODEL}, or {registry.DECODERS_MODEL} for a decoder bundle)")
     parser.add_argument("--decoders", help="the decoder bundle this Stage C version pins: models:/wuerstchen-decoders/1, or a "
                         "bundle name (its newest version trained on the same semantic latents); default: that of wuerstchen-decoders")

@@ -1,0 +1,95 @@
+"""pipelines.quality (the reconstruction figures of the decoders) and pipelines.decoder_bundle (a
+decoder bundle as a folder), on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from latent_cache.encoders import build_decoder_text_encoder, model_fingerprint, text_fingerprint
+from latent_cache.spec import EncoderWeights
+from pipelines import decoder_bundle
+from pipelines.quality import Averages, decoder_reconstruction, image_scores, stage_a_reconstruction
+from stages import StageA, StageB
+from stages.sampler import WuerstchenSampler
+
+
+def test_image_scores_are_per_image_psnr_and_ssim():
+    torch.manual_seed(0)
+    original = torch.rand(3, 3, 32, 32) * 0.8 + 0.1
+    noisy = original + 0.05 * torch.randn_like(original)
+    scores = image_scores(torch.stack([original[0], noisy[1], original[2] + 0.1]), original)
+    assert scores["psnr"].shape == scores["ssim"].shape == (3,)
+    mse = (noisy[1].clamp(0, 1) - original[1]).square().mean()
+    assert scores["psnr"][1] == pytest.approx(float(10 * torch.log10(1 / mse)), rel=1e-4)
+    assert scores["psnr"][2] == pytest.approx(20.0, abs=1e-3)  # a uniform error of 0.1: 10 log10(1 / 0.01)
+    assert scores["ssim"][0] == pytest.approx(1.0, abs=1e-5) and scores["ssim"][1] < 0.99
+    with pytest.raises(ValueError, match="shape"):
+        image_scores(original[:2], original)
+
+
+def test_averages_weigh_batches_by_their_images():
+    averages = Averages()
+    averages.add({"psnr": torch.tensor([10.0, 20.0, 30.0])}, 3)
+    averages.add({"psnr": torch.tensor([40.0])}, 1)
+    assert averages.means() == {"psnr": 25.0}
+
+
+def _tiny_bundle(seed: int = 0):
+    torch.manual_seed(seed)
+    stage_b, stage_a = StageB.from_flavor("tiny").eval(), StageA.from_flavor("tiny").eval()
+    text = build_decoder_text_encoder("tiny", EncoderWeights(None, 1), stage_b.config.clip_embd)
+    return stage_b, stage_a, text
+
+
+def test_stage_a_reconstruction_gives_the_model_back_in_its_mode():
+    stage_a = StageA.from_flavor("tiny").train()
+    scores = stage_a_reconstruction(stage_a, [torch.rand(2, 3, 32, 32)], quantize=True)
+    assert set(scores) == {"loss", "psnr", "ssim"} and stage_a.training
+    assert math.isfinite(scores["psnr"]) and 0 < scores["loss"] < 1
+
+
+def test_decoder_reconstruction_regenerates_each_image_from_its_semantic_latent_seeded():
+    stage_b, stage_a, text = _tiny_bundle()
+    sampler = WuerstchenSampler(None, None, stage_b, text, stage_a)
+    images = torch.rand(3, 3, 64, 64)
+    z_c = torch.randn(3, 16, 3, 3)  # -> 3 x 10.67 = 32 -> Stage A at 128 px, compared at 64 px
+    first = decoder_reconstruction(sampler, images, z_c, ["a cat", "a dog", "a hat"], steps=2, seed=3, batch_size=2)
+    again = decoder_reconstruction(sampler, images, z_c, ["a cat", "a dog", "a hat"], steps=2, seed=3, batch_size=2)
+    assert first["images"].shape == images.shape and torch.equal(first["images"], again["images"])
+    assert set(first) == {"psnr", "ssim", "images"} and math.isfinite(first["psnr"])
+    with pytest.raises(ValueError, match="Stage B"):
+        decoder_reconstruction(WuerstchenSampler(None, None), images, z_c, ["a"] * 3)
+
+
+def _write_bundle(folder, stage_b, stage_a, text, **changes):
+    stage_b.save_pretrained(folder / "decoder")
+    stage_a.save_pretrained(folder / "vqgan")
+    meta = {
+        "flavor": "tiny", "decoder_text_encoder": {"path": None, "seed": 1},
+        "fingerprints": {
+            "stage_a": model_fingerprint("stage_a", stage_a, EncoderWeights(None))["fingerprint"],
+            "decoder_text_encoder": text_fingerprint(text, EncoderWeights(None, 1))["fingerprint"],
+            "semantic_compressor": "abc",
+        },
+        **changes,
+    }
+    decoder_bundle.write_meta(folder, meta)
+    return meta
+
+
+def test_a_bundle_folder_loads_checked_against_the_fingerprints_its_stage_b_was_trained_with(tmp_path):
+    stage_b, stage_a, text = _tiny_bundle()
+    meta = _write_bundle(tmp_path, stage_b, stage_a, text)
+    loaded_b, loaded_a, loaded_text, loaded_meta = decoder_bundle.load(tmp_path)
+    assert loaded_meta == meta and json.loads((tmp_path / decoder_bundle.BUNDLE_FILE).read_text()) == meta
+    assert all(torch.equal(a, b) for a, b in zip(stage_a.state_dict().values(), loaded_a.state_dict().values()))
+    assert torch.equal(loaded_text.encode(["a cat"]), text.encode(["a cat"]))
+
+    StageA.from_flavor("tiny").save_pretrained(tmp_path / "vqgan")  # another Stage A than Stage B learned
+    with pytest.raises(ValueError, match="stage_a has fingerprint"):
+        decoder_bundle.load(tmp_path)
+    assert decoder_bundle.read_meta(tmp_path / "vqgan") is None
+    with pytest.raises(FileNotFoundError, match="bundle.json"):
+        decoder_bundle.load(tmp_path / "vqgan")
