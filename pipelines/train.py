@@ -33,7 +33,9 @@ def expected_fingerprints(cfg: TrainConfig):
     expected = {"semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"]}
     if cfg.model.stage == "b":
         text = enc.build_decoder_text_encoder(flavor)
-        expected["stage_a"] = model_fingerprint("stage_a", enc.build_stage_a(flavor), enc.stage_a)["fingerprint"]
+        stage_a = enc.build_stage_a(flavor)
+        check_scale_factor(cfg.decoder_objective.scale_factor, stage_a.config.scale_factor)
+        expected["stage_a"] = model_fingerprint("stage_a", stage_a, enc.stage_a)["fingerprint"]
         expected["decoder_text_encoder"] = text_fingerprint(text, enc.decoder_text_encoder)["fingerprint"]
     else:
         text = enc.build_text_encoder(flavor)
@@ -56,6 +58,16 @@ def initial_weights(cfg: TrainConfig):
 
         return load_original(model_class, init, flavor=cfg.model.flavor, config=cfg.model.model_config()).state_dict()
     return model_class.from_pretrained(init).state_dict()
+
+
+def check_scale_factor(objective: float, stage_a: float) -> None:
+    """Stage B learns z_B = h / scale_factor and the sampler decodes z_B * the Stage A's own
+    scale_factor (its config): trained with another factor, every decoded image would be off in scale."""
+    if abs(objective - stage_a) > 1e-6:
+        raise ValueError(
+            f"decoder_objective.scale_factor={objective}, but the Stage A of encoders.stage_a has scale_factor={stage_a} "
+            f"(its config.json), which the sampler decodes Stage B's latents with: set decoder_objective.scale_factor={stage_a}"
+        )
 
 
 def build_task(cfg: TrainConfig, cache, text_encoder):

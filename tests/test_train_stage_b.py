@@ -205,3 +205,20 @@ def test_a_run_of_the_days_before_stage_b_resumes_and_another_stage_is_refused()
         check_resumable(older, as_b, "ckpt")
     changed = config_of("optim.lr=0.5")
     assert config_changes(flatten(older), changed) == ["optim.lr: 0.0001 -> 0.5"]
+
+
+def test_stage_b_trains_at_the_scale_factor_of_its_stage_a(tmp_path):
+    """Stage B learns h / decoder_objective.scale_factor; the sampler decodes with the Stage A's own
+    config.scale_factor. A Stage A trained here has its own factor (the demo's: 0.9539): training at
+    another one is refused before any work, naming the value to set."""
+    from pipelines.train import expected_fingerprints
+
+    torch.manual_seed(0)
+    stage_a = StageA.from_flavor("tiny", scale_factor=0.9)
+    stage_a.save_pretrained(tmp_path / "vqgan")
+    sets = ["model.stage=b", "model.flavor=tiny", f"encoders.stage_a.path={tmp_path / 'vqgan'}",
+            "encoders.decoder_text_encoder={seed: 1}"]
+    with pytest.raises(ValueError, match=r"scale_factor=0.9 \(its config.json\).*set decoder_objective.scale_factor=0.9"):
+        expected_fingerprints(load(TrainConfig, None, sets))
+    expected, _ = expected_fingerprints(load(TrainConfig, None, [*sets, "decoder_objective.scale_factor=0.9"]))
+    assert set(expected) == {"semantic_compressor", "stage_a", "decoder_text_encoder"}
