@@ -111,20 +111,51 @@ def held_out_rows(cache_url: str, fraction: float, limit: int | None = None) -> 
             "images": images, "stage_c_latents": torch.from_numpy(array("stage_c_latents", np.float32))}
 
 
+def own_retrieval(regenerated: torch.Tensor, originals: torch.Tensor) -> float:
+    """The fraction of regenerated images whose nearest original (pixel MSE, among all `originals`)
+    is their own: chance is 1/N; a decoder that ignores its condition stays near it."""
+    errors = ((regenerated[:, None].float() - originals[None].float()) ** 2).mean(dim=(2, 3, 4))
+    return float((errors.argmin(dim=1) == torch.arange(len(regenerated))).float().mean())
+
+
 def bundle_quality(stage_b, stage_a, text_encoder, rows: dict, steps: int = DECODER_STEPS, seed: int = 0) -> dict:
     """The reconstruction figures of one decoder bundle on `rows` (see `held_out_rows`):
     stage_a_{psnr,ssim} (quantized, as the VQGAN reconstructs), stage_a_unquantized_{psnr,ssim} (as
-    a decoded Stage B latent goes through it), decoder_{psnr,ssim} (Stage B sampling + Stage A), and
-    the decoded images ("images")."""
+    a decoded Stage B latent goes through it), decoder_{psnr,ssim} (Stage B sampling + Stage A),
+    decoder_shifted_psnr (each image against what the decoders make of another row's semantic
+    latent: the control), decoder_own_retrieval (see `own_retrieval`), and the decoded images."""
     stage_b, stage_a = stage_b.eval(), stage_a.eval()
-    images = rows["images"]
+    images, latents = rows["images"], rows["stage_c_latents"]
     batches = [images[i:i + 16] for i in range(0, len(images), 16)]
     out = {}
     for name, quantize in (("stage_a", True), ("stage_a_unquantized", False)):
         scores = stage_a_reconstruction(stage_a, batches, quantize)
         out.update({f"{name}_{metric}": scores[metric] for metric in METRICS})
     sampler = WuerstchenSampler(None, None, stage_b, text_encoder, stage_a)
-    decoded = decoder_reconstruction(sampler, images, rows["stage_c_latents"], rows["caption"], steps=steps, seed=seed)
+    decoded = decoder_reconstruction(sampler, images, latents, rows["caption"], steps=steps, seed=seed)
     out.update({f"decoder_{metric}": decoded[metric] for metric in METRICS})
+    shifted = decoder_reconstruction(sampler, images, latents.roll(1, 0), rows["caption"], steps=steps, seed=seed)
+    out["decoder_shifted_psnr"] = shifted["psnr"]
+    out["decoder_own_retrieval"] = own_retrieval(decoded["images"], images)
     out["images"] = decoded["images"]
     return out
+
+
+# What a decoder bundle must show on held-out images to count as following its semantic condition:
+# PSNR against its own image this much above that against the image of another row's latent, and
+# its regenerated image the nearest to its own original this often.
+MIN_CONDITION_GAIN_DB = 1.0
+MIN_OWN_RETRIEVAL = 0.5
+
+
+def condition_problems(figures: dict[str, float]) -> list[str]:
+    """Why a bundle's Stage B does not follow its semantic condition (empty: it does)."""
+    problems = []
+    gain = figures["decoder_psnr"] - figures["decoder_shifted_psnr"]
+    if gain < MIN_CONDITION_GAIN_DB:
+        problems.append(f"regenerated from its own semantic latent an image scores {figures['decoder_psnr']:.2f} dB, from "
+                        f"another image's {figures['decoder_shifted_psnr']:.2f} dB (a gain of {gain:.2f} < {MIN_CONDITION_GAIN_DB} dB)")
+    if figures["decoder_own_retrieval"] < MIN_OWN_RETRIEVAL:
+        problems.append(f"only {figures['decoder_own_retrieval']:.0%} of the regenerated images are nearest their own original "
+                        f"(< {MIN_OWN_RETRIEVAL:.0%})")
+    return problems

@@ -10,7 +10,8 @@ import torch
 from latent_cache.encoders import build_decoder_text_encoder, model_fingerprint, text_fingerprint
 from latent_cache.spec import EncoderWeights
 from pipelines import decoder_bundle
-from pipelines.quality import Averages, decoder_reconstruction, image_scores, stage_a_reconstruction
+from pipelines.quality import (Averages, condition_problems, decoder_reconstruction, image_scores, own_retrieval,
+                               stage_a_reconstruction)
 from stages import StageA, StageB
 from stages.sampler import WuerstchenSampler
 
@@ -93,3 +94,19 @@ def test_a_bundle_folder_loads_checked_against_the_fingerprints_its_stage_b_was_
     assert decoder_bundle.read_meta(tmp_path / "vqgan") is None
     with pytest.raises(FileNotFoundError, match="bundle.json"):
         decoder_bundle.load(tmp_path / "vqgan")
+
+
+def test_own_retrieval_counts_the_regenerated_images_nearest_their_own_original():
+    torch.manual_seed(0)
+    originals = torch.rand(4, 3, 16, 16)
+    assert own_retrieval(originals + 0.01 * torch.randn_like(originals), originals) == 1.0
+    assert own_retrieval(originals.roll(1, 0), originals) == 0.0  # each made from another row's condition
+    assert own_retrieval(originals.mean(0, keepdim=True).expand(4, -1, -1, -1), originals) <= 0.25  # one picture for all
+
+
+def test_a_stage_b_that_ignores_its_semantic_condition_is_named_as_such():
+    follows = {"decoder_psnr": 14.0, "decoder_shifted_psnr": 11.5, "decoder_own_retrieval": 0.8}
+    assert condition_problems(follows) == []
+    ignores = {"decoder_psnr": 10.98, "decoder_shifted_psnr": 10.95, "decoder_own_retrieval": 0.05}
+    problems = condition_problems(ignores)
+    assert len(problems) == 2 and "a gain of 0.03" in problems[0] and "only 5%" in problems[1]
