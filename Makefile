@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration venv bench clean
+.PHONY: demo demo-decoders test test-unit test-integration venv bench clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/wuerstchen demo
+
+# Trains the demo's decoders into weights/twemoji-small-decoders (~1 h on 2 cores; resumable).
+demo-decoders: $(STAMP)
+	$(VENV)/bin/wuerstchen demo-decoders
 
 # Unit tests first (in process, seconds), then integration tests on real parts (Ray, MLflow, moto's S3,
 # jobs in their own processes); tests/conftest.py marks each test as one or the other.

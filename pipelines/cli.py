@@ -15,6 +15,7 @@ from core.ray_cluster import quiet_console
 # subcommand -> (module under pipelines/, one-line help)
 COMMANDS = {
     "demo": ("demo", "run the main job on embedded defaults"),
+    "demo-decoders": ("demo_decoders", "train the demo's decoders (Stage A, then Stage B) on Twemoji into weights/"),
     "prep": ("prep", "filter image-text pairs and encode them into the latent cache"),
     "train": ("train", "train Stage C (or Stage B: model.stage=b; Stage A: model.stage=a) on the cache with Ray Train, tracked in MLflow"),
     "evaluate": ("evaluate", "compute the held-out validation loss of a registered Stage C version"),

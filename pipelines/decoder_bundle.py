@@ -1,5 +1,5 @@
 """A decoder bundle as a folder, what `register_decoders` registers from and what the demo decoders
-are committed as:
+are built as (`python -m pipelines.demo_decoders`):
 
     decoder/      config.json + diffusion_pytorch_model.safetensors   Stage B (diffusers layout)
     vqgan/        config.json + diffusion_pytorch_model.safetensors   Stage A (diffusers layout)

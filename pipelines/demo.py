@@ -6,13 +6,14 @@ local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji da
 2. Training: the `small` Stage C on the cache with Ray Train (2 CPU workers, DDP), checkpoints under
    runs/train, metrics in MLflow (a rerun resumes from the newest checkpoint).
 3. Registration: the EMA weights become a version of `wuerstchen-stage-c` (alias challenger), which
-   references a decoder bundle (`wuerstchen-decoders`: Stage B + Stage A, seeded random `small`
-   weights, registered once: the demo trains no decoder).
+   references a decoder bundle (`wuerstchen-decoders`, registered once: the small Stage B + Stage A
+   trained on the same Twemoji set by `python -m pipelines.demo_decoders`, when
+   weights/twemoji-small-decoders holds them, else seeded random `small` weights).
 4. The gate: the challenger is evaluated on the held-out rows and promoted to champion when better
    than the champion (the first version always is).
 5. A consumer, in a fresh process: `mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")`
    predicts Stage C latents for cached captions, each compared with the nearest cached latent, and
-   one image through the (random) decoders.
+   one image through the decoders (noise, while they are random).
 
 `--stages-only` runs the older check of every stage's forward/backward instead.
 """
@@ -127,6 +128,21 @@ def train(cfg):
     return cfg, result
 
 
+def demo_decoders(flavor: str) -> tuple[str, str]:
+    """The decoder bundle the demo registers, and what it is: the demo decoders when they are there
+    (a bundle.json: built and passed their check) for this flavor, else seeded random ones."""
+    from pipelines import decoder_bundle
+
+    meta = decoder_bundle.read_meta(decoder_bundle.DEMO_DECODERS)
+    if meta is not None and meta["flavor"] == flavor:
+        figures = meta.get("reconstruction", {}).get("figures", {})
+        psnr = figures.get("stage_a_psnr", {}).get("trained")
+        return str(decoder_bundle.DEMO_DECODERS), (
+            f"Stage B + Stage A trained on Twemoji ({decoder_bundle.DEMO_DECODERS.relative_to(decoder_bundle.ROOT)}"
+            + (f", Stage A {psnr:.1f} dB on held-out emoji)" if psnr is not None else ")"))
+    return "random", f"seeded random {flavor} Stage B + Stage A (no trained demo decoders of this flavor yet)"
+
+
 def register_and_promote(cfg, uri: str) -> str:
     """Registers the newest checkpoint and runs the gate; returns the champion's version."""
     from pipelines import registry
@@ -137,9 +153,10 @@ def register_and_promote(cfg, uri: str) -> str:
 
     print("\n== 3. Registration in the MLflow model registry", flush=True)
     mlflow_client = registry.client(uri)
-    decoders = register_decoders(uri, registry.DECODERS_MODEL, "random", flavor=cfg.model.flavor)
+    source, described = demo_decoders(cfg.model.flavor)
+    decoders = register_decoders(uri, registry.DECODERS_MODEL, source, flavor=cfg.model.flavor)
     print(f"   decoder bundle models:/{decoders['name']}/{decoders['version']} "
-          f"({'registered now' if decoders['created'] else 'registered before'}: seeded random small Stage B + Stage A)")
+          f"({'registered now' if decoders['created'] else 'registered before'}: {described})")
     run = mlflow_client.search_runs(
         [mlflow_client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.checkpoint.run_name}'", max_results=1,
@@ -175,7 +192,7 @@ prompts = json.loads(sys.argv[1])
 latents = model.predict(prompts, params={"steps": 20, "guidance": 4.0, "seed": 0})
 np.save(sys.argv[2], latents)
 if sys.argv[3]:
-    image = model.predict(prompts[:1], params={"output": "images", "steps": 20, "decoder_steps": 4, "seed": 0})
+    image = model.predict(prompts[:1], params={"output": "images", "steps": 20, "seed": 0})
     Image.fromarray(image[0]).save(sys.argv[3])
 print(json.dumps({"latents": [list(latents.shape), str(latents.dtype)]}))
 """
@@ -216,7 +233,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
         rank = int((row < row[captions.index(prompt)]).sum()) + 1
         print(f"   {prompt!r:<32} nearest cached latent: {captions[nearest]!r} (its own latent ranks {rank} of {len(captions)})")
     if image:
-        print(f"   predict(output='images') -> {image_path} (noise: the demo's decoders are random weights)")
+        print(f"   predict(output='images') -> {image_path}")
     return {"latents": str(latents_path), "shape": list(semantic.shape), "image": str(image_path) if image else None}
 
 
