@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -326,6 +327,33 @@ def test_register_decoder_bundle_from_a_hub_id(mlflow_server, tmp_path, monkeypa
     assert config["text_encoder"]["path"] == "warp-ai/wuerstchen"
     expected = text_fingerprint(encoder, EncoderWeights("warp-ai/wuerstchen"))["fingerprint"]
     assert config["text_encoder"]["fingerprint"] == expected
+
+
+def test_register_a_decoder_bundle_folder_with_its_fingerprints_and_figures(mlflow_server, tmp_path):
+    """What `wuerstchen demo-decoders` writes (decoder/, vqgan/, bundle.json) registers once, tagged
+    with the fingerprints its Stage B was trained with (which pinning reads) and its figures; the
+    version loads through models:/ with the text encoder bundle.json names and gives images."""
+    from test_quality import _tiny_bundle, _write_bundle
+
+    from pipelines.register import pinned_decoders
+
+    stage_b, stage_a, text = _tiny_bundle(seed=5)
+    _write_bundle(tmp_path, stage_b, stage_a, text, command="python -m pipelines.demo_decoders",
+                  reconstruction={"figures": {"decoder_psnr": {"trained": 14.2, "random": 2.4}}},
+                  training={"stage_b": {"step": 2000}})
+    name = "decoders-from-folder"
+    first = register_decoders(mlflow_server, name, str(tmp_path))
+    assert first["created"] and register_decoders(mlflow_server, name, str(tmp_path)) == {**first, "created": False}
+    client = registry.client(mlflow_server)
+    version = client.get_model_version(name, first["version"])
+    assert version.tags["fingerprint.semantic_compressor"] == "abc" and version.tags["reconstruction.decoder_psnr"] == "14.2"
+    assert version.tags["training.stage_b.step"] == "2000" and version.tags["flavor"] == "tiny"
+    assert pinned_decoders(client, name, "abc") == f"models:/{name}/{first['version']}"
+    decoders = mlflow.pyfunc.load_model(f"models:/{name}/{first['version']}").unwrap_python_model()
+    assert torch.equal(decoders.text_encoder.encode(["a cat"]), text.encode(["a cat"]))
+    images = decoders.predict(None, {"semantic": np.zeros((1, 16, 3, 3), np.float32), "prompt": ["a cat"]},
+                              params={"decoder_steps": 2})
+    assert images.dtype == np.uint8 and images.shape[0] == 1
 
 
 def test_a_stage_c_version_pins_a_decoder_bundle_trained_on_its_semantic_latents(mlflow_server):
