@@ -95,8 +95,8 @@ def set_scale_factor(folder: Path, cache_url: str, fraction: float, rows: int = 
     """Sets the scale_factor of the Stage A in `folder` (its config.json) to the std of its latents h
     on training images, so that Stage B's z_B = h / scale_factor has unit variance as the diffusion
     schedule assumes (the public Stage A's 0.3764 is that of its own latents; a Stage A trained here
-    has h of std ~1, and Stage B trained at 0.3764 would learn latents of std ~2.5, mostly left in
-    place by the noise schedule: washed-out samples)."""
+    has h of std ~1, and Stage B trained at 0.3764 would learn latents of std ~2.5, which the noise
+    schedule's high-noise steps, where the picture's layout is decided, barely perturb)."""
     import numpy as np
     import torch
 
