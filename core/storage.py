@@ -57,11 +57,9 @@ def resolve(url: str) -> tuple[pafs.FileSystem, str]:
         stated = parse_qs(parts.query).get("region", [None])[0]
         region, anonymous = _bucket_access(parts.netloc, _endpoint(), stated)
         return _s3_filesystem(region, anonymous), (parts.netloc + parts.path).rstrip("/")
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    elif "://" in url:
+    if "://" in url and not url.startswith("file://"):
         return pafs.FileSystem.from_uri(url)
-    return pafs.LocalFileSystem(), str(Path(url).expanduser().absolute())
+    return pafs.LocalFileSystem(), absolute(url)
 
 
 def absolute(url: str) -> str:
