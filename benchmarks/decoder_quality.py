@@ -17,7 +17,7 @@ import time
 
 from benchmarks.report import emit
 from pipelines import decoder_bundle
-from pipelines.quality import bundle_quality, held_out_rows
+from pipelines.quality import bundle_quality, split_rows
 from pipelines.register import random_decoders
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    rows = held_out_rows(args.cache, args.validation_fraction, args.limit)
+    rows = split_rows(args.cache, args.validation_fraction, limit=args.limit)
     stage_b, stage_a, text, meta = decoder_bundle.load(args.bundle)
     baseline = random_decoders(meta["flavor"], seed=0, text_weights=decoder_bundle.text_encoder_weights(meta))
     results = {"bundle": args.bundle, "cache": args.cache, "held_out_rows": len(rows["key"]), "by_decoder_steps": {}}

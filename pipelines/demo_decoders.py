@@ -97,23 +97,20 @@ def set_scale_factor(folder: Path, cache_url: str, fraction: float, rows: int = 
     schedule assumes (the public Stage A's 0.3764 is that of its own latents; a Stage A trained here
     has h of std ~1, and Stage B trained at 0.3764 would learn latents of std ~2.5, which the noise
     schedule's high-noise steps, where the picture's layout is decided, barely perturb)."""
-    import numpy as np
     import torch
 
-    from latent_cache.reader import Cache, split
+    from pipelines.quality import split_rows
     from stages import StageA
 
-    table = split(Cache(cache_url).read_table(["key", "images"]), fraction, validation=False).slice(0, rows)
-    pixels = np.concatenate([c.to_numpy_ndarray() for c in table.column("images").chunks]).astype(np.uint8)
+    images = split_rows(cache_url, fraction, held_out=False, limit=rows)["images"]
     stage_a = StageA.from_pretrained(folder).eval()
     with torch.no_grad():
-        h = torch.cat([stage_a.encode(torch.from_numpy(pixels[i:i + 32]).permute(0, 3, 1, 2).float() / 255)
-                       for i in range(0, len(pixels), 32)])
+        h = torch.cat([stage_a.encode(batch) for batch in images.split(32)])
     factor = round(float(h.std()), 4)
     config = json.loads((folder / "config.json").read_text())
     config["scale_factor"] = factor
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    print(f"   Stage A latents h on {len(pixels)} training images: std {factor} -> scale_factor {factor}", flush=True)
+    print(f"   Stage A latents h on {len(images)} training images: std {factor} -> scale_factor {factor}", flush=True)
     return factor
 
 
@@ -123,10 +120,10 @@ def measure(out: Path, cache_url: str, fraction: float, steps: int, seed: int = 
     regenerates from its semantic latent."""
     import torch
 
-    from pipelines.quality import bundle_quality, held_out_rows
+    from pipelines.quality import bundle_quality, split_rows
     from pipelines.register import random_decoders
 
-    rows = held_out_rows(cache_url, fraction)
+    rows = split_rows(cache_url, fraction)
     stage_b, stage_a, text, meta = decoder_bundle.load(out)
     _banner(f"measure: {len(rows['key'])} held-out emoji of {cache_url}")
     trained = bundle_quality(stage_b, stage_a, text, rows, steps=steps, seed=seed)
@@ -159,8 +156,9 @@ def save_grid(images, path: Path, columns: int) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
-    Image.fromarray(grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(path)
+    from pipelines.pyfunc_models import to_uint8_images
+
+    Image.fromarray(to_uint8_images(make_grid(images, nrow=columns, padding=2, pad_value=1.0)[None])[0]).save(path)
 
 
 def build(out: Path = decoder_bundle.DEMO_DECODERS, stage_a_steps: int | None = None,

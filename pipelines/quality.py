@@ -88,20 +88,21 @@ def decoder_reconstruction(sampler: WuerstchenSampler, images: torch.Tensor, sta
     return {**averages.means(), "images": torch.cat(out)}
 
 
-def held_out_rows(cache_url: str, fraction: float, limit: int | None = None) -> dict:
+def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: int | None = None) -> dict:
     """The held-out rows of a cache that holds images (the validation split of training, by key
-    hash), first `limit` of them: {"key", "caption", "images" (N, 3, R, R) in [0, 1], "stage_c_latents"}."""
+    hash), or with held_out=False its training rows; the first `limit` of them:
+    {"key", "caption", "images" (N, 3, R, R) in [0, 1], "stage_c_latents"}."""
     import numpy as np
 
     from latent_cache.reader import Cache, split
 
     cache = Cache(cache_url)
     cache.check_columns(["images"], "measuring reconstructions (prep with encode.images: true)")
-    table = split(cache.read_table(["key", "caption", "images", "stage_c_latents"]), fraction, validation=True)
+    table = split(cache.read_table(["key", "caption", "images", "stage_c_latents"]), fraction, validation=held_out)
     if limit is not None:
         table = table.slice(0, limit)
     if table.num_rows == 0:
-        raise ValueError(f"the cache {cache_url} has no held-out rows at validation fraction {fraction}")
+        raise ValueError(f"the cache {cache_url} has no {'held-out' if held_out else 'training'} rows at validation fraction {fraction}")
 
     def array(name: str, dtype) -> np.ndarray:
         return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
@@ -119,7 +120,7 @@ def own_retrieval(regenerated: torch.Tensor, originals: torch.Tensor) -> float:
 
 
 def bundle_quality(stage_b, stage_a, text_encoder, rows: dict, steps: int = DECODER_STEPS, seed: int = 0) -> dict:
-    """The reconstruction figures of one decoder bundle on `rows` (see `held_out_rows`):
+    """The reconstruction figures of one decoder bundle on `rows` (see `split_rows`):
     stage_a_{psnr,ssim} (quantized, as the VQGAN reconstructs), stage_a_unquantized_{psnr,ssim} (as
     a decoded Stage B latent goes through it), decoder_{psnr,ssim} (Stage B sampling + Stage A),
     decoder_shifted_psnr (each image against what the decoders make of another row's semantic
