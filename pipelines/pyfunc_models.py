@@ -86,11 +86,13 @@ class TextEncoderRef:
         return encoder.eval()
 
 
-def text_encoder_ref(flavor: str, weights: EncoderWeights, width: int | None) -> TextEncoderRef:
-    """The reference of the text encoder that `build_text_encoder` makes for these settings."""
+def text_encoder_ref(flavor: str, weights: EncoderWeights, width: int | None, encoder=None) -> TextEncoderRef:
+    """The reference of the text encoder that `build_text_encoder` makes for these settings (`encoder`:
+    that encoder, when the caller has built it already)."""
     from latent_cache.encoders import build_text_encoder, text_fingerprint
 
-    fingerprint = text_fingerprint(build_text_encoder(flavor, weights, width), weights)["fingerprint"]
+    encoder = encoder if encoder is not None else build_text_encoder(flavor, weights, width)
+    fingerprint = text_fingerprint(encoder, weights)["fingerprint"]
     return TextEncoderRef(flavor, weights.path, weights.seed, width, fingerprint)
 
 

@@ -245,12 +245,12 @@ def register_decoders(
     tags = {}
     meta = decoder_bundle.read_meta(source) if source != "random" else None
     if source == "random":
-        stage_b, stage_a, _ = random_decoders(flavor, seed)
-        text_ref = text_encoder_ref(flavor, EncoderWeights(None, seed), stage_b.config.clip_embd)
+        stage_b, stage_a, text = random_decoders(flavor, seed)
+        text_ref = text_encoder_ref(flavor, EncoderWeights(None, seed), stage_b.config.clip_embd, text)
     elif meta is not None:
-        stage_b, stage_a, _, meta = decoder_bundle.load(source)
+        stage_b, stage_a, text, meta = decoder_bundle.load(source)
         flavor = meta["flavor"]
-        text_ref = text_encoder_ref(flavor, decoder_bundle.text_encoder_weights(meta), stage_b.config.clip_embd)
+        text_ref = text_encoder_ref(flavor, decoder_bundle.text_encoder_weights(meta), stage_b.config.clip_embd, text)
         tags = {f"fingerprint.{k}": v for k, v in meta["fingerprints"].items()}
         figures = meta.get("reconstruction", {}).get("figures", {})
         tags.update({f"reconstruction.{k}": str(v["trained"]) for k, v in figures.items()})
