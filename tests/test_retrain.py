@@ -210,7 +210,9 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     # fine-tunes the champion, and is killed mid-training. Rerun, it finishes the same attempt from its
     # checkpoint and registers exactly one new version.
     _shard(tmp_path / "src", 1, rows=48)
-    long = _config(tmp_path, uri, steps=40, every=10)
+    # Long enough that the stop lands mid-training: `ray job stop` takes several seconds, in which a
+    # tiny model on a fast machine trained the last 25 of 40 steps and registered a version.
+    long = _config(tmp_path, uri, steps=200, every=10)
     _submit(ray_head, long, "retrain-a")
     _submit(ray_head, long, "retrain-b")
     jobs = {sid: _Follower(ray_head, sid, tmp_path) for sid in ("retrain-a", "retrain-b")}
@@ -222,7 +224,7 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     (refused,) = ended
     running = next(sid for sid in jobs if sid != refused)
     assert "refused: another run" in jobs[refused].wait()[1]
-    while time.monotonic() < deadline and "step 15/40" not in jobs[running].text():
+    while time.monotonic() < deadline and "step 15/200" not in jobs[running].text():
         time.sleep(0.5)
     assert _status(ray_head, running) == "RUNNING"
     _ray("job", "stop", f"--address={ray_head}", running, timeout=120)
