@@ -160,3 +160,25 @@ def condition_problems(figures: dict[str, float]) -> list[str]:
         problems.append(f"only {figures['decoder_own_retrieval']:.0%} of the regenerated images are nearest their own original "
                         f"(< {MIN_OWN_RETRIEVAL:.0%})")
     return problems
+
+
+THUMBNAIL = 8
+
+
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3 * THUMBNAIL^2): each image's colour layout, area-averaged."""
+    return torch.nn.functional.interpolate(images, size=THUMBNAIL, mode="area").flatten(1)
+
+
+def thumbnail_regression(train_x, train_y, test_x, test_y, penalty: float) -> dict:
+    """How much of the picture latents carry for a linear map: a ridge regression (on standardised
+    features, `penalty`) from train_x to train_y (thumbnails), scored on the held-out pairs: R^2, and
+    the rate at which a predicted thumbnail is nearest its own among all test_y (chance 1/N)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    y_mean = train_y.mean(0)
+    weights = torch.linalg.solve(a.T @ a + penalty * torch.eye(a.shape[1], dtype=a.dtype), a.T @ (train_y - y_mean))
+    predicted = b @ weights + y_mean
+    r2 = 1 - ((predicted - test_y) ** 2).sum() / ((test_y - y_mean) ** 2).sum()
+    own = (torch.cdist(predicted, test_y).argmin(1) == torch.arange(len(test_y))).float().mean()
+    return {"r2": round(float(r2), 4), "own_retrieval": round(float(own), 4)}

@@ -11,7 +11,7 @@ from latent_cache.encoders import build_decoder_text_encoder, model_fingerprint,
 from latent_cache.spec import EncoderWeights
 from pipelines import decoder_bundle
 from pipelines.quality import (Averages, condition_problems, decoder_reconstruction, image_scores, own_retrieval,
-                               stage_a_reconstruction)
+                               stage_a_reconstruction, thumbnail_regression, thumbnails)
 from stages import StageA, StageB
 from stages.sampler import WuerstchenSampler
 
@@ -110,3 +110,15 @@ def test_a_stage_b_that_ignores_its_semantic_condition_is_named_as_such():
     ignores = {"decoder_psnr": 10.98, "decoder_shifted_psnr": 10.95, "decoder_own_retrieval": 0.05}
     problems = condition_problems(ignores)
     assert len(problems) == 2 and "a gain of 0.03" in problems[0] and "only 5%" in problems[1]
+
+
+def test_thumbnail_regression_finds_the_picture_in_latents_that_carry_it_and_not_in_shuffled_ones():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(240, 3, 16, 16, generator=gen)
+    y = thumbnails(images)
+    assert y.shape == (240, 3 * 8 * 8)
+    latents = y @ torch.randn(y.shape[1], 256, generator=gen) + 0.01 * torch.randn(240, 256, generator=gen)  # an invertible linear code
+    carried = thumbnail_regression(latents[:200], y[:200], latents[200:], y[200:], penalty=1.0)
+    assert carried["r2"] > 0.3 and carried["own_retrieval"] > 0.5
+    shuffled = thumbnail_regression(latents[:200][torch.randperm(200, generator=gen)], y[:200], latents[200:], y[200:], penalty=1.0)
+    assert shuffled["r2"] < 0.05 and shuffled["own_retrieval"] < 0.2
