@@ -49,11 +49,13 @@ def test_stage_b_overfits_a_handful_of_latents_and_follows_its_semantic_conditio
     def held_out(order: list[int]) -> float:
         rows = {k: (v if k == "key" else v.numpy()) for k, v in batch.items()}
         rows["stage_c_latents"] = rows["stage_c_latents"][order]
-        return task.validation_loss(model, [rows])
+        return task.validation_loss(model, [rows])["loss"]
 
     own, shifted = list(range(n)), [1, 2, 3, 0]
     start = held_out(own)
     assert start == pytest.approx(held_out(shifted))  # the output layer starts at zero
+    assert task.validation_loss(model, [{k: (v if k == "key" else v.numpy()) for k, v in batch.items()}])[
+        "condition_gap"] == pytest.approx(0.0, abs=1e-6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(300):
@@ -63,6 +65,12 @@ def test_stage_b_overfits_a_handful_of_latents_and_follows_its_semantic_conditio
     trained, wrong = held_out(own), held_out(shifted)
     assert trained < 0.2 * start, (start, trained)
     assert wrong > 2.5 * trained, (trained, wrong)
+    # The figure the trainer logs beside val_loss: each row given the next row's condition.
+    rows = {k: (v if k == "key" else v.numpy()) for k, v in batch.items()}
+    halves = [{k: v[:2] for k, v in rows.items()}, {k: v[2:] for k, v in rows.items()}]  # across batches
+    figures = task.validation_loss(model, halves)
+    assert figures["loss"] == pytest.approx(trained, rel=1e-5)
+    assert figures["condition_gap"] == pytest.approx(wrong - trained, rel=1e-4)
 
 
 def test_the_stage_and_its_overrides_are_checked():
@@ -116,6 +124,8 @@ def test_stage_b_trains_on_two_fsdp2_workers_recovers_from_a_killed_worker_and_c
     assert [s for s, _ in metric_history(mlflow_server, run_id, "loss")] == [1, 2, 3, 4], "every step logged once"
     val = metric_history(mlflow_server, run_id, "val_loss_ema")
     assert [s for s, _ in val] == [2, 4] and all(np.isfinite(v) for _, v in val)
+    gap = metric_history(mlflow_server, run_id, "val_condition_gap_ema")  # does it use its semantic condition
+    assert [s for s, _ in gap] == [2, 4] and all(np.isfinite(v) for _, v in gap)
     tags = MlflowClient(mlflow_server).get_run(run_id).data.tags
     assert {"fingerprint.stage_a", "fingerprint.decoder_text_encoder", "fingerprint.semantic_compressor"} <= set(tags)
     fs, root = cfg.checkpoint.storage()

@@ -121,11 +121,22 @@ class StageBTask(_Task):
         semantic = stage_c_to_semantic(batch[STAGE_C_LATENTS])
         return stage_b_loss(model, batch[STAGE_A_LATENTS], semantic, batch[DECODER_TEXT], self.objective, generator)
 
-    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float:
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        """The fixed-grid loss ("loss") and whether the decoder uses its semantic condition
+        ("condition_gap"): the same loss, same noise, with each row given the next held-out row's
+        semantic latent instead of its own, minus the loss with its own. About zero while Stage B
+        ignores the condition (a falling loss alone does not show that it does); positive once the
+        semantic latent tells it what to draw."""
         v = self.validation
-        inputs = ((b["key"], b[STAGE_A_LATENTS], stage_c_to_semantic(b[STAGE_C_LATENTS]), b[DECODER_TEXT])
-                  for b in (to_tensors(raw, self.device) for raw in batches))
-        return stage_b_validation_loss(model, inputs, v.t_grid, v.seed, self.objective)
+        rows = [(b["key"], b[STAGE_A_LATENTS], stage_c_to_semantic(b[STAGE_C_LATENTS]), b[DECODER_TEXT])
+                for b in (to_tensors(raw, self.device) for raw in batches)]
+        own = stage_b_validation_loss(model, iter(rows), v.t_grid, v.seed, self.objective)
+        if sum(len(keys) for keys, *_ in rows) < 2:
+            return {"loss": own}
+        others = torch.cat([e for _, _, e, _ in rows]).roll(-1, dims=0).split([len(e) for _, _, e, _ in rows])
+        shifted = ((keys, h, other, text) for (keys, h, _, text), other in zip(rows, others))
+        control = stage_b_validation_loss(model, shifted, v.t_grid, v.seed, self.objective)
+        return {"loss": own, "condition_gap": control - own}
 
 
 @dataclasses.dataclass
