@@ -208,6 +208,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
     import numpy as np
 
     from latent_cache.reader import Cache
+    from pipelines.quality import own_latent_ranks, rank_figures
     from stages.latents import semantic_to_stage_c
 
     print("\n== 5. A consumer loads models:/wuerstchen-stage-c@champion in a fresh process", flush=True)
@@ -226,12 +227,15 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
         raise RuntimeError(f"the consumer process failed:\n{done.stderr[-3000:]}")
     semantic = np.load(latents_path)
     print(f"   predict({len(picks)} prompts) -> latents {semantic.shape} {semantic.dtype}")
-    z_c = semantic_to_stage_c(torch.from_numpy(semantic)).numpy().reshape(len(picks), -1)
-    distances = ((cached.reshape(len(cached), -1)[None] - z_c[:, None]) ** 2).mean(-1)
-    for prompt, row in zip(picks, distances):
-        nearest = int(row.argmin())
-        rank = int((row < row[captions.index(prompt)]).sum()) + 1
-        print(f"   {prompt!r:<32} nearest cached latent: {captions[nearest]!r} (its own latent ranks {rank} of {len(captions)})")
+    z_c = semantic_to_stage_c(torch.from_numpy(semantic))
+    cached = torch.from_numpy(cached)
+    ranks = own_latent_ranks(z_c, cached, [captions.index(prompt) for prompt in picks])
+    nearest = torch.cdist(z_c.flatten(1).double(), cached.flatten(1).double()).argmin(dim=1)
+    for prompt, rank, index in zip(picks, ranks.tolist(), nearest.tolist()):
+        print(f"   {prompt!r:<32} nearest cached latent: {captions[index]!r} (its own latent ranks {rank} of {len(captions)})")
+    figures = rank_figures(ranks, len(captions))
+    print(f"   own-latent median rank {figures['median_rank']:.0f} (chance {figures['chance_median_rank']:.0f}), "
+          f"top-10 {figures['top10']:.0%}")
     if image:
         print(f"   predict(output='images') -> {image_path}")
     return {"latents": str(latents_path), "shape": list(semantic.shape), "image": str(image_path) if image else None}

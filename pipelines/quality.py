@@ -1,18 +1,24 @@
-"""How well the decoders reconstruct images, in the figures users compare: PSNR (dB) and SSIM of a
-reconstruction against the original, per image (torchmetrics), for
+"""What the trained models are judged by, in one place (each figure deterministic for its inputs and seed):
 
-- Stage A alone: image -> Stage A encode (-> quantize) -> decode -> image;
-- the decoder bundle: image -> (its cached semantic latent, its caption) -> Stage B sampling from
-  noise -> Stage A decode -> image, which is what a generated picture goes through after Stage C.
+- the decoders: PSNR (dB) and SSIM of a reconstruction against the original, per image
+  (torchmetrics), for Stage A alone (image -> encode (-> quantize) -> decode -> image) and for the
+  decoder bundle (image -> (its cached semantic latent, its caption) -> Stage B sampling from noise
+  -> Stage A decode -> image, what a generated picture goes through after Stage C), beside the
+  control of another image's semantic latent;
+- the prior: caption -> latent retrieval (each caption's own cached latent ranked among all cached
+  latents, for a latent sampled from the caption; chance is a median rank of N / 2) and the Fréchet
+  distance between sampled and real latents (FID's formula in the latent space: no outside network);
+- how much of each picture the cached semantic latents carry (a linear probe to thumbnails).
 
-Used by Stage A's validation, by `benchmarks.decoder_quality` and by the demo decoders' build."""
+Used by the trainers' validation, by the demo decoders' build, by the demo's consumer step and by the
+benchmarks."""
 
 from collections.abc import Iterable
 
 import torch
 
-from stages.latents import stage_c_to_semantic
-from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, WuerstchenSampler
+from stages.latents import semantic_to_stage_c, stage_c_to_semantic
+from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, PRIOR_GUIDANCE, WuerstchenSampler
 
 METRICS = ("psnr", "ssim")
 
@@ -182,3 +188,72 @@ def thumbnail_regression(train_x, train_y, test_x, test_y, penalty: float) -> di
     r2 = 1 - ((predicted - test_y) ** 2).sum() / ((test_y - y_mean) ** 2).sum()
     own = (torch.cdist(predicted, test_y).argmin(1) == torch.arange(len(test_y))).float().mean()
     return {"r2": round(float(r2), 4), "own_retrieval": round(float(own), 4)}
+
+
+# -- Stage C: does the prior follow its captions ---------------------------------------------------
+
+TOP_K = 10
+
+
+def own_latent_ranks(sampled: torch.Tensor, cached: torch.Tensor, own: list[int]) -> torch.Tensor:
+    """The rank (1 = nearest, by mean squared distance) of each sampled latent's own cached latent
+    (cached[own[i]]) among all N cached latents. A prior that ignores its text ranks them at chance
+    (a median of about N / 2); one that follows it puts them near 1."""
+    if len(sampled) != len(own):
+        raise ValueError(f"{len(sampled)} sampled latents but {len(own)} own indices")
+    distances = torch.cdist(sampled.flatten(1).double(), cached.flatten(1).double())
+    mine = distances[torch.arange(len(own)), torch.as_tensor(own)]
+    return (distances < mine[:, None]).sum(dim=1) + 1
+
+
+def rank_figures(ranks: torch.Tensor, candidates: int) -> dict[str, float]:
+    """top1 / top10 (the fraction of own latents ranked first / in the first TOP_K), the median rank
+    and, beside it, chance's median rank ((N + 1) / 2) for the N candidates."""
+    ranks = ranks.double()
+    return {"top1": float((ranks <= 1).double().mean()), f"top{TOP_K}": float((ranks <= TOP_K).double().mean()),
+            "median_rank": float(ranks.median()), "chance_median_rank": (candidates + 1) / 2}
+
+
+@torch.no_grad()
+def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: torch.Tensor, own: list[int],
+                      height: int, width: int, steps: int | None = None, guidance: float = PRIOR_GUIDANCE,
+                      seed: int = 0, batch_size: int = 16) -> dict:
+    """Caption -> latent retrieval of the sampler's Stage C: a latent z_C sampled for each caption
+    (seeded, `steps` prior steps, `guidance`; height x width the size the cached latents were made
+    at) and its own cached latent cached[own[i]] ranked among all the cached ones (see
+    `own_latent_ranks`). The figures of `rank_figures`, the ranks and the sampled z_C ("sampled")."""
+    generator = torch.Generator().manual_seed(seed)
+    sampled = torch.cat([
+        semantic_to_stage_c(sampler.sample_stage_c(captions[i:i + batch_size], height, width, steps=steps,
+                                                   guidance=guidance, generator=generator, progress=False).float())
+        for i in range(0, len(captions), batch_size)])
+    if sampled.shape[1:] != cached.shape[1:]:
+        raise ValueError(f"latents sampled at {height}x{width} are {tuple(sampled.shape[1:])}, the cached ones "
+                         f"{tuple(cached.shape[1:])}: sample at the size the cache was made at")
+    ranks = own_latent_ranks(sampled, cached, own)
+    return {**rank_figures(ranks, len(cached)), "ranks": ranks, "sampled": sampled}
+
+
+# The latents' grid is average-pooled to this side for the Fréchet distance: 16 channels x 2 x 2 = 64
+# features keep the coarse layout while a covariance of a few hundred samples still estimates them
+# (flattened 16 x 6 x 6 latents, 576 features, give two draws of one distribution a distance of ~600
+# at 200 samples, all of it estimation bias).
+FRECHET_GRID = 2
+
+
+def latent_frechet_distance(sampled: torch.Tensor, real: torch.Tensor) -> float:
+    """The Fréchet distance between Gaussians fitted to two sets of latents (N, C, H, W), each
+    average-pooled to FRECHET_GRID x FRECHET_GRID: FID's formula with the latents as the features,
+    so it needs no outside network (torchmetrics' FrechetInceptionDistance with this pooling as its
+    feature extractor). About 0 for two draws of one distribution; like FID it is biased by the sample
+    count, so compare figures of the same N."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if sampled.shape[1:] != real.shape[1:]:
+        raise ValueError(f"sampled latents {tuple(sampled.shape[1:])} and real ones {tuple(real.shape[1:])} differ in shape")
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(FRECHET_GRID), torch.nn.Flatten())
+    pool.num_features = sampled.shape[1] * FRECHET_GRID ** 2
+    metric = FrechetInceptionDistance(feature=pool, normalize=True)
+    metric.update(real.double(), real=True)
+    metric.update(sampled.double(), real=False)
+    return float(metric.compute())

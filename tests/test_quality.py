@@ -1,4 +1,5 @@
-"""pipelines.quality (the reconstruction figures of the decoders) and pipelines.decoder_bundle (a
+"""pipelines.quality (the figures the trained models are judged by: the decoders' reconstructions, the
+prior's caption -> latent retrieval and latent Fréchet distance) and pipelines.decoder_bundle (a
 decoder bundle as a folder), on tiny models."""
 
 import json
@@ -10,9 +11,11 @@ import torch
 from latent_cache.encoders import build_decoder_text_encoder, model_fingerprint, text_fingerprint
 from latent_cache.spec import EncoderWeights
 from pipelines import decoder_bundle
-from pipelines.quality import (Averages, condition_problems, decoder_reconstruction, image_scores, own_retrieval,
+from pipelines.quality import (Averages, caption_retrieval, condition_problems, decoder_reconstruction, image_scores,
+                               latent_frechet_distance, own_latent_ranks, own_retrieval, rank_figures,
                                stage_a_reconstruction, thumbnail_regression, thumbnails)
-from stages import StageA, StageB
+from stages import StageA, StageB, StageC
+from stages.text_encoders import ClipTextEncoder
 from stages.sampler import WuerstchenSampler
 
 
@@ -122,3 +125,50 @@ def test_thumbnail_regression_finds_the_picture_in_latents_that_carry_it_and_not
     assert carried["r2"] > 0.3 and carried["own_retrieval"] > 0.5
     shuffled = thumbnail_regression(latents[:200][torch.randperm(200, generator=gen)], y[:200], latents[200:], y[200:], penalty=1.0)
     assert shuffled["r2"] < 0.05 and shuffled["own_retrieval"] < 0.2
+
+
+def test_own_latent_ranks_put_a_latent_near_its_own_first_and_shuffled_ones_at_chance():
+    gen = torch.Generator().manual_seed(0)
+    cached = torch.randn(400, 16, 6, 6, generator=gen)
+    own = list(range(0, 400, 4))  # 100 captions
+    near = cached[own] + 0.1 * torch.randn(100, 16, 6, 6, generator=gen)
+    assert own_latent_ranks(near, cached, own).tolist() == [1] * 100
+    assert own_latent_ranks(cached[:3], cached, [1, 0, 2]).tolist()[2] == 1
+    blind = rank_figures(own_latent_ranks(near, cached, own[1:] + own[:1]), len(cached))  # each caption given another's latent
+    assert blind["chance_median_rank"] == 200.5 and 100 < blind["median_rank"] < 300 and blind["top10"] < 0.1
+    figures = rank_figures(torch.tensor([1, 1, 5, 30]), 400)
+    assert figures == {"top1": 0.5, "top10": 0.75, "median_rank": 1.0, "chance_median_rank": 200.5}
+    with pytest.raises(ValueError, match="3 sampled latents but 2 own indices"):
+        own_latent_ranks(near[:3], cached, [0, 1])
+
+
+def test_latent_frechet_distance_is_small_for_one_distribution_and_grows_with_a_shift():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 16, 6, 6, generator=gen)
+    same = latent_frechet_distance(torch.randn(300, 16, 6, 6, generator=gen), real)
+    assert latent_frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    shifted = latent_frechet_distance(torch.randn(300, 16, 6, 6, generator=gen) + 0.5, real)
+    scaled = latent_frechet_distance(3 * torch.randn(300, 16, 6, 6, generator=gen), real)
+    assert 0 < same < 2 < min(shifted, scaled), (same, shifted, scaled)
+    assert shifted == pytest.approx(64 * 0.25 + same, rel=0.2)  # the mean term: 64 pooled features, each 0.5 off
+    with pytest.raises(ValueError, match="differ in shape"):
+        latent_frechet_distance(real[:, :, :3], real)
+
+
+def test_caption_retrieval_ranks_each_captions_sample_against_the_cached_latents_seeded():
+    """A tiny random prior's samples for four captions, put into a cache of 60 latents: each caption
+    finds its own (rank 1) and the sampling is the same on a second call; with the captions' own
+    indices rotated the ranks are not 1."""
+    torch.manual_seed(0)
+    sampler = WuerstchenSampler(StageC.from_flavor("tiny").eval(), ClipTextEncoder.tiny(width=32, seed=1))
+    captions = ["a cat", "a dog", "a red apple", "a hat"]
+    first = caption_retrieval(sampler, captions, torch.randn(4, 16, 3, 3), [0, 1, 2, 3], 128, 128, steps=2, seed=5)
+    assert first["sampled"].shape == (4, 16, 3, 3) and torch.isfinite(first["sampled"]).all()
+    cached = torch.cat([torch.randn(56, 16, 3, 3) * first["sampled"].std(), first["sampled"]])
+    own = [56, 57, 58, 59]
+    found = caption_retrieval(sampler, captions, cached, own, 128, 128, steps=2, seed=5)
+    assert found["ranks"].tolist() == [1, 1, 1, 1] and found["top1"] == 1.0 and found["chance_median_rank"] == 30.5
+    rotated = caption_retrieval(sampler, captions, cached, own[1:] + own[:1], 128, 128, steps=2, seed=5)
+    assert rotated["top1"] == 0.0
+    with pytest.raises(ValueError, match="sample at the size the cache was made at"):
+        caption_retrieval(sampler, captions, cached, own, 256, 256, steps=2)
