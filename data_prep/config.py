@@ -147,6 +147,9 @@ class EncodeConfig:
     # Keep the cropped training images themselves (uint8, resolution^2 x 3 bytes a row), for Stage A
     # training: it then reads decoded, filtered, cropped pixels instead of decoding the source again.
     images: bool = False
+    # Keep the semantic compressor's input images (uint8, (0.75 x resolution)^2 x 3 bytes a row), for
+    # Stage B trained together with its compressor (model.train_semantic_compressor).
+    semantic_images: bool = False
     batch_size: PositiveInt = 32
     # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
@@ -169,7 +172,7 @@ class EncodeConfig:
         return CacheSpec(flavor=self.flavor, resolution=self.resolution, text_mode=self.text_mode, semantic=self.semantic,
                          text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width,
                          decoder_text_encoder=self.decoder_text_encoder, decoder_text_width=self.decoder_text_width,
-                         images=self.images)
+                         images=self.images, semantic_images=self.semantic_images)
 
 
 @config_dataclass

@@ -235,7 +235,7 @@ class Encode:
         if self.stage_a is not None:
             self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
         self.columns = spec.latent_columns + spec.text_columns + spec.decoder_text_columns
-        self.keep_images = spec.images
+        self.keep_images, self.keep_semantic_images = spec.images, spec.semantic_images
 
     def images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
         """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
@@ -330,6 +330,8 @@ class Encode:
             latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
         if self.keep_images:  # the full-resolution pixels are the images column (raw HWC bytes per row)
             batch = batch.append_column("images", batch.column("pixels").cast(pa.large_binary()))
+        if self.keep_semantic_images:  # and the compressor's input, as it was encoded
+            batch = batch.append_column("semantic_images", batch.column("semantic_pixels").cast(pa.large_binary()))
         batch = batch.drop_columns(["pixels", "semantic_pixels"])
         for name in self.columns:
             data = np.ascontiguousarray(latents[name].cpu().numpy().astype(TENSOR_DTYPES[name])) if kept else np.zeros(0, np.uint8)

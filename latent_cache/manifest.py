@@ -96,7 +96,10 @@ ENCODER_OUTPUTS = {
 
 
 # tensor column -> (what it holds, the prep setting that adds it), for the optional columns no encoder makes
-OPTIONAL_COLUMNS = {"images": ("the cropped training images", "encode.images: true")}
+OPTIONAL_COLUMNS = {
+    "images": ("the cropped training images", "encode.images: true"),
+    "semantic_images": ("the semantic compressor's input images", "encode.semantic_images: true"),
+}
 
 
 def check_columns(manifest: dict, columns: list[str], url: str, purpose: str) -> None:

@@ -12,6 +12,8 @@ any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Colum
                      the v2 decoder's is CLIP ViT-H's last_hidden_state), in either text mode
     images           uint8 [R, R, 3]       the training image itself, RGB, as the encoders saw it
                      (optional, for Stage A training: decoded, filtered and cropped once by prep)
+    semantic_images  uint8 [S, S, 3]       the semantic compressor's input (S = 0.75 R on a multiple
+                     of 32), exactly as prep cut it (optional, for Stage B trained with its compressor)
 """
 
 import dataclasses
@@ -28,6 +30,7 @@ TENSOR_DTYPES = {
     "text_mask": np.int8,
     "decoder_text_embeddings": np.float16,
     "images": np.uint8,
+    "semantic_images": np.uint8,
 }
 # text mode -> the columns of its text conditioning
 TEXT_COLUMNS = {"embeddings": ["text_embeddings"], "tokens": ["text_tokens", "text_mask"]}
@@ -59,6 +62,7 @@ class CacheSpec:
     decoder_text_encoder: EncoderWeights | None = None
     decoder_text_width: int | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
     images: bool = False  # the cropped training images themselves (for Stage A training)
+    semantic_images: bool = False  # the semantic compressor's input images (for Stage B trained with it)
 
     @property
     def bucket(self) -> str:
@@ -78,7 +82,7 @@ class CacheSpec:
 
     @property
     def image_columns(self) -> list[str]:
-        return ["images"] if self.images else []
+        return ["images"] * self.images + ["semantic_images"] * self.semantic_images
 
     def tensor_shapes(self, text_width: int, decoder_text_width: int | None = None) -> dict[str, list[int]]:
         """The shape of every tensor column, given the widths of the text encoders really used (a
@@ -102,6 +106,8 @@ class CacheSpec:
             shapes["decoder_text_embeddings"] = [CONTEXT_LENGTH, decoder_text_width]
         if self.images:
             shapes["images"] = [self.resolution, self.resolution, 3]
+        if self.semantic_images:
+            shapes["semantic_images"] = [sem_h, sem_w, 3]
         return shapes
 
     def settings(self) -> dict:

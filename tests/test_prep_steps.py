@@ -230,32 +230,36 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
 
 def test_encode_images_keeps_the_cropped_pixels_as_the_images_column():
     """encode.images: the pixels the encoders saw become the cache's uint8 [R, R, 3] images column
-    (what Stage A training reads), for the kept rows only, byte for byte."""
+    (what Stage A training reads), for the kept rows only, byte for byte; encode.semantic_images
+    likewise the semantic compressor's input (what it trains on with Stage B)."""
     from data_prep.config import EncodeConfig
     from data_prep.operators import Encode
     from latent_cache.writer import finalize
 
     threads = torch.get_num_threads()
-    cfg = EncodeConfig(flavor="tiny", resolution=64, batch_size=4, cpus_per_encoder=1, images=True)
+    cfg = EncodeConfig(flavor="tiny", resolution=64, batch_size=4, cpus_per_encoder=1, images=True, semantic_images=True)
     stage = Encode(cfg)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(4)
     pixels = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(3)]
+    semantic = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(3)]  # 0.75 x 64 -> 64 on the multiple of 32
     n = 3
     batch = pa.table({
         "key": [f"k{i}" for i in range(n)], "caption": [f"caption {i}" for i in range(n)],
         "drop_reason": [KEEP, "too_small", KEEP], "pixels": [p.tobytes() if i != 1 else b"" for i, p in enumerate(pixels)],
-        "semantic_pixels": [rng.integers(0, 256, (64, 64, 3), np.uint8).tobytes() if i != 1 else b"" for i in range(n)],
+        "semantic_pixels": [p.tobytes() if i != 1 else b"" for i, p in enumerate(semantic)],
         "source_shard": ["s"] * n, "width": [64] * n, "height": [64] * n, "metadata": ["{}"] * n,
         "content_hash": ["h"] * n, "phash": pa.array([0] * n, pa.uint64()), "clip_score": [float("nan")] * n,
     })
     shapes = cfg.spec().tensor_shapes(text_width=32)
-    assert shapes["images"] == [64, 64, 3]
+    assert shapes["images"] == shapes["semantic_images"] == [64, 64, 3]
     rows = finalize(stage(batch), shapes, "64x64")
-    images = rows.column("images").combine_chunks().to_numpy_ndarray()
-    assert images.dtype == np.uint8 and images.shape == (2, 64, 64, 3)
-    np.testing.assert_array_equal(images, np.stack([pixels[0], pixels[2]]))
-    assert "pixels" not in rows.column_names
+    for name, kept in (("images", pixels), ("semantic_images", semantic)):
+        images = rows.column(name).combine_chunks().to_numpy_ndarray()
+        assert images.dtype == np.uint8 and images.shape == (2, 64, 64, 3)
+        np.testing.assert_array_equal(images, np.stack([kept[0], kept[2]]))
+    assert "pixels" not in rows.column_names and "semantic_pixels" not in rows.column_names
+    assert EncodeConfig(flavor="tiny", resolution=256, semantic_images=True).spec().tensor_shapes(32)["semantic_images"] == [192, 192, 3]
 
 
 def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_gets_alone():
