@@ -87,7 +87,7 @@ def _download_weights(found, source: str, tmp: Path) -> tuple[dict, Path]:
     folder = Path(found.to_directory(str(tmp / "checkpoint")))
     state = ckpt_io.read_train_state(folder)
     weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
-    if not (weights / "config.json").is_file():
+    if not any((weights / sub / "config.json").is_file() for sub in ("", "decoder")):  # a model, or Stage B + compressor
         raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
     return state, weights
 
@@ -270,15 +270,20 @@ def register_decoders(
 
 
 def _log_decoder_bundle(name: str, stage_b, stage_a, text_ref, flavor: str, source: str, tags: dict,
-                        run_id: str | None = None) -> dict:
-    """Logs Stage B + Stage A (+ the reference of the decoder's text encoder) as a pyfunc model, in
-    `run_id` (the training run) or a run of its own, and registers it as a new version of `name`."""
+                        run_id: str | None = None, semantic_compressor=None) -> dict:
+    """Logs Stage B + Stage A (+ the reference of the decoder's text encoder, + the semantic
+    compressor when it was trained with Stage B) as a pyfunc model, in `run_id` (the training run)
+    or a run of its own, and registers it as a new version of `name`."""
     import mlflow
+
+    from stages.stage_b_with_compressor import COMPRESSOR_FOLDER
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "decoders"
         stage_b.save_pretrained(folder / "decoder")
         stage_a.save_pretrained(folder / "vqgan")
+        if semantic_compressor is not None:  # what the prior's cache must be made with (encode.semantic.path)
+            semantic_compressor.save_pretrained(folder / COMPRESSOR_FOLDER)
         model_config = {"flavor": flavor, "text_encoder": text_ref.to_dict()}
         with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"):
             info = mlflow.pyfunc.log_model(
@@ -299,6 +304,7 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
     from latent_cache.spec import EncoderWeights
     from pipelines.training import checkpoint as ckpt_io
     from stages import StageB
+    from stages.stage_b_with_compressor import COMPRESSOR_FOLDER, StageBWithCompressor
 
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of a training run id or a checkpoint URI")
@@ -311,8 +317,16 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
         return {"name": name, "version": existing.version, "created": False, "source": source}
     with tempfile.TemporaryDirectory() as tmp:
         state, weights = _download_weights(found, source, Path(tmp))
-        stage_b = StageB.from_pretrained(weights)
-    config, trained_with = state["config"], state["cache_fingerprints"]
+        config, trained_with = state["config"], dict(state["cache_fingerprints"])
+        compressor = None
+        if config["model"].get("train_semantic_compressor"):
+            joint = StageBWithCompressor.from_pretrained(weights)
+            stage_b, compressor = joint.stage_b, joint.semantic_compressor
+            # Stage B learned the latents of this compressor, not of the one the cache was made with.
+            trained_with["semantic_compressor"] = model_fingerprint(
+                "semantic_compressor", compressor, EncoderWeights(f"{source}/{weights.name}/{COMPRESSOR_FOLDER}"))["fingerprint"]
+        else:
+            stage_b = StageB.from_pretrained(weights)
     flavor, encoders = config["model"]["flavor"], config["encoders"]
     stage_a_weights = EncoderWeights(**encoders["stage_a"])
     stage_a = build_stage_a(flavor, stage_a_weights)
@@ -332,7 +346,11 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
     val_loss = state.get("validation", {}).get(ckpt_io.VAL_LOSS[weights.name])
     if val_loss is not None:
         tags["training.val_loss"] = f"{val_loss:.6g}"
-    return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, tags, run_id=train_run)
+    if compressor is not None:
+        tags["semantic_compressor"] = (f"trained with Stage B: the artifact decoders/{COMPRESSOR_FOLDER}, which the prior's "
+                                       f"cache must be made with (prep encode.semantic.path)")
+    return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, tags, run_id=train_run,
+                               semantic_compressor=compressor)
 
 
 def register_checkpoint(tracking_uri: str | None = None, name: str | None = None, run_id: str | None = None,

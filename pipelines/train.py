@@ -29,8 +29,10 @@ def expected_fingerprints(cfg: TrainConfig):
     enc, flavor = cfg.encoders, cfg.model.flavor
     if cfg.model.stage == "a":
         return {}, None
-    semantic = enc.build_semantic_compressor(flavor)
-    expected = {"semantic_compressor": model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"]}
+    expected = {}
+    if not cfg.model.train_semantic_compressor:  # (trained with Stage B, it reads images, not the cache's z_C)
+        semantic = enc.build_semantic_compressor(flavor)
+        expected["semantic_compressor"] = model_fingerprint("semantic_compressor", semantic, enc.semantic)["fingerprint"]
     if cfg.model.stage == "b":
         text = enc.build_decoder_text_encoder(flavor)
         stage_a = enc.build_stage_a(flavor)
@@ -44,8 +46,21 @@ def expected_fingerprints(cfg: TrainConfig):
 
 
 def initial_weights(cfg: TrainConfig):
-    """The state dict to start from (None: from scratch)."""
-    init, model_class = cfg.model.init, cfg.model.model_class
+    """The state dict to start from (None: from scratch). Stage B trained with its semantic
+    compressor starts from the compressor of encoders.semantic (the one the frozen path would use)
+    and from model.init's Stage B, if any."""
+    if cfg.model.train_semantic_compressor:
+        from stages import StageB
+
+        compressor = cfg.encoders.build_semantic_compressor(cfg.model.flavor)
+        stage_b = _stage_weights(cfg.model.init, StageB, cfg) or {}
+        return {**{f"semantic_compressor.{k}": v for k, v in compressor.state_dict().items()},
+                **{f"stage_b.{k}": v for k, v in stage_b.items()}}
+    return _stage_weights(cfg.model.init, cfg.model.model_class, cfg)
+
+
+def _stage_weights(init: str | None, model_class, cfg: TrainConfig):
+    """The state dict of a `model_class` from model.init (None: none given)."""
     if not init:
         return None
     if init.startswith("models:/"):  # a Stage C version's prior, or the Stage B / Stage A of a decoder bundle
@@ -56,7 +71,8 @@ def initial_weights(cfg: TrainConfig):
     if init.endswith((".pt", ".pth", ".ckpt")):
         from stages.original_format import load_original
 
-        return load_original(model_class, init, flavor=cfg.model.flavor, config=cfg.model.model_config()).state_dict()
+        return load_original(model_class, init, flavor=cfg.model.flavor, config=model_class.flavor_config(
+            cfg.model.flavor, **cfg.model.overrides)).state_dict()
     return model_class.from_pretrained(init).state_dict()
 
 
@@ -73,7 +89,7 @@ def check_scale_factor(objective: float, stage_a: float) -> None:
 def build_task(cfg: TrainConfig, cache, text_encoder):
     """The training task of `cfg.model.stage` for this cache, after checking that the model takes
     the text encoder's width."""
-    from pipelines.training.tasks import STAGE_A_COLUMNS, StageATask, StageBTask, StageCTask
+    from pipelines.training.tasks import STAGE_A_COLUMNS, STAGE_B_WITH_COMPRESSOR_COLUMNS, StageATask, StageBTask, StageCTask
 
     if cfg.model.stage == "a":
         cache.check_columns(STAGE_A_COLUMNS, "Stage A training")
@@ -81,11 +97,15 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
         if crop is not None and crop > resolution:
             raise ValueError(f"vqgan_objective.crop={crop} is larger than the images of {cfg.data.cache} ({resolution} px)")
         return StageATask(cfg.model, cfg.vqgan_objective)
-    model_config = cfg.model.model_config()
-    width, name = (model_config.clip_embd, "clip_embd") if cfg.model.stage == "b" else (model_config.c_cond, "c_cond")
+    if cfg.model.stage == "b":
+        width, name = cfg.model.stage_b_config().clip_embd, "clip_embd"
+    else:
+        width, name = cfg.model.model_config().c_cond, "c_cond"
     if text_encoder.width != width:
         raise ValueError(f"the model takes text tokens of width {name}={width}; the text encoder gives {text_encoder.width}")
     if cfg.model.stage == "b":
+        if cfg.model.train_semantic_compressor:
+            cache.check_columns(STAGE_B_WITH_COMPRESSOR_COLUMNS, "Stage B training with model.train_semantic_compressor")
         return StageBTask(cfg.model, cfg.decoder_objective, cfg.validation)
     return StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
                       empty_text=text_encoder.encode([""])[0].cpu().numpy())

@@ -210,7 +210,8 @@ def stage_b_validation_loss(
     objective: "StageBObjective" = StageBObjective(),
 ) -> float:
     """Stage B's validation loss, as Stage C's: `batches` of (keys, Stage A latents h, semantic e,
-    decoder text) on the model's device; the noise is on z_B = h / scale_factor."""
+    decoder text) on the model's device; the noise is on z_B = h / scale_factor. For a
+    StageBWithCompressor, the compressor's input images take e's place."""
     scaled = ((keys, stage_a_to_stage_b(h.float(), objective.scale_factor), e, text) for keys, h, e, text in batches)
     return _fixed_grid_loss(model, scaled, t_grid, seed, objective.p2_weighting,
                             lambda m, x, t, e, text: m(x, t, e.float(), text))
@@ -225,18 +226,26 @@ def stage_b_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    compress: bool = False,
 ) -> torch.Tensor:
     """Stage B: predict the noise on z_B = h / 0.3764 given e and the text tokens.
 
     stage_a_latents: Stage A's encoder output h (B, 4, H, W), unquantized; semantic: e (B, 16, h, w);
-    text: (B, 77, clip_embd).
+    text: (B, 77, clip_embd). With compress=True, `semantic` is the semantic compressor's input
+    images instead and `model` a StageBWithCompressor, which makes e of them (the compressor trained
+    with Stage B); the condition dropout then zeroes e inside it.
     """
     deterministic = t is not None or noise is not None
     z_b = stage_a_to_stage_b(stage_a_latents.float(), objective.scale_factor)
     t, noise = _noise_and_t(z_b, objective.t_sampling, t, noise, generator)
     semantic = semantic.float()
+    keep = None
     if not deterministic and objective.effnet_dropout > 0:
         keep = torch.rand(semantic.shape[0], generator=generator) >= objective.effnet_dropout
-        semantic = semantic * keep.to(semantic.device, semantic.dtype).view(-1, 1, 1, 1)
-    eps = model(add_noise(z_b, noise, t), t, semantic, text)
+        keep = keep.to(semantic.device, semantic.dtype)
+    if compress:
+        eps = model(add_noise(z_b, noise, t), t, semantic, text, keep=keep)
+    else:
+        semantic = semantic * keep.view(-1, 1, 1, 1) if keep is not None else semantic
+        eps = model(add_noise(z_b, noise, t), t, semantic, text)
     return weighted_mse(eps, noise, t, objective.p2_weighting)

@@ -286,8 +286,9 @@ def tiny_cache(ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="session")
 def decoder_cache(ray_cluster, tmp_path_factory):
     """A tiny cache with everything prep can add: the Stage A latents and the decoder's text
-    conditioning (what Stage B learns from), the cropped images (what Stage A learns), and the
-    prior's text as tokens (tokens mode)."""
+    conditioning (what Stage B learns from), the cropped images (what Stage A learns), the semantic
+    compressor's input images (what it learns from when trained with Stage B), and the prior's text
+    as tokens (tokens mode)."""
     from prep_factory import plain_shards
 
     from core.config import load
@@ -299,7 +300,7 @@ def decoder_cache(ray_cluster, tmp_path_factory):
     cfg = load(PrepConfig, None, [
         f"source.url={source}", "source.format=webdataset", f"output.url={root / 'cache'}", "encode.flavor=tiny",
         "encode.resolution=128", "encode.batch_size=16", "encode.text_mode=tokens", "encode.stage_a={}",
-        "encode.decoder_text_encoder={seed: 1}", "encode.images=true",
+        "encode.decoder_text_encoder={seed: 1}", "encode.images=true", "encode.semantic_images=true",
     ])
     assert run_prep(cfg)["rows_written"] == 38
     return str(root / "cache")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pipelines.training.config import MODEL_STAGES, CheckpointConfig
+from stages.stage_b_with_compressor import StageBWithCompressor
 from pipelines.training.parallel import unwrap
 
 TRAIN_STATE = "train_state.json"
@@ -39,14 +40,15 @@ class IncompleteCheckpointError(FileNotFoundError):
 
 
 def model_class_of(model_config) -> type:
-    """The model class (StageC, StageB) of a model config."""
-    return next(cls for cls in MODEL_STAGES.values() if isinstance(model_config, cls.config_class))
+    """The model class (StageC, StageB, StageA, StageBWithCompressor) of a model config."""
+    return next(cls for cls in (*MODEL_STAGES.values(), StageBWithCompressor) if isinstance(model_config, cls.config_class))
 
 
 def saved_model_class(train_state: dict) -> type:
-    """The class of the model a checkpoint holds, from the config it records (model.stage; a
-    checkpoint written before Stage B training existed holds a Stage C)."""
-    return MODEL_STAGES[train_state.get("config", {}).get("model", {}).get("stage", "c")]
+    """The class of the model a checkpoint holds, from the config it records (model.stage and
+    model.train_semantic_compressor; a checkpoint written before Stage B training existed holds a Stage C)."""
+    model = train_state.get("config", {}).get("model", {})
+    return StageBWithCompressor if model.get("train_semantic_compressor") else MODEL_STAGES[model.get("stage", "c")]
 
 
 def checkpoint_name(step: int) -> str:

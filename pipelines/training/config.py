@@ -11,6 +11,7 @@ from core.config import HeldOutFraction, NoiseLevels, Probability, config_datacl
 from stages.objectives import StageAObjective, StageBObjective, StageCObjective
 from stages.stage_a import StageA
 from stages.stage_b import StageB
+from stages.stage_b_with_compressor import StageBWithCompressor
 from stages.stage_c import StageC, StageCConfig
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -37,14 +38,20 @@ class ModelConfig:
     init: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of the stage's config (StageCConfig, StageBConfig)
     gradient_checkpointing: bool = False
+    # Stage B only: train the semantic compressor together with it (from encoders.semantic's
+    # weights), on the cache's semantic_images instead of its cached semantic latents. Its weights
+    # then go with the decoders, and the prior's cache must be made with them.
+    train_semantic_compressor: bool = False
 
     def __post_init__(self):
         if self.stage not in MODEL_STAGES:
             raise ValueError(f"model.stage must be one of {sorted(MODEL_STAGES)}, got {self.stage!r}")
+        if self.train_semantic_compressor and self.stage != "b":
+            raise ValueError(f"model.train_semantic_compressor is for Stage B (the decoder it conditions); model.stage is {self.stage!r}")
         model_class = self.model_class
         if self.flavor not in model_class.flavors:
             raise ValueError(f"model.flavor must be one of {sorted(model_class.flavors)}, got {self.flavor!r}")
-        config_class = model_class.config_class
+        config_class = MODEL_STAGES[self.stage].config_class  # the overrides are the stage's own
         known = [f.name for f in dataclasses.fields(config_class)]
         unknown = sorted(set(self.overrides) - set(known))
         if unknown:
@@ -61,7 +68,12 @@ class ModelConfig:
 
     @property
     def model_class(self):
-        return MODEL_STAGES[self.stage]
+        return StageBWithCompressor if self.train_semantic_compressor else MODEL_STAGES[self.stage]
+
+    def stage_b_config(self):
+        """The config of the Stage B trained (alone, or with the compressor)."""
+        config = self.model_config()
+        return config.stage_b if self.train_semantic_compressor else config
 
     def model_config(self):
         """The flavor's config with the overrides: the one place the trained model's shape is decided."""
@@ -73,10 +85,16 @@ class ModelConfig:
         return self.model_config()
 
     def build(self, init_state: dict | None = None):
-        """The model to train: random init (the caller seeds torch), or `init_state` loaded."""
+        """The model to train: random init (the caller seeds torch), or `init_state` loaded. Stage B
+        with its compressor always starts from a compressor's weights; its Stage B keeps the random
+        init when `init_state` holds none of it."""
         model = self.model_class(self.model_config())
         if init_state is not None:
-            model.load_state_dict(init_state)
+            missing, unexpected = model.load_state_dict(init_state, strict=False)
+            fresh = (self.train_semantic_compressor and not any(k.startswith("stage_b.") for k in init_state)
+                     and all(k.startswith("stage_b.") for k in missing))
+            if unexpected or (missing and not fresh):
+                model.load_state_dict(init_state)  # raises, naming the keys
         if self.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model

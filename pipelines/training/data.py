@@ -77,7 +77,7 @@ def to_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
             out[name] = [str(k) for k in value]
         elif name in ("text_tokens", "text_mask"):
             out[name] = torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
-        elif name == "images":
+        elif name in ("images", "semantic_images"):
             # torch.tensor copies (a quarter of the float it becomes): Ray's numpy batches can be read-only.
             out[name] = torch.tensor(np.asarray(value, dtype=np.uint8), device=device).permute(0, 3, 1, 2).float().div_(255.0)
         else:

@@ -28,6 +28,9 @@ DECODER_TEXT = "decoder_text_embeddings"
 # What a Stage B batch holds: key (the fixed validation noise), h (what it learns), z_C (its semantic
 # condition e = 42 z_C - 1) and the decoder's text conditioning.
 STAGE_B_COLUMNS = ["key", STAGE_A_LATENTS, STAGE_C_LATENTS, DECODER_TEXT]
+SEMANTIC_IMAGES = "semantic_images"
+# Stage B trained with its semantic compressor reads the compressor's input images instead of z_C.
+STAGE_B_WITH_COMPRESSOR_COLUMNS = ["key", STAGE_A_LATENTS, SEMANTIC_IMAGES, DECODER_TEXT]
 IMAGES = "images"
 # What a Stage A batch holds: the cropped training images (uint8 in the cache, [0, 1] floats in a batch).
 STAGE_A_COLUMNS = ["key", IMAGES]
@@ -108,27 +111,37 @@ class StageCTask(_Task):
 class StageBTask(_Task):
     """Training Stage B (the diffusion decoder) on cached Stage A latents, conditioned on the cached
     semantic latents (the semantic compressor frozen: what fine-tuning the public decoder needs) and
-    the cached decoder text conditioning, with the recipe's semantic-condition dropout."""
+    the cached decoder text conditioning, with the recipe's semantic-condition dropout. With
+    model.train_semantic_compressor, the compressor is trained with it (a StageBWithCompressor) on
+    the cached compressor input images instead of the cached latents."""
 
     model: ModelConfig
     objective: StageBObjective
     validation: ValidationConfig
     device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
 
-    columns = STAGE_B_COLUMNS
+    @property
+    def columns(self) -> list[str]:
+        return STAGE_B_WITH_COMPRESSOR_COLUMNS if self.model.train_semantic_compressor else STAGE_B_COLUMNS
+
+    def condition(self, batch: dict) -> torch.Tensor:
+        """What the model is conditioned on: e from the cached z_C, or the compressor's input images."""
+        if self.model.train_semantic_compressor:
+            return batch[SEMANTIC_IMAGES]
+        return stage_c_to_semantic(batch[STAGE_C_LATENTS])
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        semantic = stage_c_to_semantic(batch[STAGE_C_LATENTS])
-        return stage_b_loss(model, batch[STAGE_A_LATENTS], semantic, batch[DECODER_TEXT], self.objective, generator)
+        return stage_b_loss(model, batch[STAGE_A_LATENTS], self.condition(batch), batch[DECODER_TEXT], self.objective,
+                            generator, compress=self.model.train_semantic_compressor)
 
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """The fixed-grid loss ("loss") and whether the decoder uses its semantic condition
         ("condition_gap"): the same loss, same noise, with each row given the next held-out row's
-        semantic latent instead of its own, minus the loss with its own. About zero while Stage B
+        semantic latent (or compressor input) instead of its own, minus the loss with its own. About zero while Stage B
         ignores the condition (a falling loss alone does not show that it does); positive once the
         semantic latent tells it what to draw."""
         v = self.validation
-        rows = [(b["key"], b[STAGE_A_LATENTS], stage_c_to_semantic(b[STAGE_C_LATENTS]), b[DECODER_TEXT])
+        rows = [(b["key"], b[STAGE_A_LATENTS], self.condition(b), b[DECODER_TEXT])
                 for b in (to_tensors(raw, self.device) for raw in batches)]
         own = stage_b_validation_loss(model, iter(rows), v.t_grid, v.seed, self.objective)
         if sum(len(keys) for keys, *_ in rows) < 2:
