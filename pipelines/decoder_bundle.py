@@ -3,6 +3,9 @@ are built as (`python -m pipelines.demo_decoders`):
 
     decoder/      config.json + diffusion_pytorch_model.safetensors   Stage B (diffusers layout)
     vqgan/        config.json + diffusion_pytorch_model.safetensors   Stage A (diffusers layout)
+    semantic_compressor/   the same, when it was trained with Stage B: the prior's latents must be
+                  made with it (prep encode.semantic.path); else Stage B learned the latents of the
+                  compressor whose fingerprint bundle.json records
     bundle.json   flavor, the decoder text encoder (path or seeded random), the fingerprints of the
                   encoders Stage B was trained with (semantic compressor, Stage A, decoder text),
                   how it was trained and how well it reconstructs
@@ -57,3 +60,23 @@ def load(folder: str | Path):
             raise ValueError(f"{folder}: its {what} has fingerprint {fingerprint}, but its Stage B was trained with "
                              f"{meta['fingerprints'].get(what)} ({BUNDLE_FILE})")
     return stage_b, stage_a, text, meta
+
+
+def load_semantic_compressor(folder: str | Path):
+    """The semantic compressor a bundle folder holds (trained with its Stage B), checked against the
+    fingerprint its bundle.json records; None when it holds none (its Stage B learned the latents
+    of a compressor kept elsewhere)."""
+    from latent_cache.encoders import model_fingerprint
+    from stages import SemanticCompressor
+    from stages.stage_b_with_compressor import COMPRESSOR_FOLDER
+
+    path = Path(folder) / COMPRESSOR_FOLDER
+    if not path.is_dir():
+        return None
+    compressor = SemanticCompressor.from_pretrained(path)
+    recorded = (read_meta(folder) or {}).get("fingerprints", {}).get("semantic_compressor")
+    fingerprint = model_fingerprint("semantic_compressor", compressor, EncoderWeights(str(path)))["fingerprint"]
+    if fingerprint != recorded:
+        raise ValueError(f"{folder}: its semantic compressor has fingerprint {fingerprint}, but its Stage B was trained "
+                         f"with {recorded} ({BUNDLE_FILE})")
+    return compressor

@@ -57,8 +57,9 @@ def prep(config: Path, overrides: list[str]) -> str:
     return cfg.output.url
 
 
-def train(config: Path, overrides: list[str], out: Path) -> dict:
-    """Trains (or resumes) a run and copies the better weights of its newest checkpoint to `out`;
+def train(config: Path, overrides: list[str], out: Path, parts: dict[str, str] | None = None) -> dict:
+    """Trains (or resumes) a run and copies the better weights of its newest checkpoint to `out`
+    (with `parts`, each subfolder of them to out / its name: Stage B trained with its compressor);
     returns what bundle.json records of it."""
     from core.config import load
     from pipelines.train import run_training
@@ -80,9 +81,10 @@ def train(config: Path, overrides: list[str], out: Path) -> dict:
         scores = {name: validation.get(f"{figure}_{'raw' if name == 'model' else 'ema'}") for name in ("ema", "model")}
         measured = {name: score for name, score in scores.items() if score is not None}
         pick = better(measured, key=measured.get) if measured else "ema"
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(Path(folder) / pick, out)
+        for source, target in ({"": out} if parts is None else {sub: out / name for sub, name in parts.items()}).items():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(Path(folder) / pick / source, target)
     print(f"   step {state['step']}: {figure} {', '.join(f'{n} {s:.4g}' for n, s in measured.items())}: "
           f"took the {'EMA' if pick == 'ema' else 'raw'} weights -> {out}", flush=True)
     return {"config": str(config.relative_to(decoder_bundle.ROOT)), "run_name": cfg.checkpoint.run_name,
@@ -125,6 +127,9 @@ def measure(out: Path, cache_url: str, fraction: float, steps: int, seed: int = 
 
     rows = split_rows(cache_url, fraction)
     stage_b, stage_a, text, meta = decoder_bundle.load(out)
+    compressor = decoder_bundle.load_semantic_compressor(out)
+    if compressor is not None:  # Stage B learned this compressor's latents, not the cache's
+        rows["stage_c_latents"] = semantic_latents(compressor, rows, cache_url)
     _banner(f"measure: {len(rows['key'])} held-out emoji of {cache_url}")
     trained = bundle_quality(stage_b, stage_a, text, rows, steps=steps, seed=seed)
     random_b, random_a, random_text = random_decoders(meta["flavor"], seed=0, text_weights=decoder_bundle.text_encoder_weights(meta))
@@ -135,6 +140,19 @@ def measure(out: Path, cache_url: str, fraction: float, steps: int, seed: int = 
         print(f"   {name:<28} trained {pair['trained']:8.3f}   random {pair['random']:8.3f}", flush=True)
     save_grid(torch.stack([rows["images"], trained["images"]], dim=1).flatten(0, 1)[:64], out / "reconstructions.png", columns=8)
     return {"held_out_rows": len(rows["key"]), "decoder_steps": steps, "seed": seed, "figures": figures}
+
+
+def semantic_latents(compressor, rows: dict, cache_url: str):
+    """z_C of the rows by `compressor`, from their semantic_images (the compressor's input as prep cut it)."""
+    import torch
+
+    from stages.latents import semantic_to_stage_c
+
+    if "semantic_images" not in rows:
+        raise ValueError(f"the bundle's semantic compressor was trained with its Stage B: measuring it needs the "
+                         f"compressor's input images, which {cache_url} lacks (prep with encode.semantic_images: true)")
+    with torch.no_grad():
+        return semantic_to_stage_c(torch.cat([compressor.eval()(x) for x in rows["semantic_images"].split(16)]))
 
 
 def log_to_mlflow(cfg, run_id: str, out: Path, figures: dict) -> None:
@@ -170,6 +188,8 @@ def build(out: Path = decoder_bundle.DEMO_DECODERS, stage_a_steps: int | None = 
     from pipelines.training.config import TrainConfig
     from stages.sampler import DECODER_STEPS
 
+    from stages.stage_b_with_compressor import COMPRESSOR_FOLDER, DECODER_FOLDER
+
     steps = lambda n: [f"steps={n}"] if n is not None else []  # noqa: E731
     elsewhere = out.resolve() != decoder_bundle.DEMO_DECODERS.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -180,10 +200,20 @@ def build(out: Path = decoder_bundle.DEMO_DECODERS, stage_a_steps: int | None = 
     latents = prep(PREP_STAGE_B, [f"encode.stage_a.path={out / 'vqgan'}"] if elsewhere else [])
     b_overrides = [f"data.cache={latents}", f"decoder_objective.scale_factor={scale}",
                    *([f"encoders.stage_a.path={out / 'vqgan'}"] if elsewhere else []), *steps(stage_b_steps)]
-    stage_b = train(TRAIN_STAGE_B, b_overrides, out / "decoder")
+    b_cfg = load(TrainConfig, TRAIN_STAGE_B, b_overrides)
+    joint = b_cfg.model.train_semantic_compressor
+    stage_b = train(TRAIN_STAGE_B, b_overrides, out / "decoder" if not joint else out,
+                    {DECODER_FOLDER: DECODER_FOLDER, COMPRESSOR_FOLDER: COMPRESSOR_FOLDER} if joint else None)
     fingerprints = stage_b.pop("cache_fingerprints")
     stage_a.pop("cache_fingerprints")
-    b_cfg = load(TrainConfig, TRAIN_STAGE_B, b_overrides)
+    if joint:  # Stage B learned the latents of the compressor trained with it
+        from latent_cache.encoders import model_fingerprint
+        from latent_cache.spec import EncoderWeights
+        from stages import SemanticCompressor
+
+        path = out / COMPRESSOR_FOLDER
+        fingerprints["semantic_compressor"] = model_fingerprint(
+            "semantic_compressor", SemanticCompressor.from_pretrained(path), EncoderWeights(str(path)))["fingerprint"]
     text = b_cfg.encoders.decoder_text_encoder
     meta = {
         "flavor": b_cfg.model.flavor,

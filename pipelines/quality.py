@@ -97,14 +97,16 @@ def decoder_reconstruction(sampler: WuerstchenSampler, images: torch.Tensor, sta
 def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: int | None = None) -> dict:
     """The held-out rows of a cache that holds images (the validation split of training, by key
     hash), or with held_out=False its training rows; the first `limit` of them:
-    {"key", "caption", "images" (N, 3, R, R) in [0, 1], "stage_c_latents"}."""
+    {"key", "caption", "images" (N, 3, R, R) in [0, 1], "stage_c_latents"}, and "semantic_images"
+    (N, 3, S, S) in [0, 1] when the cache holds them."""
     import numpy as np
 
     from latent_cache.reader import Cache, split
 
     cache = Cache(cache_url)
     cache.check_columns(["images"], "measuring reconstructions (prep with encode.images: true)")
-    table = split(cache.read_table(["key", "caption", "images", "stage_c_latents"]), fraction, validation=held_out)
+    semantic = ["semantic_images"] if "semantic_images" in cache.manifest["shapes"] else []
+    table = split(cache.read_table(["key", "caption", "images", "stage_c_latents", *semantic]), fraction, validation=held_out)
     if limit is not None:
         table = table.slice(0, limit)
     if table.num_rows == 0:
@@ -113,9 +115,14 @@ def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: in
     def array(name: str, dtype) -> np.ndarray:
         return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
 
-    images = torch.from_numpy(array("images", np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-    return {"key": table.column("key").to_pylist(), "caption": table.column("caption").to_pylist(),
-            "images": images, "stage_c_latents": torch.from_numpy(array("stage_c_latents", np.float32))}
+    def pictures(name: str) -> torch.Tensor:
+        return torch.from_numpy(array(name, np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+
+    rows = {"key": table.column("key").to_pylist(), "caption": table.column("caption").to_pylist(),
+            "images": pictures("images"), "stage_c_latents": torch.from_numpy(array("stage_c_latents", np.float32))}
+    if semantic:
+        rows["semantic_images"] = pictures("semantic_images")
+    return rows
 
 
 def own_retrieval(regenerated: torch.Tensor, originals: torch.Tensor) -> float:

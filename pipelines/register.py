@@ -242,7 +242,7 @@ def register_decoders(
     from stages import StageA, StageB
 
     mlflow_client = registry.client(tracking_uri)
-    tags = {}
+    tags, compressor = {}, None
     meta = decoder_bundle.read_meta(source) if source != "random" else None
     if source == "random":
         stage_b, stage_a, text = random_decoders(flavor, seed)
@@ -255,18 +255,28 @@ def register_decoders(
         figures = meta.get("reconstruction", {}).get("figures", {})
         tags.update({f"reconstruction.{k}": str(v["trained"]) for k, v in figures.items()})
         tags.update({f"training.{stage}.step": str(run["step"]) for stage, run in meta.get("training", {}).items()})
+        compressor = decoder_bundle.load_semantic_compressor(source)
+        if compressor is not None:
+            tags["semantic_compressor"] = COMPRESSOR_TAG
     else:
         stage_b = StageB.from_pretrained(source, subfolder="decoder")
         stage_a = StageA.from_pretrained(source, subfolder="vqgan")
         text_ref = text_encoder_ref(flavor, EncoderWeights(source, seed), None)
     digest = f"{weights_digest(stage_b)[:16]}-{weights_digest(stage_a)[:16]}-{text_ref.fingerprint[:16]}"
+    if compressor is not None:
+        digest += f"-{weights_digest(compressor)[:16]}"
     existing = registry.find_version(mlflow_client, name, registry.SOURCE_TAG, digest)
     if existing is not None:
         return {"name": name, "version": existing.version, "created": False, "source": source}
     described = {"random": "seeded random weights (demo)"}.get(source, f"trained: {meta['command']}" if meta else source)
     return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, {
         registry.SOURCE_TAG: digest, "weights": described, "flavor": flavor, "code_version": registry.code_version(), **tags,
-    })
+    }, semantic_compressor=compressor)
+
+
+# The tag of a decoder bundle version that carries its own semantic compressor.
+COMPRESSOR_TAG = ("trained with Stage B: the artifact decoders/semantic_compressor, which the prior's cache must be "
+                  "made with (prep encode.semantic.path)")
 
 
 def _log_decoder_bundle(name: str, stage_b, stage_a, text_ref, flavor: str, source: str, tags: dict,
@@ -347,8 +357,7 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
     if val_loss is not None:
         tags["training.val_loss"] = f"{val_loss:.6g}"
     if compressor is not None:
-        tags["semantic_compressor"] = (f"trained with Stage B: the artifact decoders/{COMPRESSOR_FOLDER}, which the prior's "
-                                       f"cache must be made with (prep encode.semantic.path)")
+        tags["semantic_compressor"] = COMPRESSOR_TAG
     return _log_decoder_bundle(name, stage_b, stage_a, text_ref, flavor, source, tags, run_id=train_run,
                                semantic_compressor=compressor)
 

@@ -99,6 +99,27 @@ def test_a_bundle_folder_loads_checked_against_the_fingerprints_its_stage_b_was_
         decoder_bundle.load(tmp_path / "vqgan")
 
 
+
+def test_a_bundle_folder_carries_the_semantic_compressor_trained_with_its_stage_b(tmp_path):
+    """A bundle whose compressor was trained with its Stage B holds it in semantic_compressor/, checked
+    against the fingerprint bundle.json records (what pins a prior to the bundle); a bundle without
+    one gives None."""
+    from latent_cache.encoders import model_fingerprint as fingerprint_of
+    from stages import SemanticCompressor
+
+    stage_b, stage_a, text = _tiny_bundle()
+    _write_bundle(tmp_path, stage_b, stage_a, text)
+    assert decoder_bundle.load_semantic_compressor(tmp_path) is None
+    compressor = SemanticCompressor.from_flavor("tiny")
+    compressor.save_pretrained(tmp_path / "semantic_compressor")
+    with pytest.raises(ValueError, match="its semantic compressor has fingerprint .* trained with abc"):
+        decoder_bundle.load_semantic_compressor(tmp_path)
+    meta = decoder_bundle.read_meta(tmp_path)
+    meta["fingerprints"]["semantic_compressor"] = fingerprint_of("semantic_compressor", compressor, EncoderWeights())["fingerprint"]
+    decoder_bundle.write_meta(tmp_path, meta)
+    loaded = decoder_bundle.load_semantic_compressor(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), compressor.state_dict().values()))
+
 def test_own_retrieval_counts_the_regenerated_images_nearest_their_own_original():
     torch.manual_seed(0)
     originals = torch.rand(4, 3, 16, 16)

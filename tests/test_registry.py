@@ -355,6 +355,26 @@ def test_register_a_decoder_bundle_folder_with_its_fingerprints_and_figures(mlfl
                               params={"decoder_steps": 2})
     assert images.dtype == np.uint8 and images.shape[0] == 1
 
+    # The same folder with the semantic compressor trained with its Stage B: another version, which
+    # carries the compressor (the prior's cache must be made with it) under its fingerprint.
+    from latent_cache.encoders import model_fingerprint, weights_digest
+    from latent_cache.spec import EncoderWeights
+    from stages import SemanticCompressor
+
+    compressor = SemanticCompressor.from_flavor("tiny")
+    compressor.save_pretrained(tmp_path / "semantic_compressor")
+    meta = json.loads((tmp_path / "bundle.json").read_text())
+    meta["fingerprints"]["semantic_compressor"] = model_fingerprint("semantic_compressor", compressor, EncoderWeights())["fingerprint"]
+    (tmp_path / "bundle.json").write_text(json.dumps(meta))
+    joint = register_decoders(mlflow_server, name, str(tmp_path))
+    assert joint["created"] and joint["version"] != first["version"]
+    tags = client.get_model_version(name, joint["version"]).tags
+    assert tags["fingerprint.semantic_compressor"] == meta["fingerprints"]["semantic_compressor"]
+    assert "encode.semantic.path" in tags["semantic_compressor"]
+    root = registry.download(f"models:/{name}/{joint['version']}", tmp_path / "download")
+    carried = SemanticCompressor.from_pretrained(registry.find_model_folder(root, SemanticCompressor))
+    assert weights_digest(carried) == weights_digest(compressor)
+
 
 def test_a_stage_c_version_pins_a_decoder_bundle_trained_on_its_semantic_latents(mlflow_server):
     """pinned_decoders on versions tagged as register tags a trained decoder bundle: by default the
