@@ -1,8 +1,10 @@
 """A committed cache, read with plain pyarrow or as a Ray Dataset, and its held-out split: a row is
 held out for validation by a hash of its key alone."""
 
+import itertools
 import zlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -58,6 +60,28 @@ class Cache:
         """All rows with plain pyarrow (no Ray)."""
         tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files]
         return pa.concat_tables(tables) if tables else pa.table({})
+
+    def spread_rows(self, columns: list[str], count: int, fraction: float, validation: bool = False) -> pa.Table:
+        """`count` rows of one side of the split (the training rows, or with `validation` the held-out
+        ones) spread evenly over the cache in file order, with `columns`. Only the key column is read
+        everywhere; the others only from the row groups that hold a chosen row."""
+        where = []  # (file, row group, index in the group) of every row of the split
+        for path in self.files:
+            with self.fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                for group in range(parquet.metadata.num_row_groups):
+                    keys = parquet.read_row_group(group, columns=["key"]).column("key").to_pylist()
+                    where += [(path, group, i) for i, k in enumerate(keys) if is_validation(k, fraction) == validation]
+        if not where:
+            raise ValueError(f"the cache at {self.url} has no {'held-out' if validation else 'training'} rows "
+                             f"at validation fraction {fraction}")
+        picks = [where[int(i)] for i in np.linspace(0, len(where) - 1, min(count, len(where)))]
+        parts = []
+        for (path, group), members in itertools.groupby(picks, key=lambda w: w[:2]):
+            with self.fs.open_input_file(path) as f:
+                table = pq.ParquetFile(f).read_row_group(group, columns=columns)
+            parts.append(table.take(pa.array([i for *_, i in members])))
+        return pa.concat_tables(parts)
 
     def ray_dataset(self, columns: list[str] | None = None, **kwargs):
         import ray.data

@@ -108,7 +108,22 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
             cache.check_columns(STAGE_B_WITH_COMPRESSOR_COLUMNS, "Stage B training with model.train_semantic_compressor")
         return StageBTask(cfg.model, cfg.decoder_objective, cfg.validation)
     return StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
-                      empty_text=text_encoder.encode([""])[0].cpu().numpy())
+                      empty_text=text_encoder.encode([""])[0].cpu().numpy(), train_probe=train_probe(cfg, cache))
+
+
+def train_probe(cfg: TrainConfig, cache) -> dict | None:
+    """The training rows whose captions Stage C's validation retrieval samples (see
+    StageCTask.retrieval), spread over the cache, as a numpy batch; None when it is off."""
+    import numpy as np
+
+    from pipelines.training.tasks import stage_c_columns
+
+    if not cfg.validation.retrieval_captions:
+        return None
+    columns = stage_c_columns(cache.manifest["text_mode"])
+    table = cache.spread_rows(columns, cfg.validation.retrieval_captions, cfg.data.validation_fraction)
+    return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
+            **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
 
 
 def run_training(cfg: TrainConfig):

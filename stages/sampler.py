@@ -77,7 +77,7 @@ class WuerstchenSampler:
         resolution_multiple: float = RESOLUTION_MULTIPLE,
         latent_dim_scale: float = LATENT_DIM_SCALE,
     ):
-        if stage_c is not None and text_encoder_c.width != stage_c.config.c_cond:
+        if stage_c is not None and text_encoder_c is not None and text_encoder_c.width != stage_c.config.c_cond:
             raise ValueError(
                 f"Stage C takes text tokens of width c_cond={stage_c.config.c_cond}; its text encoder gives {text_encoder_c.width}"
             )
@@ -132,15 +132,38 @@ class WuerstchenSampler:
         prompts = _prompt_list(prompts)
         check_image_size(height, width)
         generator = _generator(generator)
-        device = next(self.stage_c.parameters()).device
         guided = uses_guidance(guidance)
         text = self._text(self.text_encoder_c, prompts, _prompt_list(negative_prompts, len(prompts)), guided)
-        text = text.to(device)
         shape = (len(prompts), self.stage_c.config.c_in, *stage_c_latent_size(height, width, self.resolution_multiple))
-        latents = _initial(latents, shape, generator, device, text.dtype)
+        cond, uncond = text.chunk(2) if guided else (text, None)
+        return stage_c_to_semantic(self.sample_z_c(cond, uncond, shape, steps, timesteps, guidance, generator, latents, progress))
+
+    @torch.no_grad()
+    def sample_z_c(
+        self,
+        text: torch.Tensor,
+        negative_text: torch.Tensor | None,
+        shape: Sequence[int],
+        steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance: float = PRIOR_GUIDANCE,
+        generator: torch.Generator | int | None = None,
+        latents: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Stage C's latents z_C of `shape` (B, 16, h, w) from text conditioning already encoded: `text`
+        (B, L, c_cond) and, with guidance, `negative_text` (the encoded negative or "" prompts), as
+        cached or encoded by the caller (the trainer's validation samples from cached embeddings).
+        Needs no text encoder; `stage_c` may be wrapped for data parallelism."""
+        generator = _generator(generator)
+        device = next(self.stage_c.parameters()).device
+        guided = uses_guidance(guidance)
+        if guided and negative_text is None:
+            raise ValueError("guidance needs the negative text conditioning (the encoded \"\" prompt, for none)")
+        text = (torch.cat([text, negative_text]) if guided else text).to(device)
+        latents = _initial(latents, tuple(shape), generator, device, text.dtype)
         grid = _grid(steps, timesteps, DEFAULT_STAGE_C_TIMESTEPS).to(device)
-        z_c = self._denoise(lambda x, r: self.stage_c(x, r, text), latents, grid, guidance, generator, progress, "Stage C")
-        return stage_c_to_semantic(z_c)
+        return self._denoise(lambda x, r: self.stage_c(x, r, text), latents, grid, guidance, generator, progress, "Stage C")
 
     @torch.no_grad()
     def sample_stage_b(

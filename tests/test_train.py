@@ -60,6 +60,9 @@ def test_two_workers_train_checkpoint_to_s3_track_in_mlflow_and_resume(tiny_cach
     for key in ("val_loss_ema", "val_loss_raw"):  # the EMA weights (registered) and the trained ones
         val = metric_history(mlflow_server, run_id, key)
         assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) for _, v in val), key
+    for key in ("val_retrieval_median_rank_ema", "val_train_retrieval_top10_ema"):  # does it follow its captions
+        val = metric_history(mlflow_server, run_id, key)
+        assert [s for s, _ in val] == [3, 6] and all(np.isfinite(v) and v >= 0 for _, v in val), key
     for key in ("lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
         assert len(metric_history(mlflow_server, run_id, key)) == 6, key
     run = MlflowClient(mlflow_server).get_run(run_id)

@@ -200,6 +200,13 @@ class ValidationConfig:
     every_steps: PositiveInt = 100
     t_grid: NoiseLevels = (0.1, 0.3, 0.5, 0.7, 0.9)  # every held-out sample at each of these t
     seed: int = 0  # the fixed noise
+    # Stage C: caption -> latent retrieval at each validation. A latent is sampled (seeded, these
+    # prior steps and guidance) for this many held-out captions and as many training captions (spread
+    # over the cache), and each caption's own cached latent is ranked among the held-out latents and
+    # those training ones. A prior that ignores its text stays at chance. 0: not measured.
+    retrieval_captions: NonNegativeInt = 32
+    retrieval_steps: PositiveInt = 10
+    retrieval_guidance: NonNegativeFloat = 4.0
 
 
 @config_dataclass

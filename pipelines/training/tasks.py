@@ -16,11 +16,13 @@ from torch import nn
 
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.spec import TEXT_COLUMNS
-from pipelines.quality import stage_a_reconstruction
+from pipelines.quality import own_latent_ranks, rank_figures, stage_a_reconstruction
 from pipelines.training.data import to_tensors
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
+from stages.diffusion import uses_guidance
+from stages.sampler import WuerstchenSampler
 
 STAGE_C_LATENTS = "stage_c_latents"
 STAGE_A_LATENTS = "stage_a_latents"
@@ -78,6 +80,9 @@ class StageCTask(_Task):
     validation: ValidationConfig
     text_mode: str  # the cache's: "embeddings" (cached) or "tokens" (encoded in the step)
     empty_text: np.ndarray  # the encoded "" prompt, float32 (77, c_cond): caption dropout's target
+    # Training rows (a numpy batch of `columns`, spread over the cache) whose captions the validation's
+    # retrieval samples beside the held-out ones (validation.retrieval_captions); None: held-out only.
+    train_probe: dict | None = None
     # Built on the worker by setup(), not sent.
     device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
     text_encoder: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)
@@ -100,11 +105,46 @@ class StageCTask(_Task):
         text = text_condition(batch, self.text_encoder)
         return stage_c_loss(model, batch[STAGE_C_LATENTS], text, self.empty, self.objective, generator)
 
-    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float:
-        """The fixed-grid, fixed-noise loss on numpy batches of held-out rows (see stage_c_validation_loss)."""
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float | dict[str, float]:
+        """The fixed-grid, fixed-noise loss on numpy batches of held-out rows (see
+        stage_c_validation_loss) and, with validation.retrieval_captions, the caption -> latent
+        retrieval figures (see `retrieval`): the loss also falls for a prior that ignores its text,
+        retrieval does not."""
         v = self.validation
-        inputs = validation_inputs(batches, self.device, self.text_encoder)
-        return stage_c_validation_loss(model, inputs, v.t_grid, v.seed, self.objective.p2_weighting)
+        batches = list(batches)
+        loss = stage_c_validation_loss(model, validation_inputs(batches, self.device, self.text_encoder), v.t_grid, v.seed,
+                                       self.objective.p2_weighting)
+        return {"loss": loss, **self.retrieval(model, batches)} if v.retrieval_captions else loss
+
+    @torch.no_grad()
+    def retrieval(self, model: nn.Module, batches: list[dict]) -> dict[str, float]:
+        """For validation.retrieval_captions held-out captions (spread over the held-out rows) and the
+        training captions of `train_probe`: a latent sampled from each caption's text (seeded, the
+        validation's prior steps and guidance) and the rank of the caption's own cached latent among
+        all held-out latents and the probe's. retrieval_* for the held-out captions (does it
+        generalise), train_retrieval_* for the training ones (has it learned its captions): top1,
+        top10 and the median rank; chance's median rank is (N + 1) / 2 of those N latents."""
+        v = self.validation
+        held = list(validation_inputs(batches, self.device, self.text_encoder))
+        held_z, held_text = torch.cat([z for _, z, _ in held]), torch.cat([t for *_, t in held])
+        pick = np.linspace(0, len(held_z) - 1, min(v.retrieval_captions, len(held_z))).astype(int).tolist()
+        sets = {"retrieval": (held_text[pick], pick)}
+        candidates = held_z
+        if self.train_probe is not None:
+            _, probe_z, probe_text = next(validation_inputs([self.train_probe], self.device, self.text_encoder))
+            sets["train_retrieval"] = (probe_text, list(range(len(held_z), len(held_z) + len(probe_z))))
+            candidates = torch.cat([held_z, probe_z])
+        was_training = model.training
+        model.eval()
+        sampler, figures = WuerstchenSampler(model, None), {}
+        for name, (text, own) in sets.items():
+            negative = self.empty.expand(len(text), -1, -1) if uses_guidance(v.retrieval_guidance) else None
+            sampled = sampler.sample_z_c(text, negative, (len(text), *held_z.shape[1:]), steps=v.retrieval_steps,
+                                         guidance=v.retrieval_guidance, generator=v.seed)
+            found = rank_figures(own_latent_ranks(sampled, candidates, own), len(candidates))
+            figures.update({f"{name}_{k}": found[k] for k in ("top1", "top10", "median_rank")})
+        model.train(was_training)
+        return figures
 
 
 @dataclasses.dataclass
