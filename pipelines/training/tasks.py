@@ -18,10 +18,10 @@ from pipelines.training.config import EncodersConfig, ModelConfig, ValidationCon
 from latent_cache.spec import TEXT_COLUMNS
 from pipelines.quality import own_latent_ranks, rank_figures, stage_a_reconstruction
 from pipelines.training.data import to_tensors
+from stages.diffusion import uses_guidance
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
-from stages.diffusion import uses_guidance
 from stages.sampler import WuerstchenSampler
 
 STAGE_C_LATENTS = "stage_c_latents"
@@ -177,9 +177,9 @@ class StageBTask(_Task):
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """The fixed-grid loss ("loss") and whether the decoder uses its semantic condition
         ("condition_gap"): the same loss, same noise, with each row given the next held-out row's
-        semantic latent (or compressor input) instead of its own, minus the loss with its own. About zero while Stage B
-        ignores the condition (a falling loss alone does not show that it does); positive once the
-        semantic latent tells it what to draw."""
+        semantic latent (or compressor input) instead of its own, minus the loss with its own. About
+        zero while Stage B ignores the condition (a falling loss alone does not show that it does);
+        positive once the semantic latent tells it what to draw."""
         v = self.validation
         rows = [(b["key"], b[STAGE_A_LATENTS], self.condition(b), b[DECODER_TEXT])
                 for b in (to_tensors(raw, self.device) for raw in batches)]
