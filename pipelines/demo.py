@@ -171,6 +171,9 @@ def register_and_promote(cfg, uri: str) -> str:
     if registry.version_by_alias(mlflow_client, version["name"], registry.CHALLENGER) is not None:
         result = evaluate_model(f"models:/{version['name']}/{version['version']}", default_spec(mlflow_client, model_version), uri)
         print(f"   held-out val_loss {result['val_loss']:.5f} on {result['rows']} rows (spec {result['spec_id']})")
+        if "retrieval_median_rank" in result:
+            print(f"   held-out caption -> latent retrieval: median rank {result['retrieval_median_rank']:.0f} "
+                  f"(chance {result['retrieval_chance_median_rank']:.0f}), top-10 {result['retrieval_top10']:.0%}")
         decision = promote(uri, version["name"])
         print(f"   {decision['decision']}: {decision['reason']}", flush=True)
     else:

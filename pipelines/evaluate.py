@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 
-from pydantic import PositiveInt
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from pipelines import registry
 from pipelines.cli import job_parser, run_job
@@ -38,6 +38,12 @@ class EvalSpec:
     t_grid: NoiseLevels = (0.1, 0.3, 0.5, 0.7, 0.9)
     seed: int = 0
     p2_weighting: bool = True
+    # Caption -> latent retrieval on the held-out rows (see the training's validation.retrieval_*):
+    # latents sampled for this many held-out captions, each own cached latent ranked among all the
+    # held-out latents. 0: not measured.
+    retrieval_captions: NonNegativeInt = 32
+    retrieval_steps: PositiveInt = 10
+    retrieval_guidance: NonNegativeFloat = 4.0
     batch_size: PositiveInt = 32  # does not change the result
 
     def spec_id(self, manifest: dict) -> str:
@@ -133,16 +139,41 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
         raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text_encoder = None
-    if cache.manifest["text_mode"] == "tokens":
+    if cache.manifest["text_mode"] == "tokens" or spec.retrieval_captions:
         text_encoder = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
-    inputs = validation_inputs(batches, device, text_encoder)
+    tokens_encoder = text_encoder if cache.manifest["text_mode"] == "tokens" else None
+    inputs = validation_inputs(batches, device, tokens_encoder)
     loss = stage_c_validation_loss(model.to(device), inputs, spec.t_grid, spec.seed, spec.p2_weighting)
-    result = {"val_loss": loss, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
-    mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.val_loss", f"{loss:.8g}")
+    figures = {"val_loss": loss}
+    if spec.retrieval_captions:
+        figures.update(held_out_retrieval(model, batches, spec, device, tokens_encoder, text_encoder))
+    result = {**figures, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
+    for name, value in figures.items():
+        mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.{name}", f"{value:.8g}")
     mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.rows", str(rows))
     mlflow_client.set_model_version_tag(version.name, version.version, "eval.latest", json.dumps(result))
     log.info("models:/%s/%s: val_loss %.6g on %d held-out rows (spec %s)", version.name, version.version, loss, rows, spec_id)
     return {**result, "name": version.name, "version": version.version}
+
+
+def held_out_retrieval(model, batches: list[dict], spec: EvalSpec, device, tokens_encoder, text_encoder) -> dict:
+    """Caption -> latent retrieval on the held-out rows: latents sampled for spec.retrieval_captions
+    captions spread over them, each own cached latent ranked among all held-out latents
+    (retrieval_top1 / _top10 / _median_rank; chance's median rank is (N + 1) / 2)."""
+    import numpy as np
+    import torch
+
+    from pipelines.quality import prior_retrieval
+    from pipelines.training.tasks import validation_inputs
+
+    held = list(validation_inputs(batches, device, tokens_encoder))
+    z, text = torch.cat([h[1] for h in held]), torch.cat([h[2] for h in held])
+    pick = np.linspace(0, len(z) - 1, min(spec.retrieval_captions, len(z))).astype(int).tolist()
+    with torch.no_grad():
+        empty = text_encoder.encode([""]).to(device).float()
+    figures = prior_retrieval(model, {"retrieval": (text[pick], pick)}, z, empty, spec.retrieval_steps,
+                              spec.retrieval_guidance, spec.seed)
+    return {**figures, "retrieval_chance_median_rank": (len(z) + 1) / 2}
 
 
 def evaluation_resources() -> dict:
@@ -196,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_evaluation(args.model, spec, args.tracking_uri)
         print(f"models:/{result['name']}/{result['version']}: val_loss {result['val_loss']:.6g} "
               f"on {result['rows']} held-out rows of {result['spec']['cache']} (spec {result['spec_id']})")
+        if "retrieval_median_rank" in result:
+            print(f"   held-out caption -> latent retrieval: median rank {result['retrieval_median_rank']:.0f} "
+                  f"(chance {result['retrieval_chance_median_rank']:.0f}), top-10 {result['retrieval_top10']:.0%}")
 
     return run_job("evaluate", evaluate)
 

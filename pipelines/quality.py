@@ -241,6 +241,29 @@ def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: t
     return {**rank_figures(ranks, len(cached)), "ranks": ranks, "sampled": sampled}
 
 
+@torch.no_grad()
+def prior_retrieval(stage_c, sets: dict, candidates: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
+                    seed: int) -> dict[str, float]:
+    """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
+    tokens encoded by the caller): for each named set of (text (K, L, c), own indices into
+    `candidates`), a latent z_C sampled from each text (seeded; CFG against `empty`, the encoded ""
+    prompt (1, L, c)) and the rank of its own latent among all `candidates`: {name}_top1, _top10
+    and _median_rank. `stage_c` may be wrapped for data parallelism; it is given back in its mode."""
+    from stages.diffusion import uses_guidance
+
+    was_training = stage_c.training
+    stage_c.eval()
+    sampler, figures = WuerstchenSampler(stage_c, None), {}
+    for name, (text, own) in sets.items():
+        negative = empty.expand(len(text), -1, -1) if uses_guidance(guidance) else None
+        sampled = sampler.sample_z_c(text, negative, (len(text), *candidates.shape[1:]), steps=steps, guidance=guidance,
+                                     generator=seed)
+        found = rank_figures(own_latent_ranks(sampled, candidates, own), len(candidates))
+        figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
+    stage_c.train(was_training)
+    return figures
+
+
 # The latents' grid is average-pooled to this side for the Fréchet distance: 16 channels x 2 x 2 = 64
 # features keep the coarse layout while a covariance of a few hundred samples still estimates them
 # (flattened 16 x 6 x 6 latents, 576 features, give two draws of one distribution a distance of ~600

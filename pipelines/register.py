@@ -175,7 +175,9 @@ def register_stage_c(
             "decoders": decoders,
             "eval_spec": {"cache": config["data"]["cache"], "validation_fraction": config["data"]["validation_fraction"],
                           "t_grid": list(config["validation"]["t_grid"]), "seed": config["validation"]["seed"],
-                          "p2_weighting": config["objective"]["p2_weighting"]},
+                          "p2_weighting": config["objective"]["p2_weighting"],
+                          **{k: config["validation"][k] for k in ("retrieval_captions", "retrieval_steps", "retrieval_guidance")
+                             if k in config["validation"]}},
         }
         tags = {
             registry.SOURCE_TAG: source,
@@ -191,9 +193,10 @@ def register_stage_c(
             tags["decoders"] = decoders
         # What the registered weights themselves scored at this checkpoint's step (not the newest
         # figure of the run, nor that of the other weights); absent when the step was not validated.
-        val_loss = state.get("validation", {}).get(ckpt_io.VAL_LOSS[weights.name])
-        if val_loss is not None:
-            tags["training.val_loss"] = f"{val_loss:.6g}"
+        suffix = ckpt_io.VAL_LOSS[weights.name].removeprefix("val_loss")  # _ema or _raw
+        for key, value in state.get("validation", {}).items():  # val_loss, val_train_retrieval_top10, ...
+            if key.endswith(suffix):
+                tags[f"training.{key.removesuffix(suffix)}"] = f"{value:.6g}"
         run_context = mlflow.start_run(run_id=train_run) if train_run else mlflow.start_run(run_name=f"register-{name}")
         with run_context:
             info = mlflow.pyfunc.log_model(

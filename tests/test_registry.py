@@ -154,6 +154,11 @@ def test_evaluation_reads_only_the_held_out_rows_as_a_ray_task(trained, tiny_cac
     spec.cache = str(cache)
     result = run_evaluation(model, spec, uri)
     assert result["rows"] == held and result["val_loss"] == pytest.approx(intact["val_loss"], rel=1e-5)
+    # Caption -> latent retrieval on the same held-out rows, seeded: the same figures, recorded as tags.
+    assert result["retrieval_median_rank"] == intact["retrieval_median_rank"] and 1 <= result["retrieval_median_rank"] <= held
+    assert result["retrieval_chance_median_rank"] == (held + 1) / 2
+    tags = registry.client(uri).get_model_version(NAME, version).tags
+    assert float(tags[f"eval.{result['spec_id']}.retrieval_top10"]) == pytest.approx(result["retrieval_top10"])
     spec.cache = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no cache at") as failed:
         run_evaluation(model, spec, uri)

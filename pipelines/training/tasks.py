@@ -16,13 +16,11 @@ from torch import nn
 
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.spec import TEXT_COLUMNS
-from pipelines.quality import own_latent_ranks, rank_figures, stage_a_reconstruction
+from pipelines.quality import prior_retrieval, stage_a_reconstruction
 from pipelines.training.data import to_tensors
-from stages.diffusion import uses_guidance
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
-from stages.sampler import WuerstchenSampler
 
 STAGE_C_LATENTS = "stage_c_latents"
 STAGE_A_LATENTS = "stage_a_latents"
@@ -134,17 +132,7 @@ class StageCTask(_Task):
             _, probe_z, probe_text = next(validation_inputs([self.train_probe], self.device, self.text_encoder))
             sets["train_retrieval"] = (probe_text, list(range(len(held_z), len(held_z) + len(probe_z))))
             candidates = torch.cat([held_z, probe_z])
-        was_training = model.training
-        model.eval()
-        sampler, figures = WuerstchenSampler(model, None), {}
-        for name, (text, own) in sets.items():
-            negative = self.empty.expand(len(text), -1, -1) if uses_guidance(v.retrieval_guidance) else None
-            sampled = sampler.sample_z_c(text, negative, (len(text), *held_z.shape[1:]), steps=v.retrieval_steps,
-                                         guidance=v.retrieval_guidance, generator=v.seed)
-            found = rank_figures(own_latent_ranks(sampled, candidates, own), len(candidates))
-            figures.update({f"{name}_{k}": found[k] for k in ("top1", "top10", "median_rank")})
-        model.train(was_training)
-        return figures
+        return prior_retrieval(model, sets, candidates, self.empty, v.retrieval_steps, v.retrieval_guidance, v.seed)
 
 
 @dataclasses.dataclass
