@@ -28,6 +28,10 @@ def test_demo_prepares_trains_registers_promotes_and_serves_a_champion(tmp_path)
     for heading in ("== 1. Data prep", "== 2. Training", "== 3. Registration", "== 4. Evaluation", "== 5. A consumer"):
         assert heading in done.stdout
     assert "promoted: first champion" in done.stdout and "mlflow ui --backend-store-uri" in done.stdout
+    # Whether the prior follows its captions, in numbers beside chance: the gate's held-out retrieval
+    # and the consumer's own-latent ranks.
+    assert re.search(r"held-out caption -> latent retrieval: median rank \d+ \(chance \d+\), top-10 \d+%", done.stdout)
+    assert re.search(r"own-latent median rank \d+ \(chance \d+\), top-10 \d+%", done.stdout)
     # A console a person can read: Ray's internal lines and its progress reports (no terminal shows
     # them live here) stay in Ray's log files; each rank-0 step line is shown once.
     console = (done.stdout + done.stderr).splitlines()
