@@ -366,3 +366,22 @@ def test_training_the_semantic_compressor_is_checked_and_starts_from_the_configu
     assert weights_digest(model.semantic_compressor) == weights_digest(expected)
     with pytest.raises(RuntimeError, match="Missing key"):  # part of a Stage B is not a start
         cfg.model.build({**init, "stage_b.embedding.1.weight": model.stage_b.embedding[1].weight})
+
+
+def test_the_demo_decoders_stage_b_config_goes_with_its_prep_configs():
+    """The demo's Stage B (trained with its semantic compressor) reads what prep_twemoji_stage_b.yaml
+    puts in its cache, starts from the compressor the prior's demo cache (prep_twemoji.yaml) is made
+    with, and the decoders' images cache holds the compressor inputs its build measures on."""
+    from pathlib import Path
+
+    from pipelines.training.tasks import STAGE_B_WITH_COMPRESSOR_COLUMNS
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    prep = load(PrepConfig, configs / "prep_twemoji_stage_b.yaml")
+    train = load(TrainConfig, configs / "train_stage_b_twemoji_demo.yaml")
+    assert train.model.train_semantic_compressor and train.data.cache == prep.output.url
+    shapes = prep.encode.spec().tensor_shapes(text_width=64, decoder_text_width=128)
+    assert set(STAGE_B_WITH_COMPRESSOR_COLUMNS) - {"key"} <= set(shapes)
+    assert train.encoders.semantic == load(PrepConfig, configs / "prep_twemoji.yaml").encode.semantic
+    assert train.encoders.stage_a == prep.encode.stage_a and train.encoders.decoder_text_encoder == prep.encode.decoder_text_encoder
+    assert load(PrepConfig, configs / "prep_twemoji_decoders.yaml").encode.semantic_images
