@@ -87,13 +87,26 @@ def run(flavor: str = "small", image_size: int = 256, out_dir: Path | None = Non
     return losses
 
 
-def prep_config(config: Path, cache_url: str | None, limit_shards: int | None = None):
+def prep_config(config: Path, cache_url: str | None, limit_shards: int | None = None, semantic: str | None = None):
     from data_prep.config import PrepConfig
     from core.config import load
 
     overrides = [f"output.url={cache_url}"] if cache_url else []
     overrides += [f"limit_shards={limit_shards}"] if limit_shards is not None else []
+    overrides += [f"encode.semantic.path={semantic}"] if semantic else []
     return load(PrepConfig, config, overrides)
+
+
+def demo_semantic_compressor(flavor: str) -> str | None:
+    """The semantic compressor the demo decoders carry (trained with their Stage B), when they do:
+    the prior's cache and training use it, so that the decoders read the latents the prior makes
+    (their fingerprints must agree for the bundle to be pinned)."""
+    from pipelines import decoder_bundle
+    from stages.stage_b_with_compressor import COMPRESSOR_FOLDER
+
+    meta = decoder_bundle.read_meta(decoder_bundle.DEMO_DECODERS)
+    folder = decoder_bundle.DEMO_DECODERS / COMPRESSOR_FOLDER
+    return str(folder) if meta is not None and meta["flavor"] == flavor and folder.is_dir() else None
 
 
 def prepare_data(cfg) -> str:
@@ -106,11 +119,12 @@ def prepare_data(cfg) -> str:
     return cfg.output.url
 
 
-def train_config(config: Path, cache_url: str, steps: int | None):
+def train_config(config: Path, cache_url: str, steps: int | None, semantic: str | None = None):
     from core.config import load
     from pipelines.training.config import TrainConfig
 
-    return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else []))
+    return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else [])
+                + ([f"encoders.semantic.path={semantic}"] if semantic else []))
 
 
 def train(cfg):
@@ -276,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 def demo(args: argparse.Namespace) -> None:
     # both configs are checked before any work starts
     prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)
-    cfg = train_config(args.train_config, prep_cfg.output.url, args.steps)
+    semantic = demo_semantic_compressor(prep_cfg.encode.flavor)
+    if semantic:
+        prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards, semantic)
+    cfg = train_config(args.train_config, prep_cfg.output.url, args.steps, semantic)
     start = time.perf_counter()
     cache_url = prepare_data(prep_cfg)
     cfg, _ = train(cfg)
