@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from stages.latents import semantic_to_stage_c, stage_c_to_semantic
+from stages.latents import stage_c_to_semantic
 from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, PRIOR_GUIDANCE, WuerstchenSampler
 
 METRICS = ("psnr", "ssim")
@@ -222,45 +222,69 @@ def rank_figures(ranks: torch.Tensor, candidates: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: torch.Tensor, own: list[int],
-                      height: int, width: int, steps: int | None = None, guidance: float = PRIOR_GUIDANCE,
-                      seed: int = 0, batch_size: int = 16) -> dict:
-    """Caption -> latent retrieval of the sampler's Stage C: a latent z_C sampled for each caption
-    (seeded, `steps` prior steps, `guidance`; height x width the size the cached latents were made
-    at) and its own cached latent cached[own[i]] ranked among all the cached ones (see
-    `own_latent_ranks`). The figures of `rank_figures`, the ranks and the sampled z_C ("sampled")."""
-    generator = torch.Generator().manual_seed(seed)
-    sampled = torch.cat([
-        semantic_to_stage_c(sampler.sample_stage_c(captions[i:i + batch_size], height, width, steps=steps,
-                                                   guidance=guidance, generator=generator, progress=False).float())
-        for i in range(0, len(captions), batch_size)])
-    if sampled.shape[1:] != cached.shape[1:]:
-        raise ValueError(f"latents sampled at {height}x{width} are {tuple(sampled.shape[1:])}, the cached ones "
-                         f"{tuple(cached.shape[1:])}: sample at the size the cache was made at")
-    ranks = own_latent_ranks(sampled, cached, own)
-    return {**rank_figures(ranks, len(cached)), "ranks": ranks, "sampled": sampled}
-
-
-@torch.no_grad()
-def prior_retrieval(stage_c, sets: dict, candidates: torch.Tensor, empty: torch.Tensor, steps: int, guidance: float,
-                    seed: int) -> dict[str, float]:
-    """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
-    tokens encoded by the caller): for each named set of (text (K, L, c), own indices into
-    `candidates`), a latent z_C sampled from each text (seeded; CFG against `empty`, the encoded ""
-    prompt (1, L, c)) and the rank of its own latent among all `candidates`: {name}_top1, _top10
-    and _median_rank. `stage_c` may be wrapped for data parallelism; it is given back in its mode."""
+def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch.Tensor, empty: torch.Tensor,
+                  steps: int | None, guidance: float, seed: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent z_C sampled from each text (K, L, c) (seeded; CFG against `empty`, the encoded ""
+    prompt (1, L, c)) at the candidates' shape, and the rank of its own latent candidates[own[i]]
+    among all of them (see `own_latent_ranks`): (ranks (K,), sampled (K, 16, h, w)). `stage_c` may
+    be wrapped for data parallelism; it is sampled in eval mode and given back in its mode."""
     from stages.diffusion import uses_guidance
 
     was_training = stage_c.training
     stage_c.eval()
-    sampler, figures = WuerstchenSampler(stage_c, None), {}
-    for name, (text, own) in sets.items():
-        negative = empty.expand(len(text), -1, -1) if uses_guidance(guidance) else None
-        sampled = sampler.sample_z_c(text, negative, (len(text), *candidates.shape[1:]), steps=steps, guidance=guidance,
-                                     generator=seed)
-        found = rank_figures(own_latent_ranks(sampled, candidates, own), len(candidates))
-        figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
+    sampler, generator, sampled = WuerstchenSampler(stage_c, None), torch.Generator().manual_seed(seed), []
+    for start in range(0, len(text), batch_size):
+        part = text[start:start + batch_size]
+        negative = empty.expand(len(part), -1, -1) if uses_guidance(guidance) else None
+        sampled.append(sampler.sample_z_c(part, negative, (len(part), *candidates.shape[1:]), steps=steps,
+                                          guidance=guidance, generator=generator).float())
     stage_c.train(was_training)
+    sampled = torch.cat(sampled)
+    return own_latent_ranks(sampled, candidates, own), sampled
+
+
+@torch.no_grad()
+def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: torch.Tensor, own: list[int],
+                      height: int, width: int, steps: int | None = None, guidance: float = PRIOR_GUIDANCE,
+                      seed: int = 0) -> dict:
+    """Caption -> latent retrieval of the sampler's Stage C from captions as a consumer gives them
+    (encoded by its prior text encoder): see `sampled_ranks`; height x width must be the image size
+    the cached latents were made at. The figures of `rank_figures`, the ranks and the sampled z_C."""
+    from stages.latents import stage_c_latent_size
+
+    size = tuple(stage_c_latent_size(height, width, sampler.resolution_multiple))
+    if size != tuple(cached.shape[2:]):
+        raise ValueError(f"latents sampled at {height}x{width} are {size}, the cached ones {tuple(cached.shape[2:])}: "
+                         "sample at the size the cache was made at")
+    text, empty = sampler.text_encoder_c.encode(captions).float(), sampler.text_encoder_c.encode([""]).float()
+    ranks, sampled = sampled_ranks(sampler.stage_c, text, own, cached, empty, steps, guidance, seed)
+    return {**rank_figures(ranks, len(cached)), "ranks": ranks, "sampled": sampled}
+
+
+def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe: tuple[torch.Tensor, torch.Tensor] | None,
+                    captions: int, empty: torch.Tensor, steps: int, guidance: float, seed: int) -> dict[str, float]:
+    """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
+    tokens encoded by the caller), as training validation and `evaluate` measure it:
+    held_out = (z_C (N, 16, h, w), text (N, L, c)) of the held-out rows, probe = the same of a few
+    training rows (or None). Latents are sampled (`sampled_ranks`) for `captions` held-out texts
+    spread over them and for every probe text, and each own latent is ranked among all the held-out
+    latents and the probe's: retrieval_* for the held-out captions (does the prior generalise),
+    train_retrieval_* for the training ones (has it learned its captions), each _top1, _top10 and
+    _median_rank, and chance_median_rank ((N + 1) / 2 of those N candidates)."""
+    import numpy as np
+
+    held_z, held_text = held_out
+    pick = np.linspace(0, len(held_z) - 1, min(captions, len(held_z))).astype(int).tolist()
+    sets, candidates = ({"retrieval": (held_text[pick], pick)} if pick else {}), held_z
+    if probe is not None:
+        probe_z, probe_text = probe
+        sets["train_retrieval"] = (probe_text, list(range(len(held_z), len(held_z) + len(probe_z))))
+        candidates = torch.cat([held_z, probe_z])
+    figures = {"chance_median_rank": (len(candidates) + 1) / 2}
+    for name, (text, own) in sets.items():
+        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed)
+        found = rank_figures(ranks, len(candidates))
+        figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
     return figures
 
 

@@ -114,16 +114,11 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
 def train_probe(cfg: TrainConfig, cache) -> dict | None:
     """The training rows whose captions Stage C's validation retrieval samples (see
     StageCTask.retrieval), spread over the cache, as a numpy batch; None when it is off."""
-    import numpy as np
-
-    from pipelines.training.tasks import stage_c_columns
+    from pipelines.training.tasks import probe_rows
 
     if not cfg.validation.retrieval_captions:
         return None
-    columns = stage_c_columns(cache.manifest["text_mode"])
-    table = cache.spread_rows(columns, cfg.validation.retrieval_captions, cfg.data.validation_fraction)
-    return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
-            **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
+    return probe_rows(cache, cfg.validation.retrieval_captions, cfg.data.validation_fraction)
 
 
 def run_training(cfg: TrainConfig):

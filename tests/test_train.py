@@ -24,6 +24,7 @@ def train_config(cache: str, storage: str, uri: str, run_name: str, **sets) -> T
         "steps": 6, "checkpoint.every_steps": 3, "checkpoint.storage_path": storage, "checkpoint.run_name": run_name,
         "validation.every_steps": 3, "tracking.tracking_uri": uri, "tracking.log_every": 1, "tracking.experiment": "tests",
         "parallel.num_workers": 2, "parallel.cpus_per_worker": 0.5, "ema.decay": 0.9, "optim.lr": 1e-3,
+        "validation.retrieval_captions": 4,  # sampled at every validation: a few, for the suite's time
     }
     base.update(sets)
     return load(TrainConfig, None, [f"{k}={v}" for k, v in base.items()])

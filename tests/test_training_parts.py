@@ -226,18 +226,18 @@ def test_validation_measures_the_ema_weights_and_gives_the_trained_ones_back():
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     shadow = {k: v.clone() for k, v in ema.shadow.items()}
     batches = _held_out(2, 2)
-    task = _stage_c_task(sets=["validation.retrieval_captions=0"])  # the loss alone (retrieval: its own test)
+    task = _stage_c_task(sets=["validation.retrieval_captions=0"])  # the losses alone (retrieval: its own test)
 
     out = validate(model, ema, batches, task)
-    assert set(out) == {"val_loss_raw", "val_loss_ema"}
+    assert set(out) == {"val_loss_raw", "val_loss_ema", "val_condition_gap_raw", "val_condition_gap_ema"}
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items()), "the trained weights come back"
     assert all(torch.equal(v, shadow[k]) for k, v in ema.shadow.items()), "the EMA is left as it was"
-    assert out["val_loss_raw"] == task.validation_loss(model, batches)
+    assert out["val_loss_raw"] == task.validation_loss(model, batches)["loss"]
     on_ema = StageC.from_flavor("tiny")
     on_ema.load_state_dict({**trained, **shadow})
-    assert out["val_loss_ema"] == task.validation_loss(on_ema, batches)
+    assert out["val_loss_ema"] == task.validation_loss(on_ema, batches)["loss"]
     assert out["val_loss_ema"] != out["val_loss_raw"]
-    assert validate(model, Ema(model, EmaConfig(mode="none")), batches, task).keys() == {"val_loss_raw"}
+    assert validate(model, Ema(model, EmaConfig(mode="none")), batches, task).keys() == {"val_loss_raw", "val_condition_gap_raw"}
 
 
 def test_the_validation_loss_does_not_depend_on_the_batching_or_the_split_across_workers():
@@ -459,7 +459,8 @@ def test_stage_c_validation_retrieves_the_latents_of_the_captions_it_learned_and
         task.loss(model, batch, generator).backward()
         optimizer.step()
     figures = task.validation_loss(model, held)
-    assert set(figures) == {"loss", *(f"{s}_{k}" for s in ("retrieval", "train_retrieval") for k in ("top1", "top10", "median_rank"))}
+    assert set(figures) == {"loss", "condition_gap",
+                            *(f"{s}_{k}" for s in ("retrieval", "train_retrieval") for k in ("top1", "top10", "median_rank"))}
     assert figures["train_retrieval_top1"] >= 0.75, figures
     assert figures["retrieval_median_rank"] > 3, figures  # 32 candidates: chance's median rank is 16.5
     task.train_probe = {**probe, "text_embeddings": np.roll(probe["text_embeddings"], 1, axis=0)}

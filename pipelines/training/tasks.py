@@ -8,7 +8,7 @@ picklable values) and `setup(device)` on each worker builds what runs there (the
 """
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -57,6 +57,29 @@ def validation_inputs(batches: Iterable[dict], device: torch.device, text_encode
         yield batch["key"], batch[STAGE_C_LATENTS], text_condition(batch, text_encoder)
 
 
+def probe_rows(cache, count: int, fraction: float) -> dict:
+    """`count` training rows spread over the cache (the split of `fraction`), with Stage C's columns,
+    as a numpy batch: the training captions whose retrieval validation and evaluation measure."""
+    columns = stage_c_columns(cache.manifest["text_mode"])
+    table = cache.spread_rows(columns, count, fraction)
+    return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
+            **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
+
+
+def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], index: int) -> dict[str, float]:
+    """Whether a model uses a condition: loss(rows) ("loss"), and the same fixed-noise loss with
+    element `index` of each row tuple (the condition) taken from the next row, over all rows, minus
+    it ("condition_gap"). About zero while the model ignores the condition (a falling loss alone does
+    not show that it uses it); positive once the condition tells it what to predict."""
+    own = loss(iter(rows))
+    if sum(len(row[0]) for row in rows) < 2:
+        return {"loss": own}
+    sizes = [len(row[index]) for row in rows]
+    others = torch.cat([row[index] for row in rows]).roll(-1, dims=0).split(sizes)
+    shifted = (row[:index] + (other,) + row[index + 1:] for row, other in zip(rows, others))
+    return {"loss": own, "condition_gap": loss(shifted) - own}
+
+
 class _Task:
     """What every task does the same way: build the model of its ModelConfig; on a worker, keep the device."""
 
@@ -103,36 +126,35 @@ class StageCTask(_Task):
         text = text_condition(batch, self.text_encoder)
         return stage_c_loss(model, batch[STAGE_C_LATENTS], text, self.empty, self.objective, generator)
 
-    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> float | dict[str, float]:
-        """The fixed-grid, fixed-noise loss on numpy batches of held-out rows (see
-        stage_c_validation_loss) and, with validation.retrieval_captions, the caption -> latent
-        retrieval figures (see `retrieval`): the loss also falls for a prior that ignores its text,
-        retrieval does not."""
+    def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        """On numpy batches of held-out rows: the fixed-grid, fixed-noise loss (see
+        stage_c_validation_loss), whether the prior uses its text ("condition_gap": the same loss with
+        each row given the next row's text, minus it; see `condition_gap`) and, with
+        validation.retrieval_captions, the caption -> latent retrieval figures (see `retrieval`). The
+        loss also falls for a prior that ignores its text; the gap and retrieval do not."""
         v = self.validation
         batches = list(batches)
-        loss = stage_c_validation_loss(model, validation_inputs(batches, self.device, self.text_encoder), v.t_grid, v.seed,
-                                       self.objective.p2_weighting)
-        return {"loss": loss, **self.retrieval(model, batches)} if v.retrieval_captions else loss
+        rows = list(validation_inputs(batches, self.device, self.text_encoder))
+        figures = condition_gap(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting),
+                                rows, 2)
+        return {**figures, **self.retrieval(model, rows)} if v.retrieval_captions else figures
 
     @torch.no_grad()
-    def retrieval(self, model: nn.Module, batches: list[dict]) -> dict[str, float]:
-        """For validation.retrieval_captions held-out captions (spread over the held-out rows) and the
-        training captions of `train_probe`: a latent sampled from each caption's text (seeded, the
-        validation's prior steps and guidance) and the rank of the caption's own cached latent among
-        all held-out latents and the probe's. retrieval_* for the held-out captions (does it
-        generalise), train_retrieval_* for the training ones (has it learned its captions): top1,
-        top10 and the median rank; chance's median rank is (N + 1) / 2 of those N latents."""
+    def retrieval(self, model: nn.Module, rows: list[tuple]) -> dict[str, float]:
+        """Caption -> latent retrieval (see `pipelines.quality.prior_retrieval`) for
+        validation.retrieval_captions held-out captions spread over `rows` (validation_inputs of the
+        held-out rows) and the training captions of `train_probe`, with the validation's prior steps,
+        guidance and seed."""
         v = self.validation
-        held = list(validation_inputs(batches, self.device, self.text_encoder))
-        held_z, held_text = torch.cat([z for _, z, _ in held]), torch.cat([t for *_, t in held])
-        pick = np.linspace(0, len(held_z) - 1, min(v.retrieval_captions, len(held_z))).astype(int).tolist()
-        sets = {"retrieval": (held_text[pick], pick)}
-        candidates = held_z
+        held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
+        probe = None
         if self.train_probe is not None:
             _, probe_z, probe_text = next(validation_inputs([self.train_probe], self.device, self.text_encoder))
-            sets["train_retrieval"] = (probe_text, list(range(len(held_z), len(held_z) + len(probe_z))))
-            candidates = torch.cat([held_z, probe_z])
-        return prior_retrieval(model, sets, candidates, self.empty, v.retrieval_steps, v.retrieval_guidance, v.seed)
+            probe = probe_z, probe_text
+        figures = prior_retrieval(model, held, probe, v.retrieval_captions, self.empty, v.retrieval_steps,
+                                  v.retrieval_guidance, v.seed)
+        figures.pop("chance_median_rank")
+        return figures
 
 
 @dataclasses.dataclass
@@ -164,20 +186,12 @@ class StageBTask(_Task):
 
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """The fixed-grid loss ("loss") and whether the decoder uses its semantic condition
-        ("condition_gap"): the same loss, same noise, with each row given the next held-out row's
-        semantic latent (or compressor input) instead of its own, minus the loss with its own. About
-        zero while Stage B ignores the condition (a falling loss alone does not show that it does);
-        positive once the semantic latent tells it what to draw."""
+        ("condition_gap", see `condition_gap`: each row given the next held-out row's semantic latent,
+        or compressor input, instead of its own)."""
         v = self.validation
         rows = [(b["key"], b[STAGE_A_LATENTS], self.condition(b), b[DECODER_TEXT])
                 for b in (to_tensors(raw, self.device) for raw in batches)]
-        own = stage_b_validation_loss(model, iter(rows), v.t_grid, v.seed, self.objective)
-        if sum(len(keys) for keys, *_ in rows) < 2:
-            return {"loss": own}
-        others = torch.cat([e for _, _, e, _ in rows]).roll(-1, dims=0).split([len(e) for _, _, e, _ in rows])
-        shifted = ((keys, h, other, text) for (keys, h, _, text), other in zip(rows, others))
-        control = stage_b_validation_loss(model, shifted, v.t_grid, v.seed, self.objective)
-        return {"loss": own, "condition_gap": control - own}
+        return condition_gap(lambda it: stage_b_validation_loss(model, it, v.t_grid, v.seed, self.objective), rows, 2)
 
 
 @dataclasses.dataclass
