@@ -9,9 +9,12 @@ local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji da
    references a decoder bundle (`wuerstchen-decoders`, registered once: the small Stage B + Stage A
    trained on the same Twemoji set by `python -m pipelines.demo_decoders`, when
    weights/twemoji-small-decoders holds them, else seeded random `small` weights).
-4. The gate: the challenger is evaluated on the held-out rows and promoted to champion when better
-   than the champion (the first version always is).
+4. The gate: the challenger is evaluated (held-out loss, text condition gap, caption -> latent
+   retrieval for held-out and training captions) and promoted to champion when its training captions
+   find their own latents clearly better than chance and it beats the champion (see
+   pipelines/promote.py); refused otherwise.
 5. A consumer, in a fresh process: `mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")`
+   (or the version by number, while none has passed the gate)
    predicts Stage C latents for cached captions, each compared with the nearest cached latent, and
    one image through the decoders (noise, while they are random).
 
@@ -158,9 +161,10 @@ def demo_decoders(flavor: str) -> tuple[str, str]:
 
 
 def register_and_promote(cfg, uri: str) -> str:
-    """Registers the newest checkpoint and runs the gate; returns the champion's version."""
+    """Registers the newest checkpoint and runs the gate; returns the model URI a consumer loads: the
+    champion's alias, or the version itself while no version has passed the gate."""
     from pipelines import registry
-    from pipelines.evaluate import default_spec, evaluate_model
+    from pipelines.evaluate import default_spec, describe, evaluate_model
     from pipelines.promote import promote
     from pipelines.register import register_decoders, register_stage_c
     from pipelines.training.tracking import RUN_NAME_TAG
@@ -184,17 +188,20 @@ def register_and_promote(cfg, uri: str) -> str:
     model_version = mlflow_client.get_model_version(version["name"], version["version"])
     if registry.version_by_alias(mlflow_client, version["name"], registry.CHALLENGER) is not None:
         result = evaluate_model(f"models:/{version['name']}/{version['version']}", default_spec(mlflow_client, model_version), uri)
-        print(f"   held-out val_loss {result['val_loss']:.5f} on {result['rows']} rows (spec {result['spec_id']})")
-        if "retrieval_median_rank" in result:
-            print(f"   held-out caption -> latent retrieval: median rank {result['retrieval_median_rank']:.0f} "
-                  f"(chance {result['retrieval_chance_median_rank']:.0f}), top-10 {result['retrieval_top10']:.0%}")
+        print(f"   on {result['rows']} held-out rows (spec {result['spec_id']}):")
+        for line in describe(result):
+            print(f"   {line}")
         decision = promote(uri, version["name"])
         print(f"   {decision['decision']}: {decision['reason']}", flush=True)
     else:
         print(f"   version {version['version']} went through the gate before: {model_version.tags.get('promotion.decision')}")
     champion = registry.version_by_alias(mlflow_client, version["name"], registry.CHAMPION)
+    if champion is None:
+        print(f"   no champion: the gate refused models:/{version['name']}/{version['version']}, and nothing before it "
+              f"passed (train on: --steps); the consumer loads that version by number, to show what it makes")
+        return f"models:/{version['name']}/{version['version']}"
     print(f"   champion: models:/{version['name']}/{champion.version}")
-    return champion.version
+    return f"models:/{version['name']}@{registry.CHAMPION}"
 
 
 # What a consumer writes: nothing of this project's internals, only MLflow and a model URI.
@@ -204,7 +211,7 @@ import mlflow
 import numpy as np
 from PIL import Image
 
-model = mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")
+model = mlflow.pyfunc.load_model(sys.argv[4])
 prompts = json.loads(sys.argv[1])
 latents = model.predict(prompts, params={"steps": 20, "guidance": 4.0, "seed": 0})
 np.save(sys.argv[2], latents)
@@ -215,8 +222,8 @@ print(json.dumps({"latents": [list(latents.shape), str(latents.dtype)]}))
 """
 
 
-def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bool = True) -> dict:
-    """Loads the champion in a fresh process, as a consumer would, and checks what it predicts
+def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, prompts: int = 4, image: bool = True) -> dict:
+    """Loads `model_uri` (the champion) in a fresh process, as a consumer would, and checks what it predicts
     against the cache: for each caption, the caption of the nearest cached latent."""
     import json
     import os
@@ -228,16 +235,16 @@ def consume(uri: str, cache_url: str, out_dir: Path, prompts: int = 4, image: bo
     from pipelines.quality import own_latent_ranks, rank_figures
     from stages.latents import semantic_to_stage_c
 
-    print("\n== 5. A consumer loads models:/wuerstchen-stage-c@champion in a fresh process", flush=True)
+    print(f"\n== 5. A consumer loads {model_uri} in a fresh process", flush=True)
     table = Cache(cache_url).read_table(["caption", "stage_c_latents"])
     captions = table.column("caption").to_pylist()
     cached = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32)
     picks = [captions[i] for i in np.linspace(0, len(captions) - 1, prompts).astype(int)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    latents_path, image_path = out_dir / "champion_latents.npy", out_dir / "champion_image.png"
+    latents_path, image_path = out_dir / "consumer_latents.npy", out_dir / "consumer_image.png"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run(
-        [sys.executable, "-c", CONSUMER, json.dumps(picks), str(latents_path), str(image_path) if image else ""],
+        [sys.executable, "-c", CONSUMER, json.dumps(picks), str(latents_path), str(image_path) if image else "", model_uri],
         env=env, capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
@@ -300,15 +307,15 @@ def demo(args: argparse.Namespace) -> None:
     from pipelines.training.tracking import tracking_uri
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
-    champion = register_and_promote(cfg, uri)
-    consumed = consume(uri, cache_url, Path("runs") / "demo", image=not args.no_image)
+    served = register_and_promote(cfg, uri)
+    consumed = consume(uri, cache_url, Path("runs") / "demo", served, image=not args.no_image)
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     print(f"   latent cache:  {cache_url} (manifest.json holds the funnel and the encoder fingerprints)")
     print(f"   checkpoints:   {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}")
-    print(f"   champion:      models:/wuerstchen-stage-c/{champion} (alias champion)")
+    print(f"   served:        {served}")
     print(f"   consumer out:  {consumed['latents']}" + (f", {consumed['image']}" if consumed["image"] else ""))
     print(f"   MLflow:        {uri}   ->   mlflow ui --backend-store-uri {uri}")
-    print(f"   export:        wuerstchen export --model models:/wuerstchen-stage-c@champion --out runs/export "
+    print(f"   export:        wuerstchen export --model {served} --out runs/export "
           f"--tracking-uri {uri}")
 
 

@@ -38,10 +38,12 @@ class EvalSpec:
     t_grid: NoiseLevels = (0.1, 0.3, 0.5, 0.7, 0.9)
     seed: int = 0
     p2_weighting: bool = True
-    # Caption -> latent retrieval on the held-out rows (see the training's validation.retrieval_*):
-    # latents sampled for this many held-out captions, each own cached latent ranked among all the
-    # held-out latents. 0: not measured.
+    # Caption -> latent retrieval (see the training's validation.retrieval_* and
+    # pipelines.quality.prior_retrieval): latents sampled for this many held-out captions and this
+    # many training captions (spread over the cache), each own cached latent ranked among all the
+    # held-out latents and those training rows'. 0: not measured (the gate's default needs them).
     retrieval_captions: NonNegativeInt = 32
+    train_captions: NonNegativeInt = 32
     retrieval_steps: PositiveInt = 10
     retrieval_guidance: NonNegativeFloat = 4.0
     batch_size: PositiveInt = 32  # does not change the result
@@ -118,7 +120,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
 
     from latent_cache.reader import Cache
     from pipelines.pyfunc_models import TextEncoderRef
-    from pipelines.training.tasks import validation_inputs
+    from pipelines.training.tasks import condition_gap, validation_inputs
     from stages import StageC
     from stages.objectives import stage_c_validation_loss
 
@@ -139,41 +141,45 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
         raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text_encoder = None
-    if cache.manifest["text_mode"] == "tokens" or spec.retrieval_captions:
+    if cache.manifest["text_mode"] == "tokens" or spec.retrieval_captions or spec.train_captions:
         text_encoder = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
     tokens_encoder = text_encoder if cache.manifest["text_mode"] == "tokens" else None
-    inputs = validation_inputs(batches, device, tokens_encoder)
-    loss = stage_c_validation_loss(model.to(device), inputs, spec.t_grid, spec.seed, spec.p2_weighting)
-    figures = {"val_loss": loss}
-    if spec.retrieval_captions:
-        figures.update(held_out_retrieval(model, batches, spec, device, tokens_encoder, text_encoder))
+    model = model.to(device)
+    held = list(validation_inputs(batches, device, tokens_encoder))
+    figures = condition_gap(lambda it: stage_c_validation_loss(model, it, spec.t_grid, spec.seed, spec.p2_weighting), held, 2)
+    figures["val_loss"] = figures.pop("loss")
+    if spec.retrieval_captions or spec.train_captions:
+        figures.update(retrieval(model, cache, held, spec, device, tokens_encoder, text_encoder))
     result = {**figures, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
     for name, value in figures.items():
         mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.{name}", f"{value:.8g}")
     mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.rows", str(rows))
     mlflow_client.set_model_version_tag(version.name, version.version, "eval.latest", json.dumps(result))
-    log.info("models:/%s/%s: val_loss %.6g on %d held-out rows (spec %s)", version.name, version.version, loss, rows, spec_id)
+    log.info("models:/%s/%s: val_loss %.6g on %d held-out rows (spec %s)", version.name, version.version,
+             figures["val_loss"], rows, spec_id)
     return {**result, "name": version.name, "version": version.version}
 
 
-def held_out_retrieval(model, batches: list[dict], spec: EvalSpec, device, tokens_encoder, text_encoder) -> dict:
-    """Caption -> latent retrieval on the held-out rows: latents sampled for spec.retrieval_captions
-    captions spread over them, each own cached latent ranked among all held-out latents
-    (retrieval_top1 / _top10 / _median_rank; chance's median rank is (N + 1) / 2)."""
-    import numpy as np
+def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_encoder, text_encoder) -> dict:
+    """Caption -> latent retrieval (`pipelines.quality.prior_retrieval`) for spec.retrieval_captions
+    held-out captions and spec.train_captions training captions spread over the cache: retrieval_*
+    and train_retrieval_* (top1, top10, median_rank), and chance_median_rank."""
     import torch
 
     from pipelines.quality import prior_retrieval
-    from pipelines.training.tasks import validation_inputs
+    from pipelines.training.tasks import probe_rows, validation_inputs
 
-    held = list(validation_inputs(batches, device, tokens_encoder))
     z, text = torch.cat([h[1] for h in held]), torch.cat([h[2] for h in held])
-    pick = np.linspace(0, len(z) - 1, min(spec.retrieval_captions, len(z))).astype(int).tolist()
+    probe = None
+    if spec.train_captions:
+        _, probe_z, probe_text = next(validation_inputs([probe_rows(cache, spec.train_captions, spec.validation_fraction)],
+                                                        device, tokens_encoder))
+        probe = probe_z, probe_text
     with torch.no_grad():
         empty = text_encoder.encode([""]).to(device).float()
-    figures = prior_retrieval(model, {"retrieval": (text[pick], pick)}, z, empty, spec.retrieval_steps,
+    figures = prior_retrieval(model, (z, text), probe, spec.retrieval_captions, empty, spec.retrieval_steps,
                               spec.retrieval_guidance, spec.seed)
-    return {**figures, "retrieval_chance_median_rank": (len(z) + 1) / 2}
+    return figures
 
 
 def evaluation_resources() -> dict:
@@ -198,10 +204,23 @@ def run_evaluation(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     return ray.get(task.remote(model_uri, spec, uri))
 
 
-def recorded(version, spec_id: str) -> float | None:
-    """The val_loss a version was given under a spec id, or None when never evaluated under it."""
-    value = version.tags.get(f"eval.{spec_id}.val_loss")
-    return float(value) if value is not None else None
+def recorded(version, spec_id: str) -> dict[str, float] | None:
+    """The figures a version was given under a spec id (val_loss, condition_gap, retrieval_*, ...),
+    or None when never evaluated under it."""
+    prefix = f"eval.{spec_id}."
+    figures = {k[len(prefix):]: float(v) for k, v in version.tags.items() if k.startswith(prefix) and k != f"{prefix}rows"}
+    return figures if "val_loss" in figures else None
+
+
+def describe(figures: dict) -> list[str]:
+    """An evaluation's figures as lines a person reads, retrieval beside chance."""
+    lines = [f"val_loss {figures['val_loss']:.6g}" + (f", text condition gap {figures['condition_gap']:.4g} (the loss with "
+             "another row's caption minus with its own; 0 for a prior that ignores its text)" if "condition_gap" in figures else "")]
+    for name, what in (("retrieval", "held-out"), ("train_retrieval", "training")):
+        if f"{name}_median_rank" in figures:
+            lines.append(f"{what} caption -> latent retrieval: median rank {figures[f'{name}_median_rank']:.0f} "
+                         f"(chance {figures['chance_median_rank']:.0f}), top-10 {figures[f'{name}_top10']:.0%}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,11 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_client = registry.client(args.tracking_uri)
             spec = default_spec(mlflow_client, registry.resolve_version(mlflow_client, args.model), args.cache)
         result = run_evaluation(args.model, spec, args.tracking_uri)
-        print(f"models:/{result['name']}/{result['version']}: val_loss {result['val_loss']:.6g} "
-              f"on {result['rows']} held-out rows of {result['spec']['cache']} (spec {result['spec_id']})")
-        if "retrieval_median_rank" in result:
-            print(f"   held-out caption -> latent retrieval: median rank {result['retrieval_median_rank']:.0f} "
-                  f"(chance {result['retrieval_chance_median_rank']:.0f}), top-10 {result['retrieval_top10']:.0%}")
+        print(f"models:/{result['name']}/{result['version']} on {result['rows']} held-out rows of {result['spec']['cache']} "
+              f"(spec {result['spec_id']}):")
+        for line in describe(result):
+            print(f"   {line}")
 
     return run_job("evaluate", evaluate)
 

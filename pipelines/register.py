@@ -176,7 +176,7 @@ def register_stage_c(
             "eval_spec": {"cache": config["data"]["cache"], "validation_fraction": config["data"]["validation_fraction"],
                           "t_grid": list(config["validation"]["t_grid"]), "seed": config["validation"]["seed"],
                           "p2_weighting": config["objective"]["p2_weighting"],
-                          **{k: config["validation"][k] for k in ("retrieval_captions", "retrieval_steps", "retrieval_guidance")
+                          **{k: config["validation"][k] for k in ("retrieval_steps", "retrieval_guidance")
                              if k in config["validation"]}},
         }
         tags = {

@@ -124,7 +124,7 @@ def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
 
 
 def run_retrain(cfg: RetrainConfig) -> dict:
-    """One retraining run; returns its summary (decision: promoted / kept / nothing_to_do)."""
+    """One retraining run; returns its summary (decision: promoted / kept / refused / nothing_to_do)."""
     from core.storage import join, read_text, resolve, write_text_atomically
     from core.ray_cluster import connect
     from data_prep.runner import run_prep
@@ -201,8 +201,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             "candidate_created": version["created"],
             "decision": decision.get("decision"),
             "reason": decision.get("reason"),
-            "challenger_val_loss": decision.get("challenger_val_loss"),
-            "champion_val_loss": decision.get("champion_val_loss"),
+            **{k: v for k, v in decision.items() if k.startswith(("challenger_", "champion_")) and k != "champion_version"},
             "champion_version": champion.version if champion else None,
         }
         lease.check("writing the summary")
