@@ -1,17 +1,26 @@
-"""`python -m pipelines.evaluate` / `wuerstchen evaluate`: the deterministic held-out metric of a
-registered Stage C version, written to the version's tags.
+"""`python -m pipelines.evaluate` / `wuerstchen evaluate`: the deterministic figures of a registered
+Stage C version, written to the version's tags.
 
     wuerstchen evaluate --model models:/wuerstchen-stage-c/3 [--cache URL] [--tracking-uri URI]
 
-The metric is the training's validation loss: the p2-weighted noise MSE on every held-out row of
-the cache (chosen by a hash of its key, never trained on) at each t of a fixed grid, with noise fixed
-per (key, t). The same spec gives the same number for the same weights, on any machine and batch
-size. Only the held-out rows are read into memory (the split needs only the key column). Submitted
-to a cluster (`ray job submit` sets RAY_ADDRESS), it runs as a Ray task, on a GPU node when the
-cluster has one. The spec (cache, held-out fraction, t grid, seed, weighting) defaults to the one
-the version was trained with; its id, which also covers the cache's content, keys the result:
+- val_loss: the training's validation loss, the p2-weighted noise MSE on every held-out row of the
+  cache (chosen by a hash of its key, never trained on) at each t of a fixed grid, with noise fixed
+  per (key, t);
+- condition_gap: the same loss with each held-out row given the next row's caption, minus val_loss
+  (about 0 for a prior that ignores its text, which the loss alone does not show);
+- caption -> latent retrieval (`pipelines.quality.prior_retrieval`): latents sampled (seeded) for
+  retrieval_captions held-out captions and train_captions training captions spread over the cache,
+  each own latent ranked among those rows' latents: retrieval_* and train_retrieval_* (top1, top10,
+  median_rank), and chance_median_rank.
 
-    eval.<spec id>.val_loss   eval.<spec id>.rows   eval.latest (JSON: spec, id, result)
+The same spec gives the same figures for the same weights, on any machine and batch size. Only the
+held-out rows (and the few training rows of the retrieval) are read into memory. Submitted to a
+cluster (`ray job submit` sets RAY_ADDRESS), it runs as a Ray task, on a GPU node when the cluster
+has one. The spec (cache, held-out fraction, t grid, seed, weighting, retrieval steps and guidance)
+defaults to the one the version was trained with; its id, which also covers the cache's content,
+keys the result:
+
+    eval.<spec id>.<figure>   eval.<spec id>.rows   eval.latest (JSON: spec, id, result)
 """
 
 import dataclasses
