@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.integration  # the demo job in its own process, with its own Ray and MLflow
 
@@ -21,13 +22,15 @@ def test_demo_prepares_trains_registers_gates_and_serves(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_ADDRESS"))}
     env["PYTHONPATH"] = str(REPO)
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.demo", "--limit-shards", "1", "--steps", "10", "--no-image"],
+        [sys.executable, "-m", "pipelines.demo", "--limit-shards", "1", "--steps", "10"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for heading in ("== 1. Data prep", "== 2. Training", "== 3. Registration", "== 4. Evaluation", "== 5. A consumer"):
         assert heading in done.stdout
     assert "mlflow ui --backend-store-uri" in done.stdout
+    # the committed demo decoders (tests/test_demo_decoders.py), not random ones
+    assert "Stage B + Stage A trained on Twemoji (weights/twemoji-small-decoders" in done.stdout
     # Whether the prior follows its captions, in numbers beside chance: the gate's retrieval of held-out
     # and training captions and the consumer's own-latent ranks. Ten steps do not teach the prior its
     # captions: the gate refuses it (a prior at chance is never promoted), and the consumer loads the
@@ -58,6 +61,14 @@ def test_demo_prepares_trains_registers_gates_and_serves(tmp_path):
     version = client.get_model_version(registry.STAGE_C_MODEL, "1")
     assert version.tags["promotion.decision"] == "refused" and not version.aliases
     assert version.tags["decoders"].startswith(f"models:/{registry.DECODERS_MODEL}/")
+    # The prior's cache was made with the semantic compressor the demo decoders were trained with,
+    # so the version pins that bundle (their fingerprints agree).
+    from pipelines import decoder_bundle
+
+    bundle = decoder_bundle.read_meta(decoder_bundle.DEMO_DECODERS)
+    assert version.tags["fingerprint.semantic_compressor"] == bundle["fingerprints"]["semantic_compressor"]
+    image = np.asarray(Image.open(tmp_path / "runs" / "demo" / "consumer_image.png"))
+    assert image.shape == (256, 256, 3) and image.std() > 5, "a picture, not a blank"
     latents = np.load(tmp_path / "runs" / "demo" / "consumer_latents.npy")
     assert latents.shape == (4, 16, 6, 6) and latents.dtype == np.float32 and np.isfinite(latents).all()
     model = mlflow.pyfunc.load_model(f"models:/{registry.STAGE_C_MODEL}/1")

@@ -843,7 +843,7 @@ def test_pipelines_image_holds_the_packages_and_configs_on_the_supported_python(
     copied = {w.rstrip("/") for i, a in instructions if i == "COPY" for w in a.split()[:-1]}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages | {"configs", "pyproject.toml", "README.md"} <= copied, "the image misses part of the project"
+    assert packages | {"configs", "weights", "pyproject.toml", "README.md"} <= copied, "the image misses part of the project"
     base = next(args for instruction, args in instructions if instruction == "FROM")
     version = re.match(r"python:(\d+)\.(\d+)", base)
     assert version, f"FROM {base}: expected a python:<major>.<minor> base"
