@@ -170,25 +170,18 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
 
 
 def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_encoder, text_encoder) -> dict:
-    """Caption -> latent retrieval (`pipelines.quality.prior_retrieval`) for spec.retrieval_captions
-    held-out captions and spec.train_captions training captions spread over the cache: retrieval_*
-    and train_retrieval_* (top1, top10, median_rank), and chance_median_rank."""
+    """Caption -> latent retrieval (`pipelines.training.tasks.retrieval_figures`) for
+    spec.retrieval_captions held-out captions and spec.train_captions training captions spread over
+    the cache: retrieval_* and train_retrieval_* (top1, top10, median_rank), and chance_median_rank."""
     import torch
 
-    from pipelines.quality import prior_retrieval
-    from pipelines.training.tasks import probe_rows, validation_inputs
+    from pipelines.training.tasks import probe_rows, retrieval_figures
 
-    z, text = torch.cat([h[1] for h in held]), torch.cat([h[2] for h in held])
-    probe = None
-    if spec.train_captions:
-        _, probe_z, probe_text = next(validation_inputs([probe_rows(cache, spec.train_captions, spec.validation_fraction)],
-                                                        device, tokens_encoder))
-        probe = probe_z, probe_text
+    probe = probe_rows(cache, spec.train_captions, spec.validation_fraction) if spec.train_captions else None
     with torch.no_grad():
         empty = text_encoder.encode([""]).to(device).float()
-    figures = prior_retrieval(model, (z, text), probe, spec.retrieval_captions, empty, spec.retrieval_steps,
-                              spec.retrieval_guidance, spec.seed)
-    return figures
+    return retrieval_figures(model, held, probe, spec.retrieval_captions, empty, spec.retrieval_steps,
+                             spec.retrieval_guidance, spec.seed, tokens_encoder)
 
 
 def evaluation_resources() -> dict:

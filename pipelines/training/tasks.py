@@ -66,6 +66,21 @@ def probe_rows(cache, count: int, fraction: float) -> dict:
             **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
 
 
+@torch.no_grad()
+def retrieval_figures(model: nn.Module, rows: list[tuple], probe: dict | None, captions: int, empty: torch.Tensor,
+                      steps: int, guidance: float, seed: int, text_encoder=None) -> dict[str, float]:
+    """`pipelines.quality.prior_retrieval` for `captions` held-out captions spread over `rows`
+    (validation_inputs of the held-out rows, on the model's device) and the training captions of
+    `probe` (a numpy batch of `probe_rows`, or None): what validation and evaluation report."""
+    held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
+    device = held[0].device
+    probe_inputs = None
+    if probe is not None:
+        _, probe_z, probe_text = next(validation_inputs([probe], device, text_encoder))
+        probe_inputs = probe_z, probe_text
+    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed)
+
+
 def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], index: int) -> dict[str, float]:
     """Whether a model uses a condition: loss(rows) ("loss"), and the same fixed-noise loss with
     element `index` of each row tuple (the condition) taken from the next row, over all rows, minus
@@ -146,13 +161,8 @@ class StageCTask(_Task):
         held-out rows) and the training captions of `train_probe`, with the validation's prior steps,
         guidance and seed."""
         v = self.validation
-        held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
-        probe = None
-        if self.train_probe is not None:
-            _, probe_z, probe_text = next(validation_inputs([self.train_probe], self.device, self.text_encoder))
-            probe = probe_z, probe_text
-        figures = prior_retrieval(model, held, probe, v.retrieval_captions, self.empty, v.retrieval_steps,
-                                  v.retrieval_guidance, v.seed)
+        figures = retrieval_figures(model, rows, self.train_probe, v.retrieval_captions, self.empty, v.retrieval_steps,
+                                    v.retrieval_guidance, v.seed, self.text_encoder)
         figures.pop("chance_median_rank")
         return figures
 
