@@ -155,10 +155,12 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     tokens_encoder = text_encoder if cache.manifest["text_mode"] == "tokens" else None
     model = model.to(device)
     held = list(validation_inputs(batches, device, tokens_encoder))
-    figures = condition_gap(lambda it: stage_c_validation_loss(model, it, spec.t_grid, spec.seed, spec.p2_weighting), held, 2)
+    space = registry.latent_space_of(config)
+    figures = condition_gap(lambda it: stage_c_validation_loss(model, it, spec.t_grid, spec.seed, spec.p2_weighting, space),
+                            held, 2)
     figures["val_loss"] = figures.pop("loss")
     if spec.retrieval_captions or spec.train_captions:
-        figures.update(retrieval(model, cache, held, spec, device, tokens_encoder, text_encoder))
+        figures.update(retrieval(model, cache, held, spec, device, tokens_encoder, text_encoder, space))
     result = {**figures, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
     for name, value in figures.items():
         mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.{name}", f"{value:.8g}")
@@ -169,7 +171,8 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     return {**result, "name": version.name, "version": version.version}
 
 
-def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_encoder, text_encoder) -> dict:
+def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_encoder, text_encoder,
+              space: str = "v2") -> dict:
     """Caption -> latent retrieval (`pipelines.training.tasks.retrieval_figures`) for
     spec.retrieval_captions held-out captions and spec.train_captions training captions spread over
     the cache: retrieval_* and train_retrieval_* (top1, top10, median_rank), and chance_median_rank."""
@@ -181,7 +184,7 @@ def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_en
     with torch.no_grad():
         empty = text_encoder.encode([""]).to(device).float()
     return retrieval_figures(model, held, probe, spec.retrieval_captions, empty, spec.retrieval_steps,
-                             spec.retrieval_guidance, spec.seed, tokens_encoder)
+                             spec.retrieval_guidance, spec.seed, tokens_encoder, space)
 
 
 def evaluation_resources() -> dict:

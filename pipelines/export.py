@@ -11,6 +11,7 @@ only a folder an earlier export wrote (it holds REGISTRY_SOURCE.txt), and a fail
 it was.
 """
 
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from pipelines import registry
 from pipelines.cli import job_parser, run_job
+
+log = logging.getLogger(__name__)
 
 # Written last into every exported folder: the registered version it came from. Its presence is what
 # lets `--overwrite` replace a folder: only a folder an earlier export wrote is ever deleted.
@@ -66,6 +69,7 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     from pipelines.pyfunc_models import DecoderModel, TextEncoderRef
     from stages import StageC
     from stages.diffusers_pipeline import write_combined_pipeline, write_prior_pipeline
+    from stages.latents import latent_space
 
     out = Path(os.path.abspath(out))  # `--out .` gets a name, without following links
     _check_target(out, overwrite)
@@ -86,9 +90,15 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
         if config.get("decoders"):
             bundle: DecoderModel = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()
             write_combined_pipeline(staging, stage_c, text_c, bundle.stage_b.cpu(), bundle.text_encoder.cpu(),
-                                    bundle.stage_a.cpu())
+                                    bundle.stage_a.cpu(), registry.latent_space_of(config))
+            space = latent_space(registry.latent_space_of(config))
+            if registry.latent_space_of(config) != "v2":  # diffusers' combined pipeline assumes the v2 space
+                log.warning("%s diffuses in the %s latent space: after WuerstchenCombinedPipeline.from_pretrained, call "
+                            "pipe.prior_pipe.register_to_config(latent_mean=%s, latent_std=%s) (written in model_index.json "
+                            "as prior_latent_mean / prior_latent_std); WuerstchenPriorPipeline reads them itself",
+                            pinned, registry.latent_space_of(config), space.scale, space.shift)
         else:
-            write_prior_pipeline(staging, stage_c, text_c)
+            write_prior_pipeline(staging, stage_c, text_c, registry.latent_space_of(config))
         (staging / MARKER).write_text(f"{pinned}\n{version.tags.get(registry.SOURCE_TAG, '')}\n")
         _check_target(out, overwrite)  # again: the folder may have changed while the export ran
         _swap_in(staging, out)

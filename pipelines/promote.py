@@ -97,9 +97,15 @@ def _improvement(metric: str, challenger: dict, champion: dict) -> float:
     return gain if LOWER_IS_BETTER[metric] else -gain
 
 
-def decide(gate: GateConfig, challenger: dict, champion: dict | None) -> tuple[str, str]:
+# Figures in the units of the prior's latent space: two versions of different spaces can't compare them.
+SPACE_DEPENDENT = ("val_loss", "condition_gap")
+
+
+def decide(gate: GateConfig, challenger: dict, champion: dict | None, same_space: bool = True) -> tuple[str, str]:
     """The gate's decision on two versions' figures (champion None: there is none): (promoted / kept
-    / refused, why)."""
+    / refused, why). `same_space`: whether both diffuse in one latent space; if not, their losses
+    (SPACE_DEPENDENT) are not compared: guard rails and a tie-breaker on them are left out, and a
+    primary metric on them keeps the champion."""
     for metric in {gate.primary, gate.tie_breaker, *gate.guard_rails} - {None}:
         if metric not in challenger:
             raise ValueError(f"the gate decides on {metric}, which the evaluation did not measure "
@@ -111,6 +117,12 @@ def decide(gate: GateConfig, challenger: dict, champion: dict | None) -> tuple[s
                                f"{gate.max_rank_vs_chance:g} x chance's {chance:.0f} (a prior that ignores its text stays at chance)")
     if champion is None:
         return "promoted", "first champion"
+    if not same_space:
+        if gate.primary in SPACE_DEPENDENT:
+            return "kept", (f"the gate decides on {gate.primary}, which does not compare between priors of different "
+                            "latent spaces (decide on a retrieval figure)")
+        gate = dataclasses.replace(gate, tie_breaker=None if gate.tie_breaker in SPACE_DEPENDENT else gate.tie_breaker,
+                                   guard_rails={m: t for m, t in gate.guard_rails.items() if m not in SPACE_DEPENDENT})
 
     def margin(metric: str) -> float:
         return max(gate.min_absolute_improvement, gate.min_relative_improvement * abs(champion[metric]))
@@ -169,7 +181,8 @@ def promote(tracking_uri: str | None = None, name: str = registry.STAGE_C_MODEL,
     if champion is not None and champion.version == challenger.version:
         record.update(decision="kept", reason="the challenger is already the champion")
     else:
-        decision, reason = decide(gate, challenger_figures, champion_figures)
+        spaces = {v.tags.get(registry.LATENT_SPACE_TAG, "v2") for v in (challenger, champion) if v is not None}
+        decision, reason = decide(gate, challenger_figures, champion_figures, same_space=len(spaces) == 1)
         record.update(decision=decision, reason=reason, primary=gate.primary)
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for key, value in record.items():

@@ -172,7 +172,7 @@ class StageCModel(PythonModel):
             decoders = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()
         self.decoders = decoders
         parts = (decoders.stage_b, decoders.text_encoder, decoders.stage_a) if decoders is not None else ()
-        self.sampler = WuerstchenSampler(stage_c, text, *parts)
+        self.sampler = WuerstchenSampler(stage_c, text, *parts, latent_space=config.get("latent_space", "v2"))  # as registry.latent_space_of
         return self
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:

@@ -125,11 +125,20 @@ def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: in
     return rows
 
 
+def own_image_ranks(generated: torch.Tensor, originals: torch.Tensor, own: list[int]) -> torch.Tensor:
+    """The rank (1 = nearest, by pixel MSE) of each generated image's own original (originals[own[i]])
+    among all N `originals`, images (B, 3, H, W) in [0, 1] at one size: caption -> image retrieval
+    for pictures generated from captions, whose chance is a median rank of about N / 2."""
+    if generated.shape[1:] != originals.shape[1:]:
+        raise ValueError(f"generated images {tuple(generated.shape[1:])} and originals {tuple(originals.shape[1:])} differ in shape")
+    return own_latent_ranks(generated.float(), originals.float(), own)
+
+
 def own_retrieval(regenerated: torch.Tensor, originals: torch.Tensor) -> float:
     """The fraction of regenerated images whose nearest original (pixel MSE, among all `originals`)
     is their own: chance is 1/N; a decoder that ignores its condition stays near it."""
-    errors = ((regenerated[:, None].float() - originals[None].float()) ** 2).mean(dim=(2, 3, 4))
-    return float((errors.argmin(dim=1) == torch.arange(len(regenerated))).float().mean())
+    ranks = own_image_ranks(regenerated, originals, list(range(len(regenerated))))
+    return float((ranks == 1).float().mean())
 
 
 def bundle_quality(stage_b, stage_a, text_encoder, rows: dict, steps: int = DECODER_STEPS, seed: int = 0) -> dict:
@@ -223,12 +232,16 @@ def rank_figures(ranks: torch.Tensor, candidates: int) -> dict[str, float]:
 
 @torch.no_grad()
 def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch.Tensor, empty: torch.Tensor,
-                  steps: int | None, guidance: float, seed: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                  steps: int | None, guidance: float, seed: int, batch_size: int = 64,
+                  space: str = "v2") -> tuple[torch.Tensor, torch.Tensor]:
     """A latent z_C sampled from each text (K, L, c) (seeded; CFG against `empty`, the encoded ""
     prompt (1, L, c)) at the candidates' shape, and the rank of its own latent candidates[own[i]]
-    among all of them (see `own_latent_ranks`): (ranks (K,), sampled (K, 16, h, w)). `stage_c` may
-    be wrapped for data parallelism; it is sampled in eval mode and given back in its mode."""
+    among all of them (see `own_latent_ranks`): (ranks (K,), sampled (K, 16, h, w)). The candidates
+    are cached z_C (the v2 space); the prior samples in its latent space `space`, and its samples are
+    moved back to the candidates' before ranking. `stage_c` may be wrapped for data parallelism; it
+    is sampled in eval mode and given back in its mode."""
     from stages.diffusion import uses_guidance
+    from stages.latents import latent_space
 
     was_training = stage_c.training
     stage_c.eval()
@@ -239,7 +252,7 @@ def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch
         sampled.append(sampler.sample_z_c(part, negative, (len(part), *candidates.shape[1:]), steps=steps,
                                           guidance=guidance, generator=generator).float())
     stage_c.train(was_training)
-    sampled = torch.cat(sampled)
+    sampled = latent_space(space).to_v2(torch.cat(sampled))
     return own_latent_ranks(sampled, candidates, own), sampled
 
 
@@ -257,12 +270,14 @@ def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: t
         raise ValueError(f"latents sampled at {height}x{width} are {size}, the cached ones {tuple(cached.shape[2:])}: "
                          "sample at the size the cache was made at")
     text, empty = sampler.text_encoder_c.encode(captions).float(), sampler.text_encoder_c.encode([""]).float()
-    ranks, sampled = sampled_ranks(sampler.stage_c, text, own, cached, empty, steps, guidance, seed)
+    ranks, sampled = sampled_ranks(sampler.stage_c, text, own, cached, empty, steps, guidance, seed,
+                                   space=sampler.latent_space)
     return {**rank_figures(ranks, len(cached)), "ranks": ranks, "sampled": sampled}
 
 
 def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe: tuple[torch.Tensor, torch.Tensor] | None,
-                    captions: int, empty: torch.Tensor, steps: int, guidance: float, seed: int) -> dict[str, float]:
+                    captions: int, empty: torch.Tensor, steps: int, guidance: float, seed: int,
+                    space: str = "v2") -> dict[str, float]:
     """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
     tokens encoded by the caller), as training validation and `evaluate` measure it:
     held_out = (z_C (N, 16, h, w), text (N, L, c)) of the held-out rows, probe = the same of a few
@@ -270,7 +285,8 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
     spread over them and for every probe text, and each own latent is ranked among all the held-out
     latents and the probe's: retrieval_* for the held-out captions (does the prior generalise),
     train_retrieval_* for the training ones (has it learned its captions), each _top1, _top10 and
-    _median_rank, and chance_median_rank ((N + 1) / 2 of those N candidates)."""
+    _median_rank, and chance_median_rank ((N + 1) / 2 of those N candidates). `space`: the prior's
+    latent space (see `sampled_ranks`)."""
     import numpy as np
 
     held_z, held_text = held_out
@@ -282,7 +298,7 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
         candidates = torch.cat([held_z, probe_z])
     figures = {"chance_median_rank": (len(candidates) + 1) / 2}
     for name, (text, own) in sets.items():
-        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed)
+        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed, space=space)
         found = rank_figures(ranks, len(candidates))
         figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
     return figures

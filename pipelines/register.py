@@ -173,6 +173,8 @@ def register_stage_c(
             "text_mode": cache.manifest["text_mode"],
             "text_encoder": text_ref.to_dict(),
             "decoders": decoders,
+            # the space the prior diffuses in (stages.latents.LATENT_SPACES); its sampler maps back from it
+            "latent_space": config["objective"].get("latent_space", "v2"),
             "eval_spec": {"cache": config["data"]["cache"], "validation_fraction": config["data"]["validation_fraction"],
                           "t_grid": list(config["validation"]["t_grid"]), "seed": config["validation"]["seed"],
                           "p2_weighting": config["objective"]["p2_weighting"],
@@ -187,6 +189,7 @@ def register_stage_c(
             "training.run_id": train_run or "",
             "training.step": str(state["step"]),
             "weights": weights.name,
+            registry.LATENT_SPACE_TAG: config["objective"].get("latent_space", "v2"),
             **{f"fingerprint.{k}": v for k, v in state["cache_fingerprints"].items()},
         }
         if decoders:

@@ -22,6 +22,8 @@ DECODERS_MODEL = "wuerstchen-decoders"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SOURCE_TAG = "wuerstchen.source"  # what a version was made from: registering it twice gives the same version
+# A Stage C version's latent space (stages.latents.LATENT_SPACES); absent: "v2". Losses of two spaces don't compare.
+LATENT_SPACE_TAG = "latent_space"
 HISTORY_TAG = "champion_history"  # on the registered model: JSON list of champion versions, oldest first
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -169,3 +171,9 @@ def load_registered(model_uri: str, model_class=StageC, tracking_uri: str | None
 def load_stage_c(model_uri: str, tracking_uri: str | None = None) -> StageC:
     """The Stage C weights of a registered model version."""
     return load_registered(model_uri, StageC, tracking_uri)
+
+
+def latent_space_of(config: dict) -> str:
+    """The latent space a registered prior diffuses in, from its model config (versions registered
+    before priors had a choice are in the v2 space)."""
+    return config.get("latent_space", "v2")

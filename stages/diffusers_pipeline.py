@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from stages.diffusers_format import DIFFUSERS_VERSION
-from stages.latents import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, STAGE_C_LATENT_SCALE, STAGE_C_LATENT_SHIFT
+from stages.latents import LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, latent_space as named_latent_space, latent_space_name
 from stages.sampler import WuerstchenSampler
 from stages.stage_a import StageA
 from stages.stage_b import StageB
@@ -61,16 +61,19 @@ def _write_index(root: Path, class_name: str, components: dict[str, str], extra:
     (root / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_prior_pipeline(directory: str | Path, stage_c: StageC, text_encoder: ClipTextEncoder) -> Path:
+def _space_entries(latent_space: str, prefix: str = "") -> dict:
+    space = named_latent_space(latent_space)
+    # diffusers' names for e = scale z - shift (42 and 1 for the v2 space)
+    return {f"{prefix}latent_mean": space.scale, f"{prefix}latent_std": space.shift}
+
+
+def write_prior_pipeline(directory: str | Path, stage_c: StageC, text_encoder: ClipTextEncoder,
+                         latent_space: str = "v2") -> Path:
     root = Path(directory)
     stage_c.save_pretrained(root / "prior")
     _write_text_encoder(text_encoder, root, "")
     _write_scheduler(root, "scheduler")
-    extra = {
-        "latent_mean": STAGE_C_LATENT_SCALE,  # diffusers' names for e = 42 z - 1
-        "latent_std": STAGE_C_LATENT_SHIFT,
-        "resolution_multiple": RESOLUTION_MULTIPLE,
-    }
+    extra = {**_space_entries(latent_space), "resolution_multiple": RESOLUTION_MULTIPLE}
     components = {"prior": "prior", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "scheduler": "scheduler"}
     _write_index(root, "WuerstchenPriorPipeline", components, extra)
     return root
@@ -99,7 +102,12 @@ def write_combined_pipeline(
     stage_b: StageB,
     text_encoder_b: ClipTextEncoder,
     stage_a: StageA,
+    latent_space: str = "v2",
 ) -> Path:
+    """diffusers' combined pipeline builds its prior pipeline with the v2 space's latent_mean 42 and
+    latent_std 1 whatever its model_index says: for a prior of another space the index records its
+    own as prior_latent_mean / prior_latent_std (which `load_sampler` reads), and a diffusers user
+    sets them with `pipe.prior_pipe.register_to_config(latent_mean=..., latent_std=...)`."""
     root = Path(directory)
     stage_c.save_pretrained(root / "prior_prior")
     _write_text_encoder(text_encoder_c, root, "prior_")
@@ -113,7 +121,8 @@ def write_combined_pipeline(
         "prior_scheduler": "scheduler", "decoder": "decoder", "vqgan": "vqgan", "text_encoder": "text_encoder",
         "tokenizer": "tokenizer", "scheduler": "scheduler",
     }
-    _write_index(root, "WuerstchenCombinedPipeline", components, {})
+    extra = _space_entries(latent_space, "prior_") if latent_space != "v2" else {}
+    _write_index(root, "WuerstchenCombinedPipeline", components, extra)
     return root
 
 
@@ -121,9 +130,10 @@ def write_pipeline(directory: str | Path, sampler: WuerstchenSampler) -> Path:
     """The combined pipeline when the sampler has decoders, else the prior pipeline."""
     if sampler.has_decoder:
         return write_combined_pipeline(
-            directory, sampler.stage_c, sampler.text_encoder_c, sampler.stage_b, sampler.text_encoder_b, sampler.stage_a
+            directory, sampler.stage_c, sampler.text_encoder_c, sampler.stage_b, sampler.text_encoder_b, sampler.stage_a,
+            sampler.latent_space,
         )
-    return write_prior_pipeline(directory, sampler.stage_c, sampler.text_encoder_c)
+    return write_prior_pipeline(directory, sampler.stage_c, sampler.text_encoder_c, sampler.latent_space)
 
 
 def _index(root: Path) -> dict:
@@ -140,7 +150,10 @@ def load_sampler(prior: str | Path, decoder: str | Path | None = None, **load_kw
     p = "prior_" if combined else ""
     stage_c = StageC.from_pretrained(prior, subfolder=f"{p}prior", **load_kwargs)
     text_c = ClipTextEncoder.from_pretrained(prior, f"{p}text_encoder", f"{p}tokenizer")
-    extra = {k: v for k, v in _index(root).items() if k == "resolution_multiple"}
+    index = _index(root)
+    extra = {k: v for k, v in index.items() if k == "resolution_multiple"}
+    if f"{p}latent_mean" in index:
+        extra["latent_space"] = latent_space_name(index[f"{p}latent_mean"], index[f"{p}latent_std"])
     if combined:
         decoder = prior
     if decoder is None:

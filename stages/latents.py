@@ -7,6 +7,7 @@
       -> z_B = h / 0.3764                                                   what Stage B learns
 """
 
+import dataclasses
 import math
 
 import torch
@@ -35,6 +36,63 @@ def semantic_to_stage_c(e: torch.Tensor) -> torch.Tensor:
 def stage_c_to_semantic(z_c: torch.Tensor) -> torch.Tensor:
     """Stage C diffusion space -> e = 42 z_C - 1, the condition Stage B takes."""
     return z_c * STAGE_C_LATENT_SCALE - STAGE_C_LATENT_SHIFT
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCLatentSpace:
+    """Where a prior does its diffusion: z = (e + shift) / scale of the semantic latent e. diffusers'
+    prior pipeline maps its samples back with `latents * latent_mean - latent_std`, so a space is
+    exported as latent_mean = scale, latent_std = shift.
+
+    The cache holds z_C in the v2 space whatever the prior: a prior trained in another space moves
+    the cached latents into it (`from_v2`) and its samples back (`to_v2`, `to_semantic`)."""
+
+    scale: float
+    shift: float
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"a Stage C latent space needs a positive scale, got {self.scale}")
+
+    def from_semantic(self, e: torch.Tensor) -> torch.Tensor:
+        return (e + self.shift) / self.scale
+
+    def to_semantic(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale - self.shift
+
+    def from_v2(self, z_c: torch.Tensor) -> torch.Tensor:
+        """The cache's z_C = (e + 1) / 42 -> this space (unchanged for the v2 space itself)."""
+        return z_c if self == LATENT_SPACES["v2"] else self.from_semantic(stage_c_to_semantic(z_c))
+
+    def to_v2(self, z: torch.Tensor) -> torch.Tensor:
+        """A sample of this space -> the cache's z_C, to compare it with cached latents."""
+        return z if self == LATENT_SPACES["v2"] else semantic_to_stage_c(self.to_semantic(z))
+
+
+# The priors' latent spaces, by name:
+# - "v2": the Würstchen v2 checkpoints' z_C = (e + 1) / 42, std ~0.024 against unit noise, which acts as
+#   a strong shift of the signal-to-noise ratio towards noise (what the public weights expect);
+# - "stable_cascade": z = e itself, ~unit variance, as Stable Cascade's Stage C learns the semantic
+#   latent; a small prior learns its captions several times faster in it (see the README's demo).
+LATENT_SPACES = {
+    "v2": StageCLatentSpace(STAGE_C_LATENT_SCALE, STAGE_C_LATENT_SHIFT),
+    "stable_cascade": StageCLatentSpace(1.0, 0.0),
+}
+
+
+def latent_space(name: str) -> StageCLatentSpace:
+    if name not in LATENT_SPACES:
+        raise ValueError(f"unknown Stage C latent space {name!r}; known: {sorted(LATENT_SPACES)}")
+    return LATENT_SPACES[name]
+
+
+def latent_space_name(latent_mean: float, latent_std: float) -> str:
+    """The name of the space a diffusers prior pipeline's (latent_mean, latent_std) describe."""
+    for name, space in LATENT_SPACES.items():
+        if (space.scale, space.shift) == (float(latent_mean), float(latent_std)):
+            return name
+    raise ValueError(f"no known Stage C latent space has latent_mean={latent_mean}, latent_std={latent_std}; "
+                     f"known: { {n: (s.scale, s.shift) for n, s in LATENT_SPACES.items()} }")
 
 
 def stage_a_to_stage_b(h: torch.Tensor, scale_factor: float = STAGE_A_SCALE_FACTOR) -> torch.Tensor:

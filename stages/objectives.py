@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.diffusion import add_noise, p2_loss_weight, sample_t
-from stages.latents import STAGE_A_SCALE_FACTOR, stage_a_to_stage_b
+from stages.latents import STAGE_A_SCALE_FACTOR, latent_space, stage_a_to_stage_b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +27,13 @@ class StageCObjective:
     caption_dropout_mode: str = "batch"
     t_sampling: str = "original"  # or "uniform"
     p2_weighting: bool = True
+    # Where the prior diffuses (stages.latents.LATENT_SPACES): "v2", the public checkpoints' (e + 1) / 42,
+    # or "stable_cascade", e itself. The cache holds v2 latents; the loss moves them into this space.
+    latent_space: str = "v2"
 
     def __post_init__(self):
         _check_probability("caption_dropout", self.caption_dropout)
+        latent_space(self.latent_space)  # validates the name
         if self.caption_dropout_mode not in ("batch", "sample"):
             raise ValueError(f"caption_dropout_mode must be 'batch' or 'sample', got {self.caption_dropout_mode!r}")
         sample_t(1, self.t_sampling)  # validates the mode
@@ -145,13 +149,13 @@ def stage_c_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage C: predict the noise on z_C = (e + 1) / 42 (as the cache holds it) given the text tokens.
+    """Stage C: predict the noise on z_C given the text tokens, in the objective's latent space.
 
-    z_c: (B, 16, h, w); text: (B, 77, c_cond); empty_text: the encoded "" prompt (1, 77, c_cond),
+    z_c: (B, 16, h, w) as the cache holds it ((e + 1) / 42, the v2 space); text: (B, 77, c_cond); empty_text: the encoded "" prompt (1, 77, c_cond),
     needed when captions are dropped.
     """
     deterministic = t is not None or noise is not None
-    z_c = z_c.float()
+    z_c = latent_space(objective.latent_space).from_v2(z_c.float())
     t, noise = _noise_and_t(z_c, objective.t_sampling, t, noise, generator)
     if not deterministic and objective.caption_dropout > 0:
         if empty_text is None:
@@ -195,11 +199,15 @@ def stage_c_validation_loss(
     t_grid: Sequence[float],
     seed: int,
     p2_weighting: bool = True,
+    space: str = "v2",
 ) -> float:
     """Stage C's validation loss: the noise MSE (p2-weighted) of every row at each t of `t_grid`, with
     `fixed_noise`, averaged over rows and t: deterministic, so two checkpoints are comparable, and
-    independent of how the rows are batched. `batches`: (keys, z_c, text) on the model's device."""
-    return _fixed_grid_loss(model, batches, t_grid, seed, p2_weighting, lambda m, x, t, text: m(x, t, text))
+    independent of how the rows are batched. `batches`: (keys, z_c, text) on the model's device, z_c
+    as the cache holds it, diffused in the latent space `space` (only losses of one space compare)."""
+    to_space = latent_space(space).from_v2
+    moved = ((keys, to_space(z_c.float()), *rest) for keys, z_c, *rest in batches)
+    return _fixed_grid_loss(model, moved, t_grid, seed, p2_weighting, lambda m, x, t, text: m(x, t, text))
 
 
 def stage_b_validation_loss(

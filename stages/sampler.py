@@ -24,7 +24,7 @@ from stages.latents import (
     stage_b_latent_size,
     stage_b_to_stage_a,
     stage_c_latent_size,
-    stage_c_to_semantic,
+    latent_space as named_latent_space,
 )
 from stages.stage_a import StageA
 from stages.stage_b import StageB
@@ -76,6 +76,7 @@ class WuerstchenSampler:
         stage_a: StageA | None = None,
         resolution_multiple: float = RESOLUTION_MULTIPLE,
         latent_dim_scale: float = LATENT_DIM_SCALE,
+        latent_space: str = "v2",
     ):
         if stage_c is not None and text_encoder_c is not None and text_encoder_c.width != stage_c.config.c_cond:
             raise ValueError(
@@ -88,6 +89,8 @@ class WuerstchenSampler:
         self.stage_c, self.text_encoder_c = stage_c, text_encoder_c
         self.stage_b, self.text_encoder_b, self.stage_a = stage_b, text_encoder_b, stage_a
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
+        # The prior's diffusion space (stages.latents.LATENT_SPACES); its samples go back to e for Stage B.
+        self.latent_space, self.space = latent_space, named_latent_space(latent_space)
 
     @property
     def has_decoder(self) -> bool:
@@ -126,7 +129,8 @@ class WuerstchenSampler:
         latents: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Semantic latents e = 42 z_C - 1 (B, 16, ceil(H/42.67), ceil(W/42.67)): what Stage B takes."""
+        """Semantic latents e (B, 16, ceil(H/42.67), ceil(W/42.67)), what Stage B takes: the prior's
+        samples mapped back from its latent space (e = 42 z_C - 1 for the v2 space)."""
         if self.stage_c is None or self.text_encoder_c is None:
             raise ValueError("this sampler has no Stage C (prior) or no prior text encoder")
         prompts = _prompt_list(prompts)
@@ -136,7 +140,7 @@ class WuerstchenSampler:
         text = self._text(self.text_encoder_c, prompts, _prompt_list(negative_prompts, len(prompts)), guided)
         shape = (len(prompts), self.stage_c.config.c_in, *stage_c_latent_size(height, width, self.resolution_multiple))
         cond, uncond = text.chunk(2) if guided else (text, None)
-        return stage_c_to_semantic(self.sample_z_c(cond, uncond, shape, steps, timesteps, guidance, generator, latents, progress))
+        return self.space.to_semantic(self.sample_z_c(cond, uncond, shape, steps, timesteps, guidance, generator, latents, progress))
 
     @torch.no_grad()
     def sample_z_c(

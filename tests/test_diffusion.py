@@ -137,3 +137,20 @@ def test_classifier_free_guidance():
     cond, uncond = torch.randn(5), torch.randn(5)
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 4.0), uncond + 4.0 * (cond - uncond))
     torch.testing.assert_close(classifier_free_guidance(cond, uncond, 1.0), cond)
+
+
+def test_the_stage_c_latent_spaces_map_the_cache_s_v2_latents_and_back():
+    e = torch.randn(3, 16, 2, 2)
+    z_c = latents.semantic_to_stage_c(e)
+    v2, cascade = latents.latent_space("v2"), latents.latent_space("stable_cascade")
+    assert v2.from_v2(z_c) is z_c and v2.to_v2(z_c) is z_c
+    torch.testing.assert_close(cascade.from_v2(z_c), e, atol=1e-5, rtol=0)  # Stable Cascade learns e itself
+    torch.testing.assert_close(cascade.to_v2(cascade.from_v2(z_c)), z_c, atol=1e-7, rtol=0)
+    torch.testing.assert_close(cascade.to_semantic(e), e)
+    assert latents.latent_space_name(42.0, 1.0) == "v2" and latents.latent_space_name(1, 0) == "stable_cascade"
+    with pytest.raises(ValueError, match=r"unknown Stage C latent space 'raw'; known: \['stable_cascade', 'v2'\]"):
+        latents.latent_space("raw")
+    with pytest.raises(ValueError, match="no known Stage C latent space has latent_mean=2.0"):
+        latents.latent_space_name(2.0, 0.0)
+    with pytest.raises(ValueError, match="positive scale"):
+        latents.StageCLatentSpace(0.0, 1.0)

@@ -47,6 +47,18 @@ def test_a_guard_rail_keeps_the_champion_when_the_loss_gets_much_worse():
     assert decide(GateConfig(guard_rails={}), figures(rank=2, loss=0.2), champion)[0] == "promoted"
 
 
+def test_losses_of_priors_in_different_latent_spaces_are_not_compared():
+    """A challenger diffusing in another latent space than the champion: its loss is in other units
+    (0.06 in e against 0.0003 in (e + 1) / 42), so the guard rail and tie-breaker on val_loss are left
+    out and retrieval decides; a gate whose primary metric is the loss keeps the champion."""
+    champion, challenger = figures(rank=4, loss=0.0003), figures(rank=2, loss=0.06)
+    assert decide(GateConfig(), challenger, champion)[0] == "kept"  # same space: the guard rail holds
+    assert decide(GateConfig(), challenger, champion, same_space=False)[0] == "promoted"
+    assert decide(GateConfig(), figures(rank=4, loss=0.06), champion, same_space=False)[0] == "kept"  # no tie-breaker
+    kept, why = decide(GateConfig(primary="val_loss"), figures(rank=2, loss=0.0001), champion, same_space=False)
+    assert kept == "kept" and "does not compare between priors of different latent spaces" in why
+
+
 def test_a_metric_the_evaluation_did_not_measure_is_an_error_and_bad_configs_are_refused():
     with pytest.raises(ValueError, match="decides on train_retrieval_median_rank, which the evaluation did not measure"):
         decide(GateConfig(), {"val_loss": 0.1}, None)

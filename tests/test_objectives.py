@@ -33,6 +33,24 @@ class InputsOnly(torch.nn.Module):
         return torch.zeros_like(inputs[0])
 
 
+def test_the_stage_c_loss_diffuses_in_the_objective_s_latent_space():
+    """The cache holds z_C = (e + 1) / 42; with latent_space "stable_cascade" the model is trained on e
+    itself: the same loss as a v2 objective given e, and the validation loss likewise."""
+    from stages.objectives import stage_c_validation_loss
+
+    model = randomize_(StageC.from_flavor("tiny"), seed=1, std=0.05).eval()
+    e, text = torch.randn(4, 16, 3, 3), torch.randn(4, 77, 32)
+    t, noise = torch.tensor([0.1, 0.4, 0.8, 1.0]), torch.randn(4, 16, 3, 3)
+    cascade = StageCObjective(latent_space="stable_cascade")
+    torch.testing.assert_close(stage_c_loss(model, (e + 1) / 42, text, objective=cascade, t=t, noise=noise),
+                               stage_c_loss(model, e, text, t=t, noise=noise))
+    keys = ["a", "b", "c", "d"]
+    torch.testing.assert_close(stage_c_validation_loss(model, [(keys, (e + 1) / 42, text)], (0.3, 0.7), 0, space="stable_cascade"),
+                               stage_c_validation_loss(model, [(keys, e, text)], (0.3, 0.7), 0), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown Stage C latent space 'e'"):
+        StageCObjective(latent_space="e")
+
+
 def test_stage_c_loss_is_the_p2_weighted_noise_mse():
     model = Recorder(randomize_(StageC.from_flavor("tiny"), seed=1, std=0.05).eval())
     z_c, text = (torch.randn(4, 16, 3, 3) + 1) / 42, torch.randn(4, 77, 32)

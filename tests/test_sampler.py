@@ -101,6 +101,41 @@ def test_prior_latents_equal_diffusers_prior_pipeline(sampler, tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
 
 
+def test_a_prior_of_the_stable_cascade_latent_space_exports_and_loads_with_its_space(sampler, tmp_path):
+    """A prior diffusing in e itself (latent_space "stable_cascade"): the prior pipeline's model_index
+    carries latent_mean 1 / latent_std 0, so diffusers' WuerstchenPriorPipeline maps its samples back
+    as ours does, and load_sampler reads the space back; a combined export records it as
+    prior_latent_mean / prior_latent_std, which diffusers' combined pipeline takes once set."""
+    cascade = WuerstchenSampler(sampler.stage_c, sampler.text_encoder_c, sampler.stage_b, sampler.text_encoder_b,
+                                sampler.stage_a, latent_space="stable_cascade")
+    write_prior_pipeline(tmp_path / "prior", cascade.stage_c, cascade.text_encoder_c, cascade.latent_space)
+    index = json.loads((tmp_path / "prior" / "model_index.json").read_text())
+    assert (index["latent_mean"], index["latent_std"]) == (1.0, 0.0)
+    pipe = WuerstchenPriorPipeline.from_pretrained(tmp_path / "prior")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(["a cat"], height=128, width=128, num_inference_steps=4, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").image_embeddings
+    kwargs = dict(height=128, width=128, prior_steps=4, prior_guidance=3.0, generator=3, output="semantic", progress=False)
+    ours = cascade(["a cat"], **kwargs)
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()  # fp32 rounding at the samples' scale
+    # the same prior's samples in the v2 space differ by e = 42 z - 1
+    torch.testing.assert_close(sampler(["a cat"], **kwargs), ours * 42 - 1, atol=1e-4, rtol=1e-5)
+    assert load_sampler(tmp_path / "prior").latent_space == "stable_cascade"
+    write_combined_pipeline(tmp_path / "combined", cascade.stage_c, cascade.text_encoder_c, cascade.stage_b,
+                            cascade.text_encoder_b, cascade.stage_a, cascade.latent_space)
+    loaded = load_sampler(tmp_path / "combined")
+    assert loaded.latent_space == "stable_cascade"
+    combined = WuerstchenCombinedPipeline.from_pretrained(tmp_path / "combined")
+    combined.set_progress_bar_config(disable=True)
+    combined.prior_pipe.register_to_config(latent_mean=1.0, latent_std=0.0)  # as write_combined_pipeline says
+    images = combined(["a cat"], height=128, width=128, prior_num_inference_steps=4, prior_guidance_scale=3.0,
+                      num_inference_steps=3, decoder_guidance_scale=0.0, generator=torch.Generator().manual_seed(3),
+                      output_type="pt").images
+    mine = loaded(["a cat"], height=128, width=128, prior_steps=4, prior_guidance=3.0, decoder_steps=3,
+                  generator=3, progress=False)
+    torch.testing.assert_close(mine, images.float(), atol=1e-4, rtol=0)
+
+
 def test_a_sampler_loads_back_from_the_exported_folder(sampler, exported):
     loaded = load_sampler(exported)
     kwargs = dict(height=128, width=128, prior_steps=3, decoder_steps=2, generator=5, progress=False)
