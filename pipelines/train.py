@@ -64,10 +64,15 @@ def _stage_weights(init: str | None, model_class, cfg: TrainConfig):
     if not init:
         return None
     if init.startswith("models:/"):  # a Stage C version's prior, or the Stage B / Stage A of a decoder bundle
-        from pipelines.registry import load_registered
+        from pipelines.registry import latent_space_of, load_registered, model_config_of
         from pipelines.training.tracking import tracking_uri
 
-        return load_registered(init, model_class, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
+        weights = load_registered(init, model_class, tracking_uri(cfg.tracking.tracking_uri)).state_dict()
+        theirs = latent_space_of(model_config_of(init)) if cfg.model.stage == "c" else None
+        if theirs is not None and theirs != cfg.objective.latent_space:
+            raise ValueError(f"model.init={init} diffuses in the latent space {theirs!r}, this run in "
+                             f"objective.latent_space={cfg.objective.latent_space!r}: fine-tune it in its own")
+        return weights
     if init.endswith((".pt", ".pth", ".ckpt")):
         from stages.original_format import load_original
 
@@ -84,6 +89,13 @@ def check_scale_factor(objective: float, stage_a: float) -> None:
             f"decoder_objective.scale_factor={objective}, but the Stage A of encoders.stage_a has scale_factor={stage_a} "
             f"(its config.json), which the sampler decodes Stage B's latents with: set decoder_objective.scale_factor={stage_a}"
         )
+
+
+def row_bytes(cache, columns: list[str]) -> int:
+    """An upper bound of one row's bytes in a batch: 4 bytes for each value of the tensor columns."""
+    import math
+
+    return sum(4 * math.prod(cache.manifest["shapes"].get(name, [1])) for name in columns)
 
 
 def build_task(cfg: TrainConfig, cache, text_encoder):
@@ -108,7 +120,8 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
             cache.check_columns(STAGE_B_WITH_COMPRESSOR_COLUMNS, "Stage B training with model.train_semantic_compressor")
         return StageBTask(cfg.model, cfg.decoder_objective, cfg.validation)
     return StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, cache.manifest["text_mode"],
-                      empty_text=text_encoder.encode([""])[0].cpu().numpy(), train_probe=train_probe(cfg, cache))
+                      empty_text=text_encoder.encode([""])[0].cpu().numpy(), train_probe=train_probe(cfg, cache),
+                      decoders=picture_decoders(cfg, cache))
 
 
 def train_probe(cfg: TrainConfig, cache) -> dict | None:
@@ -116,9 +129,30 @@ def train_probe(cfg: TrainConfig, cache) -> dict | None:
     StageCTask.retrieval), spread over the cache, as a numpy batch; None when it is off."""
     from pipelines.training.tasks import probe_rows
 
-    if not cfg.validation.retrieval_captions:
+    v = cfg.validation
+    count = max(v.retrieval_captions, v.picture_captions if v.decoders else 0)
+    return probe_rows(cache, count, cfg.data.validation_fraction) if count else None
+
+
+def picture_decoders(cfg: TrainConfig, cache) -> str | None:
+    """validation.decoders as an absolute path (a worker runs elsewhere), after checking that it is a
+    decoder bundle whose Stage B learned this cache's semantic latents (else its pictures of them
+    would mean nothing)."""
+    from pathlib import Path
+
+    from pipelines import decoder_bundle
+
+    if not cfg.validation.decoders:
         return None
-    return probe_rows(cache, cfg.validation.retrieval_captions, cfg.data.validation_fraction)
+    folder = Path(cfg.validation.decoders).resolve()
+    meta = decoder_bundle.read_meta(folder)
+    if meta is None:
+        raise ValueError(f"validation.decoders={cfg.validation.decoders!r} is not a decoder bundle folder (no bundle.json)")
+    theirs, ours = meta["fingerprints"].get("semantic_compressor"), cache.fingerprints().get("semantic_compressor")
+    if theirs != ours:
+        raise ValueError(f"validation.decoders={cfg.validation.decoders!r}: its Stage B learned the latents of the semantic "
+                         f"compressor {theirs}, the cache {cfg.data.cache} holds those of {ours}")
+    return str(folder)
 
 
 def run_training(cfg: TrainConfig):
@@ -170,7 +204,12 @@ def run_training(cfg: TrainConfig):
 
     connect(cfg.ray_address, cfg.num_cpus)
     train_ds, val_ds = datasets(cache, task.columns, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
-    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None)
+    share_mb = per_worker * row_bytes(cache, task.columns) / 2**20
+    in_memory = share_mb <= cfg.data.memory_limit_mb
+    log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
+             per_worker, share_mb)
+    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None,
+                     in_memory=in_memory)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,

@@ -193,3 +193,20 @@ def test_caption_retrieval_ranks_each_captions_sample_against_the_cached_latents
     assert rotated["top1"] == 0.0
     with pytest.raises(ValueError, match="sample at the size the cache was made at"):
         caption_retrieval(sampler, captions, cached, own, 256, 256, steps=2)
+
+
+def test_a_captioned_grid_puts_each_caption_s_pictures_side_by_side():
+    import numpy as np
+
+    from pipelines.pictures import CELL, captioned_grid
+
+    real = np.zeros((5, 40, 40, 3), np.uint8)
+    generated = np.full((5, 40, 40, 3), 128, np.uint8)
+    grid = captioned_grid([f"emoji {i}" for i in range(5)], [real, generated], headers=["real", "generated"], per_row=3)
+    tile_w = 2 * CELL + 4
+    assert grid.dtype == np.uint8 and grid.shape[1] == 3 * tile_w and grid.shape[0] > 2 * CELL  # two rows of tiles
+    # the first tile, under the header line: the black real picture on the left, the grey generated one beside it
+    y = 17 + 2 + CELL // 2
+    assert grid[y, 2 + CELL // 2].tolist() == [0, 0, 0] and grid[y, 2 + CELL + CELL // 2].tolist() == [128, 128, 128]
+    with pytest.raises(ValueError, match="5 captions and picture columns of lengths"):
+        captioned_grid([f"emoji {i}" for i in range(5)], [real[:4]])

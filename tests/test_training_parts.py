@@ -62,6 +62,44 @@ def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
         EqualStepBatches(FakeShard(0, 0), 2, torch.device("cpu")).next()
 
 
+class CountingShard:
+    """A shard of 10 fixed rows that counts how often it is read."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def iter_batches(self, batch_size, batch_format, drop_last):
+        self.reads += 1
+        keys = [f"k{i}" for i in range(10)]
+        for start in range(0, 10, batch_size):
+            part = keys[start:start + batch_size]
+            if drop_last and len(part) < batch_size:
+                return
+            yield {"key": np.array(part, dtype=object), "stage_c_latents": np.arange(start, start + len(part), dtype=np.float32)}
+
+
+def test_a_shard_held_in_memory_is_read_once_and_every_epoch_is_a_new_seeded_order():
+    """in_memory: one read for the whole run (no re-read at epoch boundaries); each epoch a permutation
+    of those rows drawn from (seed, epoch, rank), whole batches only; resuming mid-epoch gives the same
+    batches again; without a shuffle buffer, the order read."""
+    shard = CountingShard()
+    batches = EqualStepBatches(shard, 3, torch.device("cpu"), shuffle_buffer=64, seed=7, in_memory=True)
+    steps = [batches.next() for _ in range(9)]
+    assert shard.reads == 1 and batches.state_dict() == {"epoch": 2, "batch_in_epoch": 3}
+    epochs = [sum((s["key"] for s in steps[e * 3:(e + 1) * 3]), []) for e in range(3)]
+    assert all(len(set(e)) == 9 and set(e) < {f"k{i}" for i in range(10)} for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3, "a new order every epoch"
+    for step in steps:  # the rows' values travel with their keys
+        assert step["stage_c_latents"].tolist() == [float(k[1:]) for k in step["key"]]
+    resumed = EqualStepBatches(CountingShard(), 3, torch.device("cpu"), shuffle_buffer=64, seed=7, in_memory=True)
+    resumed.load_state_dict({"epoch": 1, "batch_in_epoch": 1})
+    assert [resumed.next()["key"] for _ in range(5)] == [s["key"] for s in steps[4:9]]
+    other_seed = EqualStepBatches(CountingShard(), 3, torch.device("cpu"), shuffle_buffer=64, seed=8, in_memory=True)
+    assert [other_seed.next()["key"] for _ in range(3)] != [s["key"] for s in steps[:3]]
+    plain = EqualStepBatches(CountingShard(), 3, torch.device("cpu"), in_memory=True)
+    assert [plain.next()["key"] for _ in range(4)] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6", "k7", "k8"], ["k0", "k1", "k2"]]
+
+
 def test_the_validation_split_depends_on_the_key_only():
     keys = [f"img{i}" for i in range(20_000)]
     held_out = [k for k in keys if is_validation(k, 0.05)]

@@ -154,6 +154,10 @@ class DataConfig:
     # same order again. 0: no shuffle. 2048 holds the whole Twemoji demo cache; a v2 row with bigG
     # embeddings is ~0.2 MB, so 2048 rows cost ~0.4 GB per worker.
     shuffle_buffer: NonNegativeInt = 2048
+    # A worker whose share of the training rows is estimated at no more than this many MB (4 bytes a
+    # value) reads it once and draws every epoch from memory: no re-read and no stall at epoch
+    # boundaries (see EqualStepBatches). 0: always stream from the cache.
+    memory_limit_mb: NonNegativeInt = 1024
     # A folder where each rank appends the keys of every batch it trains on (rank<N>.jsonl, one JSON
     # line per batch), to audit the data order; None: not written.
     order_log: str | None = None
@@ -207,6 +211,13 @@ class ValidationConfig:
     retrieval_captions: NonNegativeInt = 32
     retrieval_steps: PositiveInt = 10
     retrieval_guidance: NonNegativeFloat = 4.0
+    # Stage C: a sample grid at each validation when this names a decoder bundle folder (one with a
+    # bundle.json, e.g. weights/twemoji-small-decoders; its Stage B must have learned the cache's
+    # semantic latents): for `picture_captions` training captions, what the decoders make of each one's
+    # own cached latent beside what they make of the latent sampled from the caption, logged to MLflow
+    # as validation/step_<step>.png (with the EMA weights). None: no pictures.
+    decoders: str | None = None
+    picture_captions: PositiveInt = 8
 
 
 @config_dataclass

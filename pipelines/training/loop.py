@@ -65,7 +65,7 @@ def log_validation_picture(state: TrainState, task, val_set, logger: MetricLogge
     model = state.model
     with state.ema.swapped_in(model) if state.ema.shadow else contextlib.nullcontext():
         picture = task.validation_picture(model, val_set)
-    if logger is not None:
+    if logger is not None and picture is not None:
         logger.image(picture, f"validation/step_{state.step:08d}.png")
 
 
@@ -122,7 +122,7 @@ def train_func(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = EqualStepBatches(_OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size,
                                device, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
-                               order_log=cfg.data.order_log)
+                               order_log=cfg.data.order_log, in_memory=plan.in_memory)
     state = TrainState.build(task.build_model(plan.init_state), batches, cfg, device)
     checkpointer = Checkpointer(plan, rank, world)
     # restore

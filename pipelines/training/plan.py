@@ -20,6 +20,9 @@ class TrainPlan:
     # cfg.checkpoint with its storage path resolved on the driver (a relative local path would name
     # another folder in a worker): where every worker looks for the checkpoint to resume from.
     checkpoints: CheckpointConfig | None = None
+    # Whether each worker holds its share of the training rows in memory (decided on the driver from
+    # data.memory_limit_mb and the cache's row size: see EqualStepBatches).
+    in_memory: bool = False
 
     def __post_init__(self):
         from core.storage import absolute

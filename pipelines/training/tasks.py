@@ -16,7 +16,7 @@ from torch import nn
 
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.spec import TEXT_COLUMNS
-from pipelines.quality import prior_retrieval, stage_a_reconstruction
+from pipelines.quality import prior_retrieval, sampled_ranks, stage_a_reconstruction
 from pipelines.training.data import to_tensors
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
@@ -61,24 +61,26 @@ def probe_rows(cache, count: int, fraction: float) -> dict:
     """`count` training rows spread over the cache (the split of `fraction`), with Stage C's columns,
     as a numpy batch: the training captions whose retrieval validation and evaluation measure."""
     columns = stage_c_columns(cache.manifest["text_mode"])
-    table = cache.spread_rows(columns, count, fraction)
+    table = cache.spread_rows(columns + ["caption"], count, fraction)
     return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
+            "caption": np.asarray(table.column("caption").to_pylist(), dtype=object),
             **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
 
 
 @torch.no_grad()
 def retrieval_figures(model: nn.Module, rows: list[tuple], probe: dict | None, captions: int, empty: torch.Tensor,
-                      steps: int, guidance: float, seed: int, text_encoder=None) -> dict[str, float]:
+                      steps: int, guidance: float, seed: int, text_encoder=None, space: str = "v2") -> dict[str, float]:
     """`pipelines.quality.prior_retrieval` for `captions` held-out captions spread over `rows`
     (validation_inputs of the held-out rows, on the model's device) and the training captions of
-    `probe` (a numpy batch of `probe_rows`, or None): what validation and evaluation report."""
+    `probe` (a numpy batch of `probe_rows`, or None): what validation and evaluation report. `space`:
+    the prior's latent space (its samples are ranked among the cached latents after moving them back)."""
     held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
     device = held[0].device
     probe_inputs = None
     if probe is not None:
         _, probe_z, probe_text = next(validation_inputs([probe], device, text_encoder))
         probe_inputs = probe_z, probe_text
-    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed)
+    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed, space)
 
 
 def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], index: int) -> dict[str, float]:
@@ -119,10 +121,14 @@ class StageCTask(_Task):
     # Training rows (a numpy batch of `columns`, spread over the cache) whose captions the validation's
     # retrieval samples beside the held-out ones (validation.retrieval_captions); None: held-out only.
     train_probe: dict | None = None
+    # A decoder bundle folder (absolute; see validation.decoders): a sample grid at each validation. None: none.
+    decoders: str | None = None
     # Built on the worker by setup(), not sent.
     device: torch.device | None = dataclasses.field(default=None, init=False, repr=False)
     text_encoder: nn.Module | None = dataclasses.field(default=None, init=False, repr=False)
     empty: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
+    picture_sampler: object = dataclasses.field(default=None, init=False, repr=False)
+    reference_pictures: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def columns(self) -> list[str]:
@@ -134,7 +140,46 @@ class StageCTask(_Task):
         if self.text_mode == "tokens":
             self.text_encoder = self.encoders.build_text_encoder(self.model.flavor).to(device)
         self.empty = torch.tensor(np.asarray(self.empty_text, dtype=np.float32), device=device)[None]
+        if self.decoders is not None:
+            from pipelines import decoder_bundle
+            from stages.sampler import WuerstchenSampler
+
+            stage_b, stage_a, text_b, _ = decoder_bundle.load(self.decoders)
+            self.picture_sampler = WuerstchenSampler(None, None, stage_b.eval().to(device), text_b.to(device),
+                                                     stage_a.eval().to(device))
         return self
+
+    @torch.no_grad()
+    def _decode(self, semantic: torch.Tensor, captions: list[str]) -> np.ndarray:
+        from pipelines.pyfunc_models import to_uint8_images
+
+        sampler = self.picture_sampler
+        z_b = sampler.sample_stage_b(semantic, captions, generator=self.validation.seed, progress=False)
+        return to_uint8_images(sampler.decode(z_b).float())
+
+    @torch.no_grad()
+    def validation_picture(self, model: nn.Module, batches: Iterable[dict]) -> np.ndarray | None:
+        """With decoders (validation.decoders): for validation.picture_captions training captions
+        spread over the probe, what the decoders make of each one's own cached latent (made once)
+        beside what they make of the latent the prior samples from the caption (the validation's prior
+        steps, guidance and seed), with the captions: uint8 HWC. None without decoders."""
+        if self.picture_sampler is None or self.train_probe is None:
+            return None
+        from pipelines.pictures import captioned_grid
+
+        v = self.validation
+        count = min(v.picture_captions, len(self.train_probe["key"]))
+        pick = np.linspace(0, len(self.train_probe["key"]) - 1, count).astype(int)  # spread over the probe
+        probe = {name: values[pick] for name, values in self.train_probe.items()}
+        captions = [str(c) for c in probe["caption"]]
+        _, z_c, text = next(validation_inputs([probe], self.device, self.text_encoder))
+        if self.reference_pictures is None:
+            self.reference_pictures = self._decode(stage_c_to_semantic(z_c), captions)
+        _, sampled = sampled_ranks(model, text, list(range(count)), z_c, self.empty, v.retrieval_steps,
+                                   v.retrieval_guidance, v.seed, space=self.objective.latent_space)
+        generated = self._decode(stage_c_to_semantic(sampled), captions)
+        return captioned_grid(captions, [self.reference_pictures, generated],
+                              headers=["decoded from its own cached latent", "sampled from the caption"], per_row=4)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The training loss of one batch of tensors (t, noise and caption dropout drawn from `generator`)."""
@@ -150,8 +195,8 @@ class StageCTask(_Task):
         v = self.validation
         batches = list(batches)
         rows = list(validation_inputs(batches, self.device, self.text_encoder))
-        figures = condition_gap(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting),
-                                rows, 2)
+        figures = condition_gap(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting,
+                                                                          self.objective.latent_space), rows, 2)
         return {**figures, **self.retrieval(model, rows)} if v.retrieval_captions else figures
 
     @torch.no_grad()
@@ -162,7 +207,7 @@ class StageCTask(_Task):
         guidance and seed."""
         v = self.validation
         figures = retrieval_figures(model, rows, self.train_probe, v.retrieval_captions, self.empty, v.retrieval_steps,
-                                    v.retrieval_guidance, v.seed, self.text_encoder)
+                                    v.retrieval_guidance, v.seed, self.text_encoder, self.objective.latent_space)
         figures.pop("chance_median_rank")
         return figures
 
