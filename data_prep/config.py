@@ -36,6 +36,7 @@ class SourceConfig:
     caption_column: str = "caption"  # parquet sources
     shard_size: PositiveInt = 256  # twemoji:// only: emoji per shard
     render_size: PositiveInt = 256  # twemoji:// only: the SVGs are rendered at this size
+    subset: PositiveInt | None = None  # twemoji:// only: this many emoji spread evenly over the set (None: all)
 
     def __post_init__(self):
         if self.format not in SOURCE_FORMATS:

@@ -137,6 +137,29 @@ def test_the_registry_reads_twemoji_as_one_more_source_format():
     assert list(source.iter_shard(url, fs, path)) == list(iter_twemoji_shard(url, size=48, shard_size=16))
 
 
+def test_a_subset_spreads_over_the_set_and_its_shards_have_their_own_names():
+    from data_prep.config import SourceConfig
+    from data_prep.sources import reader_for
+    from data_prep.sources.twemoji import twemoji_subset
+
+    entries = twemoji_entries()
+    subset = twemoji_subset(entries, 128)
+    assert len(subset) == len({e["key"] for e in subset}) == 128 and subset[0] == entries[0]
+    positions = [entries.index(e) for e in subset]
+    assert positions == sorted(positions) and positions[-1] > len(entries) - 20  # spread to the end of the set
+    assert twemoji_subset(entries, None) == twemoji_subset(entries, 10_000) == entries
+    shards = twemoji_shards(64, 128)
+    assert [url for url, _ in shards] == ["twemoji://subset-128/shard-00000", "twemoji://subset-128/shard-00001"]
+    assert sum((s for _, s in shards), []) == subset
+    source = reader_for(SourceConfig(url=TWEMOJI_URL, format="twemoji", shard_size=64, render_size=32, subset=128))
+    _, listed = source.list_shards(TWEMOJI_URL)
+    assert [url for url, _ in listed] == [url for url, _ in shards]
+    first = next(iter_twemoji_shard(shards[1][0], size=32, shard_size=64, subset=128))
+    assert first["caption"] == shards[1][1][0]["caption"]
+    with pytest.raises(ValueError, match="not a twemoji shard for shard_size=64, subset=128: 'twemoji://shard-00001'"):
+        list(iter_twemoji_shard("twemoji://shard-00001", size=32, shard_size=64, subset=128))
+
+
 def test_render_failure_yields_a_dropped_sample(monkeypatch, tmp_path):
     broken = tmp_path / "broken.svg"
     broken.write_text("this is not svg")

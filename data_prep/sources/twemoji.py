@@ -10,7 +10,8 @@ Only the artwork that has a name is used: skin-tone variants (named None in emoj
 indicator letters, hair components, a private-use glyph and emoji newer than emoji-data are skipped.
 
 Samples come out as raw samples (`data_prep/sources/samples.py`), grouped into deterministic shards
-addressed as `twemoji://shard-NNNNN`; the source URL is `twemoji://`.
+addressed as `twemoji://shard-NNNNN` (a subset's as `twemoji://subset-K/shard-NNNNN`, see
+`twemoji_subset`); the source URL is `twemoji://`.
 """
 from __future__ import annotations
 
@@ -47,19 +48,20 @@ class TwemojiReader:
 
     shard_size: int = DEFAULT_SHARD_SIZE
     render_size: int = 256
+    subset: int | None = None  # this many emoji spread evenly over the set (None: all)
 
     @staticmethod
     def options(source) -> dict:
-        return {"shard_size": source.shard_size, "render_size": source.render_size}
+        return {"shard_size": source.shard_size, "render_size": source.render_size, "subset": source.subset}
 
     def list_shards(self, source_url: str) -> tuple[None, list[tuple[str, str]]]:
-        return None, [(url, "") for url, _ in twemoji_shards(self.shard_size)]
+        return None, [(url, "") for url, _ in twemoji_shards(self.shard_size, self.subset)]
 
     def iter_shard(self, url: str, fs: None, path: str) -> Iterator[dict]:
-        return salvaged(iter_twemoji_shard(url, self.render_size, self.shard_size), url, path)
+        return salvaged(iter_twemoji_shard(url, self.render_size, self.shard_size, self.subset), url, path)
 
 
-_SHARD_URL = re.compile(r"^twemoji://shard-(\d{5,})$")
+_SHARD_URL = re.compile(r"^twemoji://(?:subset-(\d+)/)?shard-(\d{5,})$")
 _VARIATION_SELECTOR = "fe0f"
 
 
@@ -153,39 +155,53 @@ def render_png(svg_path: str, size: int) -> bytes:
     return out.getvalue()
 
 
-def twemoji_shards(shard_size: int = DEFAULT_SHARD_SIZE) -> list[tuple[str, list[dict]]]:
-    """The entries cut into consecutive shards in file-name order: [("twemoji://shard-00000", [...]), ...].
-    Deterministic for a given package version and shard size."""
+def twemoji_subset(entries: list, subset: int | None) -> list:
+    """`subset` entries spread evenly over `entries` (every k-th, k = len / subset, from the first),
+    so that a small set still spans flags, faces, animals, objects and symbols; None: all of them."""
+    if subset is None or subset >= len(entries):
+        return entries
+    if subset <= 0:
+        raise ValueError(f"subset must be positive, got {subset}")
+    return [entries[len(entries) * i // subset] for i in range(subset)]
+
+
+def twemoji_shards(shard_size: int = DEFAULT_SHARD_SIZE, subset: int | None = None) -> list[tuple[str, list[dict]]]:
+    """The entries (or `subset` of them, see `twemoji_subset`) cut into consecutive shards in file-name
+    order: [("twemoji://shard-00000", [...]), ...]. Deterministic for a given package version, shard
+    size and subset."""
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    entries = twemoji_entries()
+    entries = twemoji_subset(twemoji_entries(), subset)
+    # A subset's shards have their own names: a cache never takes one for a shard of the whole set.
+    prefix = TWEMOJI_URL + (f"subset-{subset}/" if len(entries) < len(twemoji_entries()) else "")
     return [
-        (f"{TWEMOJI_URL}shard-{index:05d}", entries[start : start + shard_size])
+        (f"{prefix}shard-{index:05d}", entries[start : start + shard_size])
         for index, start in enumerate(range(0, len(entries), shard_size))
     ]
 
 
-def _shard_entries(shard_url: str, shard_size: int) -> list[dict]:
+def _shard_entries(shard_url: str, shard_size: int, subset: int | None = None) -> list[dict]:
     match = _SHARD_URL.match(shard_url)
-    shards = twemoji_shards(shard_size)
-    if match is None or int(match.group(1)) >= len(shards):
+    shards = dict(twemoji_shards(shard_size, subset))
+    if match is None or shard_url not in shards:
         raise ValueError(
-            f"not a twemoji shard for shard_size={shard_size}: {shard_url!r} "
-            f"(expected {TWEMOJI_URL}shard-00000 .. shard-{len(shards) - 1:05d})"
+            f"not a twemoji shard for shard_size={shard_size}, subset={subset}: {shard_url!r} "
+            f"(expected {next(iter(shards))} .. {list(shards)[-1]})"
         )
-    return shards[int(match.group(1))][1]
+    return shards[shard_url]
 
 
 def _metadata(size: int) -> str:
     return json.dumps({"width": size, "height": size, "license": LICENSE, "attribution": CREDIT})
 
 
-def iter_twemoji_shard(shard_url: str, size: int, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[dict]:
+def iter_twemoji_shard(shard_url: str, size: int, shard_size: int = DEFAULT_SHARD_SIZE,
+                       subset: int | None = None) -> Iterator[dict]:
     """Raw samples of one shard, rendered at `size`. A sample whose SVG fails to render is still yielded,
     with image_bytes None and drop_reason "not_an_image", so the filter funnel counts it (never raises for
     a sample; an unknown shard URL is a caller error and raises ValueError)."""
     metadata = _metadata(size)
-    for entry in _shard_entries(shard_url, shard_size):
+    for entry in _shard_entries(shard_url, shard_size, subset):
         try:
             image_bytes, drop_reason = render_png(entry["svg_path"], size), None
         except Exception:  # any renderer/decoder failure is a bad sample, not a failed shard
