@@ -102,10 +102,10 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
 
 def ray_rates(client, run_id: str, steps: int, batch: int) -> dict:
     """From a run's per-step MLflow metrics: the median samples/s of single steps (inside an epoch) and
-    the wall-clock rate over all steps after the warm-up fifth (epoch boundaries included), from the
-    times the steps were logged."""
+    the wall-clock rate over the steps after the warm-up fifth (epoch boundaries included), from the
+    times the steps were logged. The last step, which also validates and checkpoints, is left out."""
     skip = steps // 5  # warm-up
-    history = [m for m in client.get_metric_history(run_id, "samples_per_s") if m.step > skip]
+    history = [m for m in client.get_metric_history(run_id, "samples_per_s") if skip < m.step < steps]
     wait = [m.value for m in client.get_metric_history(run_id, "data_wait_fraction") if m.step > skip]
     first, last = min(history, key=lambda m: m.step), max(history, key=lambda m: m.step)
     wall = (last.step - first.step) * batch / ((last.timestamp - first.timestamp) / 1000)

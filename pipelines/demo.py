@@ -1,22 +1,23 @@
 """`wuerstchen demo` / `python -m pipelines.demo`: the main job, end to end, on embedded defaults: a
 local Ray cluster, a local MLflow store (runs/mlflow.db), the bundled Twemoji data.
 
-1. Data prep: the 1,903 Twemoji image-caption pairs are filtered and encoded into the latent cache
-   under runs/cache/twemoji (a rerun finds the cache complete and skips it).
+1. Data prep: 128 of the bundled Twemoji image-caption pairs (spread over the set) are filtered and
+   encoded into the latent cache under runs/cache/twemoji (a rerun finds the cache complete and skips it).
 2. Training: the `small` Stage C on the cache with Ray Train (2 CPU workers, DDP), checkpoints under
    runs/train, metrics in MLflow (a rerun resumes from the newest checkpoint).
 3. Registration: the EMA weights become a version of `wuerstchen-stage-c` (alias challenger), which
    references a decoder bundle (`wuerstchen-decoders`, registered once: the small Stage B + Stage A
-   trained on the same Twemoji set by `python -m pipelines.demo_decoders`, when
+   trained on the Twemoji set by `python -m pipelines.demo_decoders`, when
    weights/twemoji-small-decoders holds them, else seeded random `small` weights).
 4. The gate: the challenger is evaluated (held-out loss, text condition gap, caption -> latent
    retrieval for held-out and training captions) and promoted to champion when its training captions
    find their own latents clearly better than chance and it beats the champion (see
    pipelines/promote.py); refused otherwise.
 5. A consumer, in a fresh process: `mlflow.pyfunc.load_model("models:/wuerstchen-stage-c@champion")`
-   (or the version by number, while none has passed the gate)
-   predicts Stage C latents for cached captions, each compared with the nearest cached latent, and
-   one image through the decoders (noise, while they are random).
+   (or the version by number, while none has passed the gate) predicts a latent for every caption of
+   the cache and a picture for 32 of them; the demo ranks each latent's own cached latent among all,
+   and each picture's own emoji among all the real ones, and writes runs/demo/samples.png (the real
+   emoji beside the generated ones, with captions; also logged to the training run in MLflow).
 
 `--stages-only` runs the older check of every stage's forward/backward instead.
 """
@@ -126,8 +127,9 @@ def train_config(config: Path, cache_url: str, steps: int | None, semantic: str 
     from core.config import load
     from pipelines.training.config import TrainConfig
 
-    return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else [])
-                + ([f"encoders.semantic.path={semantic}"] if semantic else []))
+    # with the demo decoders (whose compressor made the cache), a sample grid in MLflow at each validation
+    bundle = [f"encoders.semantic.path={semantic}", f"validation.decoders={Path(semantic).parent}"] if semantic else []
+    return load(TrainConfig, config, [f"data.cache={cache_url}"] + ([f"steps={steps}"] if steps is not None else []) + bundle)
 
 
 def train(cfg):
@@ -142,7 +144,7 @@ def train(cfg):
               f"{metrics.get('val_loss_ema', float('nan')):.5f}; MLflow run {run_id}", flush=True)
     else:
         print(f"   already trained to step {cfg.steps} (raise --steps to train on); MLflow run {run_id}", flush=True)
-    return cfg, result
+    return run_id
 
 
 def demo_decoders(flavor: str) -> tuple[str, str]:
@@ -205,64 +207,127 @@ def register_and_promote(cfg, uri: str) -> str:
 
 
 # What a consumer writes: nothing of this project's internals, only MLflow and a model URI.
+# argv: prompts (JSON), how many of them (the first) also become images, the output folder, the model URI.
 CONSUMER = """
 import json, sys
+from pathlib import Path
 import mlflow
 import numpy as np
 from PIL import Image
 
-model = mlflow.pyfunc.load_model(sys.argv[4])
-prompts = json.loads(sys.argv[1])
+prompts, pictured, out, uri = json.loads(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+model = mlflow.pyfunc.load_model(uri)
 latents = model.predict(prompts, params={"steps": 20, "guidance": 4.0, "seed": 0})
-np.save(sys.argv[2], latents)
-if sys.argv[3]:
-    image = model.predict(prompts[:1], params={"output": "images", "steps": 20, "seed": 0})
-    Image.fromarray(image[0]).save(sys.argv[3])
+np.save(out / "consumer_latents.npy", latents)
+if pictured:
+    images = model.predict(prompts[:pictured], params={"output": "images", "steps": 20, "guidance": 4.0, "seed": 0})
+    np.save(out / "consumer_images.npy", images)
+    Image.fromarray(images[0]).save(out / "consumer_image.png")
 print(json.dumps({"latents": [list(latents.shape), str(latents.dtype)]}))
 """
 
+# How many of the cache's captions the consumer also turns into pictures (caption -> image retrieval
+# and the sample grid): each costs a Stage B sampling and a Stage A decode.
+PICTURED = 32
 
-def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, prompts: int = 4, image: bool = True) -> dict:
-    """Loads `model_uri` (the champion) in a fresh process, as a consumer would, and checks what it predicts
-    against the cache: for each caption, the caption of the nearest cached latent."""
+
+def real_emoji(keys: list[str], size: int) -> "torch.Tensor":
+    """The Twemoji artwork of cache keys ("twemoji/1f34e"), rendered as prep renders it: (N, 3, S, S) in [0, 1]."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.sources.twemoji import render_png, svg_dir
+
+    images = [np.asarray(Image.open(io.BytesIO(render_png(str(svg_dir() / f"{key.split('/', 1)[1]}.svg"), size))))
+              for key in keys]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, pictures: int = PICTURED, run_id: str | None = None,
+            validation_fraction: float = 0.05) -> dict:
+    """Loads `model_uri` (the champion) in a fresh process, as a consumer would, has it predict a latent
+    for every caption of the cache and a picture for `pictures` of them, and measures what it made:
+    - caption -> latent: each prediction's own cached latent ranked among all cached latents, for the
+      training captions and the held-out ones (chance: a median rank of N / 2);
+    - caption -> image: each picture's own Twemoji artwork ranked among all the cache's emoji by pixel
+      distance (when the cache is the Twemoji set);
+    and writes runs/demo/samples.png, the real emoji beside the generated ones with their captions
+    (logged to the training run `run_id` in MLflow)."""
     import json
     import os
     import subprocess
 
     import numpy as np
+    from PIL import Image
 
-    from latent_cache.reader import Cache
-    from pipelines.quality import own_latent_ranks, rank_figures
+    from latent_cache.reader import Cache, is_validation
+    from pipelines.pictures import captioned_grid
+    from pipelines.pyfunc_models import to_uint8_images
+    from pipelines.quality import own_image_ranks, own_latent_ranks, rank_figures
     from stages.latents import semantic_to_stage_c
 
     print(f"\n== 5. A consumer loads {model_uri} in a fresh process", flush=True)
-    table = Cache(cache_url).read_table(["caption", "stage_c_latents"])
-    captions = table.column("caption").to_pylist()
-    cached = np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32)
-    picks = [captions[i] for i in np.linspace(0, len(captions) - 1, prompts).astype(int)]
+    cache = Cache(cache_url)
+    table = cache.read_table(["key", "caption", "stage_c_latents"])
+    keys, captions = table.column("key").to_pylist(), table.column("caption").to_pylist()
+    cached = torch.from_numpy(np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32))
+    pictured = [int(i) for i in np.linspace(0, len(captions) - 1, min(pictures, len(captions)))] if pictures else []
+    order = pictured + [i for i in range(len(captions)) if i not in set(pictured)]  # the pictured ones first
     out_dir.mkdir(parents=True, exist_ok=True)
-    latents_path, image_path = out_dir / "consumer_latents.npy", out_dir / "consumer_image.png"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", CONSUMER, json.dumps(picks), str(latents_path), str(image_path) if image else "", model_uri],
+        [sys.executable, "-c", CONSUMER, json.dumps([captions[i] for i in order]), str(len(pictured)), str(out_dir), model_uri],
         env=env, capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the consumer process failed:\n{done.stderr[-3000:]}")
-    semantic = np.load(latents_path)
-    print(f"   predict({len(picks)} prompts) -> latents {semantic.shape} {semantic.dtype}")
-    z_c = semantic_to_stage_c(torch.from_numpy(semantic))
-    cached = torch.from_numpy(cached)
-    ranks = own_latent_ranks(z_c, cached, [captions.index(prompt) for prompt in picks])
-    nearest = torch.cdist(z_c.flatten(1).double(), cached.flatten(1).double()).argmin(dim=1)
-    for prompt, rank, index in zip(picks, ranks.tolist(), nearest.tolist()):
-        print(f"   {prompt!r:<32} nearest cached latent: {captions[index]!r} (its own latent ranks {rank} of {len(captions)})")
-    figures = rank_figures(ranks, len(captions))
-    print(f"   own-latent median rank {figures['median_rank']:.0f} (chance {figures['chance_median_rank']:.0f}), "
-          f"top-10 {figures['top10']:.0%}")
-    if image:
-        print(f"   predict(output='images') -> {image_path}")
-    return {"latents": str(latents_path), "shape": list(semantic.shape), "image": str(image_path) if image else None}
+    semantic = np.load(out_dir / "consumer_latents.npy")
+    print(f"   predict({len(order)} captions of the cache) -> latents {semantic.shape} {semantic.dtype}"
+          + (f"; predict(output='images') for {len(pictured)} of them" if pictured else "")
+          + f" ({time.perf_counter() - start:.0f} s)")
+    ranks = own_latent_ranks(semantic_to_stage_c(torch.from_numpy(semantic)), cached, order)
+    held = np.array([is_validation(keys[i], validation_fraction) for i in order])
+    figures = {}
+    for name, mask in (("training", ~held), ("held-out", held)):
+        if mask.any():
+            found = rank_figures(ranks[torch.from_numpy(mask)], len(captions))
+            figures[name] = found
+            print(f"   {name} captions ({int(mask.sum())}) -> latent among all {len(captions)} cached: median rank "
+                  f"{found['median_rank']:.0f} (chance {found['chance_median_rank']:.0f}), top-1 {found['top1']:.0%}, "
+                  f"top-10 {found['top10']:.0%}")
+    for i, rank in list(zip(order, ranks.tolist()))[:4]:
+        print(f"   {captions[i]!r:<34} its own latent ranks {rank} of {len(captions)}")
+    result = {"latents": str(out_dir / "consumer_latents.npy"), "shape": list(semantic.shape), "figures": figures, "image": None}
+    if not pictured:
+        return result
+    generated = np.load(out_dir / "consumer_images.npy")
+    result["image"] = str(out_dir / "consumer_image.png")
+    if all(k.startswith("twemoji/") for k in keys):
+        real = real_emoji(keys, generated.shape[1])
+        image_ranks = own_image_ranks(torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 255.0, real, pictured)
+        found = rank_figures(image_ranks, len(keys))
+        figures["image"] = found
+        print(f"   caption -> image: each picture's own emoji among all {len(keys)} by pixel distance: median rank "
+              f"{found['median_rank']:.0f} (chance {found['chance_median_rank']:.0f}), top-1 {found['top1']:.0%}, "
+              f"top-10 {found['top10']:.0%}")
+        grid = captioned_grid([captions[i] for i in pictured], [to_uint8_images(real[pictured]), generated],
+                              headers=["the real emoji", f"generated by {model_uri}"])
+        Image.fromarray(grid).save(out_dir / "samples.png")
+        result["samples"] = str(out_dir / "samples.png")
+        print(f"   {out_dir / 'samples.png'}: the real emoji beside the generated ones, with their captions")
+        if run_id is not None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(uri)
+            client.log_artifact(run_id, str(out_dir / "samples.png"), "demo")
+            for name, values in figures.items():
+                for k in ("median_rank", "top1", "top10"):
+                    client.log_metric(run_id, f"demo_{name.replace('-', '_')}_{k}", values[k])
+            print(f"   samples.png and these figures logged to the training run {run_id}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None, help="where the latent cache goes (default: the prep config's output.url)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the train config's)")
     parser.add_argument("--limit-shards", type=int, default=None, help="prepare at most this many source shards (quick runs)")
-    parser.add_argument("--no-image", action="store_true", help="the consumer predicts latents only")
+    parser.add_argument("--pictures", type=int, default=PICTURED,
+                        help=f"how many captions the consumer also turns into pictures (default {PICTURED}; 0: latents only)")
     parser.add_argument("--stages-only", action="store_true", help="only the forward/backward check of every stage")
     parser.add_argument("--flavor", default="small", choices=["tiny", "small"], help="with --stages-only")
     parser.add_argument("--image-size", type=int, default=256, help="with --stages-only; a multiple of 128")
@@ -303,17 +369,20 @@ def demo(args: argparse.Namespace) -> None:
     cfg = train_config(args.train_config, prep_cfg.output.url, args.steps, semantic)
     start = time.perf_counter()
     cache_url = prepare_data(prep_cfg)
-    cfg, _ = train(cfg)
+    run_id = train(cfg)
     from pipelines.training.tracking import tracking_uri
 
     uri = tracking_uri(cfg.tracking.tracking_uri)
     served = register_and_promote(cfg, uri)
-    consumed = consume(uri, cache_url, Path("runs") / "demo", served, image=not args.no_image)
+    consumed = consume(uri, cache_url, Path("runs") / "demo", served, pictures=args.pictures, run_id=run_id,
+                       validation_fraction=cfg.data.validation_fraction)
     print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     print(f"   latent cache:  {cache_url} (manifest.json holds the funnel and the encoder fingerprints)")
     print(f"   checkpoints:   {cfg.checkpoint.storage_path}/{cfg.checkpoint.run_name}")
     print(f"   served:        {served}")
     print(f"   consumer out:  {consumed['latents']}" + (f", {consumed['image']}" if consumed["image"] else ""))
+    if consumed.get("samples"):
+        print(f"   samples:       {consumed['samples']} (real emoji | generated, with captions; also in MLflow)")
     print(f"   MLflow:        {uri}   ->   mlflow ui --backend-store-uri {uri}")
     print(f"   export:        wuerstchen export --model {served} --out runs/export "
           f"--tracking-uri {uri}")
