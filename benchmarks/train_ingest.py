@@ -101,8 +101,8 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
 
 
 def ray_rates(client, run_id: str, steps: int, batch: int) -> dict:
-    """From a run's per-step MLflow metrics: the median samples/s of single steps (inside an epoch) and
-    the wall-clock rate over the steps after the warm-up fifth (epoch boundaries included), from the
+    """From a run's logged steps (every `--log-every`): the median samples/s of single steps and the
+    wall-clock rate over the steps after the warm-up fifth (epoch boundaries included), from the
     times the steps were logged. The last step, which also validates and checkpoints, is left out."""
     skip = steps // 5  # warm-up
     history = [m for m in client.get_metric_history(run_id, "samples_per_s") if skip < m.step < steps]
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--flavor", default="small")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of the one worker and of the bare loop")
+    parser.add_argument("--log-every", type=int, default=5,
+                        help="steps between logged steps (what the rates are read from; logging every step costs the loop time)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
                 f"checkpoint.storage_path={tmp / 'runs'}", f"checkpoint.run_name={mode}", f"checkpoint.every_steps={steps}",
                 f"validation.every_steps={steps}", "validation.retrieval_captions=0", "data.validation_fraction=0.01",
                 f"data.memory_limit_mb={limit}", "parallel.num_workers=1", f"parallel.cpus_per_worker={args.cpus}",
-                f"tracking.tracking_uri={uri}", "tracking.log_every=1", "objective.caption_dropout=0.0",
+                f"tracking.tracking_uri={uri}", f"tracking.log_every={args.log_every}", "objective.caption_dropout=0.0",
                 *TRAIN[args.stage],
             ])
             _, run_id = run_training(cfg)
