@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def demo(args: argparse.Namespace) -> None:
+    import os
+
+    # The demo prints what each step did: MLflow's artifact progress bars would only bury that.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # both configs are checked before any work starts
     prep_cfg = prep_config(args.prep_config, args.cache, args.limit_shards)
     semantic = demo_semantic_compressor(prep_cfg.encode.flavor)

@@ -6,7 +6,7 @@ Stage C (`wuerstchen-stage-c`):
     config     flavor, training resolution, the text encoder *reference* (weights path or random-init
                seed, width, fingerprint: checked when loaded), and optionally the URI of a registered
                decoder bundle (`models:/wuerstchen-decoders/N`), referenced, never copied
-    predict    prompts -> Stage C latents e = 42 z_C - 1, float32 (N, 16, ceil(H/42.67), ceil(W/42.67))
+    predict    prompts -> Stage C latents e (= 42 z_C - 1 for a prior of the v2 latent space), float32 (N, 16, ceil(H/42.67), ceil(W/42.67))
                (what diffusers' prior pipeline calls image_embeddings), or with output="images" and a
                decoder bundle: uint8 images (N, H, W, 3)
 

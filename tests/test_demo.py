@@ -54,6 +54,7 @@ def test_demo_prepares_trains_registers_gates_and_serves(tmp_path):
     forwarded = [line for line in console if re.search(r"\((\w+ )?pid=\d+\)", line)]  # from Ray's workers
     assert not [line for line in forwarded if any(internal in line for internal in RAY_INTERNAL_LINES)]
     assert "RayDeprecationWarning" not in done.stderr
+    assert "Downloading artifacts" not in done.stderr, done.stderr[done.stderr.find("Downloading artifacts") - 2000:][:3000]
     assert not [line for line in console if "Running Dataset" in line or "logging_progress" in line]
     steps = [line for line in console if re.search(r"step \d+/10: loss", line)]
     assert steps and len(steps) == len(set(steps)), steps
