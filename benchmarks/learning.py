@@ -17,12 +17,12 @@ and their MLflow store go to a temporary folder (--out to keep them).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.report import emit
@@ -33,8 +33,8 @@ SAMPLING = {"steps": 20, "guidance": 4.0, "seed": 0}
 
 def measure(checkpoint_cfg, cfg, cache) -> dict:
     """The registered weights' (EMA) figures of a run's newest checkpoint, on every cached caption."""
-    from latent_cache.reader import is_validation
-    from pipelines.quality import caption_retrieval, latent_frechet_distance, rank_figures
+    from latent_cache.reader import is_validation, tensor_column
+    from pipelines.quality import caption_retrieval, latent_frechet_distance, split_rank_figures
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.train import expected_fingerprints
     from stages import StageC
@@ -45,18 +45,16 @@ def measure(checkpoint_cfg, cfg, cache) -> dict:
     _, text_encoder = expected_fingerprints(cfg)
     table = cache.read_table(["key", "caption", "stage_c_latents"])
     keys, captions = table.column("key").to_pylist(), table.column("caption").to_pylist()
-    cached = torch.from_numpy(np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32))
+    cached = torch.from_numpy(tensor_column(table, "stage_c_latents"))
     sampler = WuerstchenSampler(stage_c, text_encoder, latent_space=cfg.objective.latent_space)
     size = cache.manifest["resolution"]
     found = caption_retrieval(sampler, captions, cached, list(range(len(captions))), size, size,
                               steps=SAMPLING["steps"], guidance=SAMPLING["guidance"], seed=SAMPLING["seed"])
     held = torch.tensor([is_validation(k, cfg.data.validation_fraction) for k in keys])
     out = {}
-    for name, mask in (("training", ~held), ("held_out", held)):
-        if mask.any():
-            figures = rank_figures(found["ranks"][mask], len(captions))
-            out.update({f"{name}_{k}": round(v, 4) for k, v in figures.items() if k != "chance_median_rank"})
-            out[f"{name}_captions"] = int(mask.sum())
+    for name, figures in split_rank_figures(found["ranks"], held, len(captions)).items():
+        out.update({f"{name}_{k}": round(v, 4) for k, v in figures.items() if k != "chance_median_rank"})
+        out[f"{name}_captions"] = int(held.sum()) if name == "held_out" else int((~held).sum())
     out["chance_median_rank"] = (len(captions) + 1) / 2
     out["latent_frechet_distance"] = round(latent_frechet_distance(found["sampled"][~held], cached[~held]), 4)
     return out
@@ -85,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_url = demo.prepare_data(prep_cfg)
     cache = Cache(cache_url)
     results = {"cache": cache_url, "rows": cache.rows, "sampling": SAMPLING}
-    with tempfile.TemporaryDirectory() if args.out is None else _kept(args.out) as tmp:
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() if args.out is None else contextlib.nullcontext(str(args.out)) as tmp:
         for name, overrides in (("conditional", []), ("unconditional_control", ["objective.caption_dropout=1.0"])):
             cfg = load(TrainConfig, args.train_config, [
                 f"data.cache={cache_url}", *([f"steps={args.steps}"] if args.steps else []),
@@ -109,18 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     results["training_median_rank_vs_control"] = round(cond["training_median_rank"] / control["training_median_rank"], 4)
     emit(results, args.json)
     return 0
-
-
-class _kept:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        self.path.mkdir(parents=True, exist_ok=True)
-        return str(self.path)
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 if __name__ == "__main__":

@@ -110,6 +110,11 @@ def existing_hashes(cache: Cache) -> list[tuple[str, int | None]]:
     return list(zip(table.column("content_hash").to_pylist(), table.column("phash").to_pylist()))
 
 
+def tensor_column(table: pa.Table, name: str, dtype=np.float32) -> np.ndarray:
+    """A fixed-shape tensor column of a table read from the cache as one (N, *shape) array."""
+    return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
+
+
 def is_validation(key: str, fraction: float) -> bool:
     """Whether a row is held out: decided by a hash of its key alone, so the split is the same in
     every run, whatever the order or the number of workers."""

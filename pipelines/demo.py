@@ -262,19 +262,19 @@ def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, pictures: i
     import numpy as np
     from PIL import Image
 
-    from latent_cache.reader import Cache, is_validation
+    from latent_cache.reader import Cache, is_validation, tensor_column
     from pipelines.pictures import captioned_grid
     from pipelines.pyfunc_models import to_uint8_images
-    from pipelines.quality import own_image_ranks, own_latent_ranks, rank_figures
+    from pipelines.quality import own_image_ranks, own_latent_ranks, rank_figures, split_rank_figures
     from stages.latents import semantic_to_stage_c
 
     print(f"\n== 5. A consumer loads {model_uri} in a fresh process", flush=True)
     cache = Cache(cache_url)
     table = cache.read_table(["key", "caption", "stage_c_latents"])
     keys, captions = table.column("key").to_pylist(), table.column("caption").to_pylist()
-    cached = torch.from_numpy(np.concatenate([c.to_numpy_ndarray() for c in table.column("stage_c_latents").chunks]).astype(np.float32))
+    cached = torch.from_numpy(tensor_column(table, "stage_c_latents"))
     pictured = [int(i) for i in np.linspace(0, len(captions) - 1, min(pictures, len(captions)))] if pictures else []
-    order = pictured + [i for i in range(len(captions)) if i not in set(pictured)]  # the pictured ones first
+    order = pictured + sorted(set(range(len(captions))) - set(pictured))  # the pictured ones first
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     start = time.perf_counter()
@@ -289,15 +289,13 @@ def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, pictures: i
           + (f"; predict(output='images') for {len(pictured)} of them" if pictured else "")
           + f" ({time.perf_counter() - start:.0f} s)")
     ranks = own_latent_ranks(semantic_to_stage_c(torch.from_numpy(semantic)), cached, order)
-    held = np.array([is_validation(keys[i], validation_fraction) for i in order])
-    figures = {}
-    for name, mask in (("training", ~held), ("held-out", held)):
-        if mask.any():
-            found = rank_figures(ranks[torch.from_numpy(mask)], len(captions))
-            figures[name] = found
-            print(f"   {name} captions ({int(mask.sum())}) -> latent among all {len(captions)} cached: median rank "
-                  f"{found['median_rank']:.0f} (chance {found['chance_median_rank']:.0f}), top-1 {found['top1']:.0%}, "
-                  f"top-10 {found['top10']:.0%}")
+    held = torch.tensor([is_validation(keys[i], validation_fraction) for i in order])
+    figures = split_rank_figures(ranks, held, len(captions))
+    for name, found in figures.items():
+        count = int(held.sum()) if name == "held_out" else int((~held).sum())
+        print(f"   {name.replace('_', '-')} captions ({count}) -> latent among all {len(captions)} cached: median rank "
+              f"{found['median_rank']:.0f} (chance {found['chance_median_rank']:.0f}), top-1 {found['top1']:.0%}, "
+              f"top-10 {found['top10']:.0%}")
     for i, rank in list(zip(order, ranks.tolist()))[:4]:
         print(f"   {captions[i]!r:<34} its own latent ranks {rank} of {len(captions)}")
     result = {"latents": str(out_dir / "consumer_latents.npy"), "shape": list(semantic.shape), "figures": figures, "image": None}
@@ -325,7 +323,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, pictures: i
             client.log_artifact(run_id, str(out_dir / "samples.png"), "demo")
             for name, values in figures.items():
                 for k in ("median_rank", "top1", "top10"):
-                    client.log_metric(run_id, f"demo_{name.replace('-', '_')}_{k}", values[k])
+                    client.log_metric(run_id, f"demo_{name}_{k}", values[k])
             print(f"   samples.png and these figures logged to the training run {run_id}")
     return result
 

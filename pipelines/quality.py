@@ -101,7 +101,7 @@ def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: in
     (N, 3, S, S) in [0, 1] when the cache holds them."""
     import numpy as np
 
-    from latent_cache.reader import Cache, split
+    from latent_cache.reader import Cache, split, tensor_column
 
     cache = Cache(cache_url)
     cache.check_columns(["images"], "measuring reconstructions (prep with encode.images: true)")
@@ -112,14 +112,11 @@ def split_rows(cache_url: str, fraction: float, held_out: bool = True, limit: in
     if table.num_rows == 0:
         raise ValueError(f"the cache {cache_url} has no {'held-out' if held_out else 'training'} rows at validation fraction {fraction}")
 
-    def array(name: str, dtype) -> np.ndarray:
-        return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
-
     def pictures(name: str) -> torch.Tensor:
-        return torch.from_numpy(array(name, np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+        return torch.from_numpy(tensor_column(table, name, np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
 
     rows = {"key": table.column("key").to_pylist(), "caption": table.column("caption").to_pylist(),
-            "images": pictures("images"), "stage_c_latents": torch.from_numpy(array("stage_c_latents", np.float32))}
+            "images": pictures("images"), "stage_c_latents": torch.from_numpy(tensor_column(table, "stage_c_latents"))}
     if semantic:
         rows["semantic_images"] = pictures("semantic_images")
     return rows
@@ -228,6 +225,13 @@ def rank_figures(ranks: torch.Tensor, candidates: int) -> dict[str, float]:
     ranks = ranks.double()
     return {"top1": float((ranks <= 1).double().mean()), f"top{TOP_K}": float((ranks <= TOP_K).double().mean()),
             "median_rank": float(ranks.median()), "chance_median_rank": (candidates + 1) / 2}
+
+
+def split_rank_figures(ranks: torch.Tensor, held_out: torch.Tensor, candidates: int) -> dict[str, dict[str, float]]:
+    """`rank_figures` of the training captions' ranks and of the held-out ones' apart (`held_out`: a
+    bool per rank), each side only when it has captions: {"training": ..., "held_out": ...}."""
+    return {name: rank_figures(ranks[mask], candidates)
+            for name, mask in (("training", ~held_out), ("held_out", held_out)) if bool(mask.any())}
 
 
 @torch.no_grad()

@@ -97,6 +97,12 @@ def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], i
     return {"loss": own, "condition_gap": loss(shifted) - own}
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class _Task:
     """What every task does the same way: build the model of its ModelConfig; on a worker, keep the device."""
 
@@ -140,7 +146,7 @@ class StageCTask(_Task):
         if self.text_mode == "tokens":
             self.text_encoder = self.encoders.build_text_encoder(self.model.flavor).to(device)
         self.empty = torch.tensor(np.asarray(self.empty_text, dtype=np.float32), device=device)[None]
-        if self.decoders is not None:
+        if self.decoders is not None and _rank() == 0:  # only rank 0 decodes the validation pictures
             from pipelines import decoder_bundle
             from stages.sampler import WuerstchenSampler
 
@@ -162,8 +168,9 @@ class StageCTask(_Task):
         """With decoders (validation.decoders): for validation.picture_captions training captions
         spread over the probe, what the decoders make of each one's own cached latent (made once)
         beside what they make of the latent the prior samples from the caption (the validation's prior
-        steps, guidance and seed), with the captions: uint8 HWC. None without decoders."""
-        if self.picture_sampler is None or self.train_probe is None:
+        steps, guidance and seed), with the captions: uint8 HWC, on rank 0; None on the other ranks
+        (which sample with it: FSDP2's collectives need every rank) and without decoders."""
+        if self.decoders is None or self.train_probe is None:
             return None
         from pipelines.pictures import captioned_grid
 
@@ -173,10 +180,12 @@ class StageCTask(_Task):
         probe = {name: values[pick] for name, values in self.train_probe.items()}
         captions = [str(c) for c in probe["caption"]]
         _, z_c, text = next(validation_inputs([probe], self.device, self.text_encoder))
-        if self.reference_pictures is None:
-            self.reference_pictures = self._decode(stage_c_to_semantic(z_c), captions)
         _, sampled = sampled_ranks(model, text, list(range(count)), z_c, self.empty, v.retrieval_steps,
                                    v.retrieval_guidance, v.seed, space=self.objective.latent_space)
+        if self.picture_sampler is None:
+            return None
+        if self.reference_pictures is None:
+            self.reference_pictures = self._decode(stage_c_to_semantic(z_c), captions)
         generated = self._decode(stage_c_to_semantic(sampled), captions)
         return captioned_grid(captions, [self.reference_pictures, generated],
                               headers=["decoded from its own cached latent", "sampled from the caption"], per_row=4)
