@@ -77,6 +77,7 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
     from pipelines.train import build_task, expected_fingerprints
     from pipelines.training.data import to_tensors
     from pipelines.training.ema import Ema
+    from pipelines.training.regions import prepare_blocks
 
     torch.manual_seed(0)
     cache = Cache(cache_url)
@@ -84,7 +85,7 @@ def bare_loop(cfg, cache_url: str, steps: int) -> float:
     table = cache.read_table(task.columns).slice(0, cfg.data.batch_size)
     batch = to_tensors({name: (table.column(name).to_pylist() if name == "key" else table.column(name).chunk(0).to_numpy_ndarray())
                         for name in task.columns}, torch.device("cpu"))
-    model = cfg.model.build().train()
+    model = prepare_blocks(cfg.model.build(), cfg.model.activation_checkpointing, cfg.model.compile).train()
     ema = Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     generator = torch.Generator().manual_seed(0)

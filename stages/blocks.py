@@ -8,7 +8,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 # eps of every affine-free LayerNorm in Stage B and Stage C (the checkpoints were trained with it).
@@ -32,7 +31,9 @@ def gen_r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> to
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis at every pixel; no affine parameters."""
+    """LayerNorm over the channel axis at every pixel; no affine parameters. The output has the
+    input's dtype: under autocast layer_norm computes in float32 and would hand float32 on to the
+    trunk (twice the bytes through every following elementwise op and the attention's tokens)."""
 
     def __init__(self, c: int, eps: float = LAYER_NORM_EPS):
         super().__init__()
@@ -40,12 +41,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (self.c,), eps=self.eps)
-        return x.permute(0, 3, 1, 2)
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), (self.c,), eps=self.eps).to(x.dtype)
+        return normed.permute(0, 3, 1, 2)
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 GRN on channels-last input; gamma and beta start at zero (identity)."""
+    """ConvNeXt-V2 GRN on channels-last input; gamma and beta start at zero (identity). The norm is
+    taken in float32, the response applied in the input's dtype (under autocast, the compute dtype)."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -53,9 +55,9 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * n) + self.beta + x
+        g = torch.linalg.vector_norm(x, 2, dim=(1, 2), keepdim=True, dtype=torch.float32)
+        n = (g / (g.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return self.gamma.to(x.dtype) * (x * n) + self.beta.to(x.dtype) + x
 
 
 def _channelwise(c_in: int, c: int, dropout: float) -> nn.Sequential:
@@ -158,10 +160,3 @@ class AttnBlock(nn.Module):
             kv = torch.cat([tokens, kv], dim=1)
         out = self.attention(tokens, kv)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
-
-
-def run_block(block: nn.Module, checkpointing: bool, *args: torch.Tensor) -> torch.Tensor:
-    """Runs one block, recomputing its activations in backward when checkpointing is on."""
-    if checkpointing and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)

@@ -86,8 +86,8 @@ def random_crops(images: torch.Tensor, side: int, generator: torch.Generator | N
     b, _, h, w = images.shape
     if side > min(h, w):
         raise ValueError(f"crop {side} is larger than the images ({h}x{w})")
-    ys = torch.randint(0, h - side + 1, (b,), generator=generator).tolist()
-    xs = torch.randint(0, w - side + 1, (b,), generator=generator).tolist()
+    ys = torch.randint(0, h - side + 1, (b,), generator=generator, device=_draw_device(generator)).tolist()
+    xs = torch.randint(0, w - side + 1, (b,), generator=generator, device=_draw_device(generator)).tolist()
     return torch.stack([image[:, y : y + side, x : x + side] for image, y, x in zip(images, ys, xs)])
 
 
@@ -107,11 +107,17 @@ def _check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where a step's random draws are made: on the generator's device (a CUDA generator draws on the
+    GPU, with no copy from the host), else on the CPU (the same numbers on every machine)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _noise_and_t(x0: torch.Tensor, mode: str, t, noise, generator) -> tuple[torch.Tensor, torch.Tensor]:
     if t is None:
-        t = sample_t(x0.shape[0], mode, generator=generator, device="cpu").to(x0.device)
+        t = sample_t(x0.shape[0], mode, generator=generator, device=_draw_device(generator))
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=x0.dtype).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=_draw_device(generator), dtype=x0.dtype)
     return t.to(x0.device), noise.to(x0.device, x0.dtype)
 
 
@@ -130,11 +136,11 @@ def drop_captions(
     or each one with probability `rate` ("sample")."""
     if rate <= 0.0:
         return text
-    b = text.shape[0]
+    b, device = text.shape[0], _draw_device(generator)
     if mode == "batch":
-        drop = (torch.rand(1, generator=generator) < rate).expand(b)
+        drop = (torch.rand(1, generator=generator, device=device) < rate).expand(b)
     else:
-        drop = torch.rand(b, generator=generator) < rate
+        drop = torch.rand(b, generator=generator, device=device) < rate
     drop = drop.to(text.device).view(b, *([1] * (text.ndim - 1)))
     return torch.where(drop, empty_text.to(text.dtype).expand_as(text), text)
 
@@ -249,7 +255,7 @@ def stage_b_loss(
     semantic = semantic.float()
     keep = None
     if not deterministic and objective.effnet_dropout > 0:
-        keep = torch.rand(semantic.shape[0], generator=generator) >= objective.effnet_dropout
+        keep = torch.rand(semantic.shape[0], generator=generator, device=_draw_device(generator)) >= objective.effnet_dropout
         keep = keep.to(semantic.device, semantic.dtype)
     if compress:
         eps = model(add_noise(z_b, noise, t), t, semantic, text, keep=keep)

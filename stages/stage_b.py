@@ -18,7 +18,6 @@ from stages.blocks import (
     ResBlockStageB,
     TimestepBlock,
     gen_r_embedding,
-    run_block,
 )
 from stages.pretrained import PretrainedModel
 
@@ -152,7 +151,6 @@ class StageB(PretrainedModel):
             nn.Conv2d(cfg.c_hidden[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1),
             nn.PixelShuffle(cfg.patch_size),
         )
-        self.gradient_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -177,10 +175,6 @@ class StageB(PretrainedModel):
                 elif isinstance(block, TimestepBlock):
                     nn.init.zeros_(block.mapper.weight)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of keeping them."""
-        self.gradient_checkpointing = enabled
-
     def _effnet_map(self, index: int, effnet: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
         mapper = self.effnet_mappers[index]
         if mapper is None:
@@ -190,13 +184,12 @@ class StageB(PretrainedModel):
         return mapper(resized.to(effnet.dtype))
 
     def _run(self, block: nn.Module, x: torch.Tensor, r_embed, clip, skip=None) -> torch.Tensor:
-        ckpt = self.gradient_checkpointing
         if isinstance(block, ResBlockStageB):
-            return run_block(block, ckpt, x) if skip is None else run_block(block, ckpt, x, skip)
+            return block(x) if skip is None else block(x, skip)
         if isinstance(block, AttnBlock):
-            return run_block(block, ckpt, x, clip)
+            return block(x, clip)
         if isinstance(block, TimestepBlock):
-            return run_block(block, ckpt, x, r_embed)
+            return block(x, r_embed)
         return block(x)  # the down/up samplers
 
     def forward(

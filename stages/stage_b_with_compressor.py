@@ -63,9 +63,6 @@ class StageBWithCompressor(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.stage_b.set_gradient_checkpointing(enabled)  # the compressor's activations are small beside Stage B's
-
     def forward(self, x: torch.Tensor, r: torch.Tensor, images: torch.Tensor, clip: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Stage B's noise prediction for x at r, conditioned on the semantic latent e the compressor

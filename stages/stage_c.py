@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from stages.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, gen_r_embedding, run_block
+from stages.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, gen_r_embedding
 from stages.pretrained import PretrainedModel
 
 
@@ -50,7 +50,6 @@ class StageC(PretrainedModel):
             # The keys and values come from the already mapped condition, so its width is c.
             self.blocks.append(AttnBlock(c, c, config.nhead, self_attn=True, dropout=config.dropout))
         self.out = nn.Sequential(LayerNorm2d(c), nn.Conv2d(c, config.c_in * 2, kernel_size=1))
-        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         self._init_output_and_gates()
 
@@ -74,10 +73,6 @@ class StageC(PretrainedModel):
             elif isinstance(block, TimestepBlock):
                 nn.init.zeros_(block.mapper.weight)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of keeping them."""
-        self.gradient_checkpointing = enabled
-
     def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Predicted noise for latents x (B, c_in, H, W) at noise levels r (B,) given text tokens c (B, L, c_cond)."""
         x_in = x
@@ -86,10 +81,10 @@ class StageC(PretrainedModel):
         r_embed = gen_r_embedding(r, self.config.c_r)
         for block in self.blocks:
             if isinstance(block, AttnBlock):
-                x = run_block(block, self.gradient_checkpointing, x, c_embed)
+                x = block(x, c_embed)
             elif isinstance(block, TimestepBlock):
-                x = run_block(block, self.gradient_checkpointing, x, r_embed)
+                x = block(x, r_embed)
             else:
-                x = run_block(block, self.gradient_checkpointing, x)
+                x = block(x)
         a, b = self.out(x).chunk(2, dim=1)
         return (x_in - a) / ((1 - b).abs() + 1e-5)

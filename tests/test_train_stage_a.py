@@ -93,8 +93,6 @@ def test_the_objective_is_checked():
         StageAObjective(crop=30)
     with pytest.raises(ValueError, match=r"reconstruction must be one of \('mse', 'l1'\), got 'lpips'"):
         StageAObjective(reconstruction="lpips")
-    with pytest.raises(ValueError, match="model.gradient_checkpointing is not available for Stage A"):
-        ModelConfig(stage="a", gradient_checkpointing=True)
 
 
 def test_a_cache_without_images_is_refused_for_stage_a_naming_the_setting(tmp_path):

@@ -461,11 +461,12 @@ def test_the_config_hash_covers_what_defines_a_run_and_not_what_may_change_on_re
     base = digest()
     for resumable in ("steps=900", "max_failures=3", "tracking.log_every=1", "tracking.experiment=other",
                       "checkpoint.every_steps=7", "validation.every_steps=7", "ray_address=auto",
-                      "parallel.cpus_per_worker=2", "model.gradient_checkpointing=true", "fault.fail_at_step=3"):
+                      "parallel.cpus_per_worker=2", "model.activation_checkpointing=selective",
+                      "model.compile=true", "parallel.reshard_after_forward=false", "fault.fail_at_step=3"):
         assert digest(resumable) == base, resumable
     for defining in ("optim.lr=0.5", "checkpoint.storage_path=s3://b/runs", "data.cache=other", "ema.decay=0.5",
                      "model.init=models:/m/1", "parallel.num_workers=4", "seed=1", "validation.t_grid=[0.5]",
-                     "data.shards=[a]", "model.overrides={depth: 1}"):
+                     "data.shards=[a]", "model.overrides={depth: 1}", "parallel.precision=bf16"):
         assert digest(defining) != base, defining
     # the same values read back from a checkpoint's train_state.json (tuples become lists)
     import json
@@ -505,3 +506,62 @@ def test_stage_c_validation_retrieves_the_latents_of_the_captions_it_learned_and
     misaligned = task.validation_loss(model, held)
     assert misaligned["train_retrieval_top1"] <= 0.25, misaligned
     assert task.validation_loss(model, held) == misaligned, "seeded: the same figures again"
+
+
+class _ListShard:
+    """A worker's dataset shard holding `batches` (numpy dicts), the same every epoch."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def iter_batches(self, **kwargs):
+        return iter(self.batches)
+
+
+def _fsdp2_bf16_worker(rank: int, port: int, out: str) -> None:
+    from core.config import load
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.loop import train_step, validate
+    from pipelines.training.parallel import reshard
+    from pipelines.training.state import TrainState
+    from stages.blocks import AttnBlock
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    lines = []
+    for precision in ("fp32", "bf16"):
+        cfg = load(TrainConfig, None, ["model.flavor=tiny", "parallel.strategy=fsdp2", "ema.decay=0.5",
+                                       f"parallel.precision={precision}", "parallel.reshard_after_forward=false",
+                                       "model.overrides={dropout: 0.0}", "objective.caption_dropout=0.0"])
+        task = _stage_c_task(sets=["model.overrides={dropout: 0.0}", "objective.caption_dropout=0.0"])
+        torch.manual_seed(0)
+        batches = EqualStepBatches(_ListShard(_held_out(2, 4, seed=rank)), 4, torch.device("cpu"))
+        state = TrainState.build(cfg.model.build(), batches, cfg, torch.device("cpu"))
+        seen = {}
+        attn = next(m for m in state.model.modules() if isinstance(m, AttnBlock))
+        attn.register_forward_hook(lambda m, args, output: seen.setdefault("block", m.attention.to_q.weight.dtype) and None)
+        state.model.register_forward_hook(lambda m, args, output: seen.setdefault("root", m.projection.weight.dtype) and None)
+        losses = [float(train_step(state, task, cfg, rank)[0]) for _ in range(3)]
+        with state.autocast():
+            validate(state.model, state.ema, _held_out(1, 4, seed=5), task)  # forwards with no backward, EMA swaps
+        reshard(state.model)
+        stored = {str(p.dtype) for p in state.model.parameters()} | {str(s.dtype) for s in state.ema.shadow.values()}
+        sharded = all(isinstance(p, DTensor) for p in state.model.parameters())  # gathered ones are plain tensors
+        lines.append(f"{precision} {seen['block']} {seen['root']} {sorted(stored)} {sharded} {' '.join(f'{x:.6f}' for x in losses)}")
+    Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration  # two spawned processes training over gloo
+def test_fsdp2_with_the_bf16_policy_gathers_blocks_in_bf16_and_keeps_fp32_weights(tmp_path):
+    """parallel.precision=bf16 with FSDP2 on two ranks: inside a block's forward its weights are bf16
+    (gathered so), the root's are fp32; the sharded weights and the EMA stay fp32; after forwards
+    with no backward (validation, the EMA swaps), every unit is sharded again; the losses follow the
+    fp32 run's within bf16's error."""
+    mp.start_processes(_fsdp2_bf16_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    for rank in range(2):
+        fp32, bf16 = [line.split(" ", 5) for line in Path(tmp_path, f"rank{rank}.txt").read_text().splitlines()]
+        assert fp32[:5] == ["fp32", "torch.float32", "torch.float32", "['torch.float32']", "True"]
+        assert bf16[:5] == ["bf16", "torch.bfloat16", "torch.float32", "['torch.float32']", "True"]
+        reference, low = np.array(fp32[5].split(), float), np.array(bf16[5].split(), float)
+        assert np.allclose(low, reference, rtol=0.05), (low, reference)

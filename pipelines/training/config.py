@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
 
 from latent_cache.spec import EncoderWeights
+from pipelines.training.regions import ACTIVATION_CHECKPOINTING
 from core.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
 from stages.objectives import StageAObjective, StageBObjective, StageCObjective
 from stages.stage_a import StageA
@@ -15,6 +16,8 @@ from stages.stage_b_with_compressor import StageBWithCompressor
 from stages.stage_c import StageC, StageCConfig
 
 STRATEGIES = ("ddp", "fsdp2")
+# parallel.precision: "auto" is bf16 on CUDA, fp32 on CPU.
+PRECISIONS = ("auto", "bf16", "fp32")
 EMA_MODES = ("none", "every_step", "original")
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it would never forget
 FAULT_ACTIONS = ("raise", "stall")
@@ -37,7 +40,13 @@ class ModelConfig:
     # bundle such as models:/wuerstchen-decoders/2 (Stage B: its decoder; Stage A: its VQGAN)
     init: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of the stage's config (StageCConfig, StageBConfig)
-    gradient_checkpointing: bool = False
+    # Recompute each repeated block's activations in backward (pipelines/training/regions.py): "none";
+    # "selective" keeps the outputs of matrix products and attention, recomputes the elementwise ops;
+    # "full" keeps only each block's input (the least memory, a second forward's time).
+    activation_checkpointing: str = "none"
+    # Regional torch.compile: each repeated block compiled on its own (a minute or two of compiling
+    # at the start of a run; on CUDA, fused elementwise chains and fewer kernel launches).
+    compile: bool = False
     # Stage B only: train the semantic compressor together with it (from encoders.semantic's
     # weights), on the cache's semantic_images instead of its cached semantic latents. Its weights
     # then go with the decoders, and the prior's cache must be made with them.
@@ -62,9 +71,9 @@ class ModelConfig:
         except ValidationError as err:
             raise ValueError(describe(err, "model.overrides")) from None
         self.overrides = {name: getattr(typed, name) for name in self.overrides}
-        if self.gradient_checkpointing and not hasattr(model_class, "set_gradient_checkpointing"):
-            raise ValueError(f"model.gradient_checkpointing is not available for Stage {self.stage.upper()} "
-                             f"(a small convolutional network: its activations are not what limits memory)")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, "
+                             f"got {self.activation_checkpointing!r}")
 
     @property
     def model_class(self):
@@ -87,7 +96,8 @@ class ModelConfig:
     def build(self, init_state: dict | None = None):
         """The model to train: random init (the caller seeds torch), or `init_state` loaded. Stage B
         with its compressor always starts from a compressor's weights; its Stage B keeps the random
-        init when `init_state` holds none of it."""
+        init when `init_state` holds none of it. Checkpointing and compile are applied by the trainer
+        (TrainState.build)."""
         model = self.model_class(self.model_config())
         if init_state is not None:
             missing, unexpected = model.load_state_dict(init_state, strict=False)
@@ -95,8 +105,6 @@ class ModelConfig:
                      and all(k.startswith("stage_b.") for k in missing))
             if unexpected or (missing and not fresh):
                 model.load_state_dict(init_state)  # raises, naming the keys
-        if self.gradient_checkpointing:
-            model.set_gradient_checkpointing(True)
         return model
 
 
@@ -248,10 +256,24 @@ class ParallelConfig:
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     cpus_per_worker: NonNegativeFloat = 1.0  # leave CPUs for Ray Data ingest: workers that hold every CPU starve it
+    # "bf16": the step under bf16 autocast and, with FSDP2, the blocks' parameters gathered in bf16
+    # (gradients reduced in fp32; the root's input and output maths, the optimizer and the EMA stay
+    # fp32). "fp32": no autocast. "auto": bf16 on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    # FSDP2: whether a block's gathered parameters are freed after its forward and gathered again for
+    # its backward (less memory, one more all-gather per block). None: chosen by the model's size
+    # (pipelines/training/parallel.py, RESHARD_ABOVE_BYTES).
+    reshard_after_forward: bool | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def bf16(self, device_type: str) -> bool:
+        """Whether the step runs in bf16 on a device of this type."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
 
 
 @config_dataclass

@@ -68,35 +68,61 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank]).generate_state(1)[0])
 
 
+def _host_tensor(value) -> torch.Tensor:
+    """A numpy column as a CPU tensor of its own dtype (fp16 stays fp16: half the bytes to the device);
+    copied only when Ray handed it read-only."""
+    array = np.asarray(value)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To the device; to a GPU from pinned memory and without waiting (a copy from pageable memory
+    would wait for the GPU's queued work: a host sync per batch)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_tensors(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """A numpy batch of the cache's columns -> float32 / int64 tensors on `device` (keys stay strings;
-    the uint8 HWC images go to the device as bytes and become (B, 3, H, W) floats in [0, 1] there)."""
+    """A numpy batch of the cache's columns -> tensors on `device`: latents and embeddings float32,
+    converted there (they travel in the cache's dtype), tokens int64, keys and captions strings, the
+    uint8 HWC images (B, 3, H, W) floats in [0, 1] (they travel as bytes)."""
     out = {}
     for name, value in batch.items():
         if name in ("key", "caption"):
             out[name] = [str(k) for k in value]
         elif name in ("text_tokens", "text_mask"):
-            out[name] = torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
+            out[name] = _to_device(_host_tensor(value), device).long()
         elif name in ("images", "semantic_images"):
-            # torch.tensor copies (a quarter of the float it becomes): Ray's numpy batches can be read-only.
-            out[name] = torch.tensor(np.asarray(value, dtype=np.uint8), device=device).permute(0, 3, 1, 2).float().div_(255.0)
+            out[name] = _to_device(_host_tensor(np.asarray(value, dtype=np.uint8)), device).permute(0, 3, 1, 2).float().div_(255.0)
         else:
-            out[name] = torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
+            out[name] = _to_device(_host_tensor(value), device).float()
     return out
 
 
-def _all_ranks_have(has_batch: bool, device: torch.device) -> bool:
+def _all_ranks_have(has_batch: bool, group) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return has_batch
-    flag = torch.tensor([1 if has_batch else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = torch.tensor([1 if has_batch else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
+
+
+def host_group():
+    """A process group of every rank on the CPU (gloo) for the host-side agreements of the data loop,
+    so that they never wait on the GPU's queue: the default group when it is gloo already, else a new
+    one (a collective call: every rank must make it, in the same order). None when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
 
 
 class EqualStepBatches:
     """Endless batches from a worker's dataset shard, epoch after epoch, in lockstep across ranks.
 
-    Before each batch the ranks agree (a one-integer all-reduce) that every one of them has one;
+    Before each batch the ranks agree (a one-integer all-reduce on the CPU) that every one of them has one;
     when any rank's epoch runs out, all of them start the next epoch together. So every rank runs
     the same number of steps whatever the block sizes or the split (ray#66085), and no rank waits
     forever in a collective its peers never enter.
@@ -114,6 +140,7 @@ class EqualStepBatches:
     def __init__(self, shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int = 0,
                  rank: int = 0, order_log: str | None = None, in_memory: bool = False):
         self.shard, self.batch_size, self.device = shard, batch_size, device
+        self._group = host_group()  # every rank builds its batches at the same point of the loop
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
         self.in_memory, self._rows = in_memory, None
         self.epoch = 0
@@ -177,7 +204,7 @@ class EqualStepBatches:
                 self._iterator = self._new_epoch_iterator()
                 self.batch_in_epoch = 0
             batch = next(self._iterator, None)
-            if _all_ranks_have(batch is not None, self.device):
+            if _all_ranks_have(batch is not None, self._group):
                 self.batch_in_epoch += 1
                 if self._skip > 0:
                     self._skip -= 1

@@ -10,6 +10,13 @@ from pipelines.training.config import EmaConfig
 from pipelines.training.parallel import full_tensor, reshard, shard_like, unwrap
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same storage), or the tensor: what a foreach op takes."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class Ema:
     def __init__(self, model: nn.Module, cfg: EmaConfig):
         self.cfg = cfg
@@ -28,8 +35,9 @@ class Ema:
             return
         else:  # original: copy during the first `copy_until` steps, then a sparse average
             weight = 1.0 if step <= cfg.copy_until else 1.0 - cfg.beta
-        for name, p in unwrap(model).named_parameters():
-            self.shadow[name].lerp_(p.detach(), weight)
+        names_and_params = list(unwrap(model).named_parameters())
+        shadows = [_local(self.shadow[name]) for name, _ in names_and_params]
+        torch._foreach_lerp_(shadows, [_local(p.detach()) for _, p in names_and_params], weight)  # a few kernels, not one per tensor
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -52,9 +60,9 @@ class Ema:
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The EMA weights as a full state dict (buffers from the model); every rank must call it."""
-        state = {k: full_tensor(v).detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
         for name, value in self.shadow.items():
-            state[name] = full_tensor(value).detach().cpu()
+            state[name] = full_tensor(value).detach().cpu().contiguous()
         return state
 
     def restore(self, full_state: dict[str, torch.Tensor]) -> None:

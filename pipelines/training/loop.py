@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from pipelines.training.checkpoint import Checkpointer
 from pipelines.training.config import FaultConfig, TrainConfig
 from pipelines.training.data import EqualStepBatches
 from pipelines.training.ema import Ema
-from pipelines.training.parallel import full_model_state, grad_norm_and_clip, unwrap
+from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard, unwrap
 from pipelines.training.plan import TrainPlan
 from pipelines.training.state import TrainState
 from pipelines.training.tracking import MetricLogger
@@ -109,9 +108,6 @@ def train_func(config: dict) -> None:
     plan: TrainPlan = config["plan"]
     cfg, task = plan.cfg, plan.task
     ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines below show progress
-    # DDP's note that a 1x1 convolution's gradient is laid out unlike its bucket: a copy per step on
-    # CPU, a line per worker on the job's console.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -135,52 +131,80 @@ def train_func(config: dict) -> None:
     elif logger is not None:  # a restart before the first checkpoint reruns steps a failed attempt logged
         logger.skip_logged("loss")
     # loop, saving every checkpoint.every_steps
-    samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
+    meter = StepMeter(state.batches, cfg.data.batch_size * cfg.optim.grad_accum * world, state.step)
     while state.step < cfg.steps:
-        metrics = train_step(state, task, cfg, rank, samples_per_step)
+        loss, grad_norm = train_step(state, task, cfg, rank)
         last = state.step == cfg.steps
         validated = state.step % cfg.validation.every_steps == 0 or last
+        logged = state.step % cfg.tracking.log_every == 0 or validated
+        saved = state.step % cfg.checkpoint.every_steps == 0 or last
+        if not (logged or saved):
+            continue  # nothing read back from the device: the host runs ahead of the GPU
+        metrics = meter.read(loss, grad_norm, state)  # every rank, at the same steps
         if validated:
-            metrics.update(validate(state.model, state.ema, val_set, task))
-            log_validation_picture(state, task, val_set, logger)
-        if logger is not None and (state.step % cfg.tracking.log_every == 0 or validated or last):
+            with state.autocast():
+                metrics.update(validate(state.model, state.ema, val_set, task))
+                log_validation_picture(state, task, val_set, logger)
+            reshard(state.model)
+        if logger is not None and logged:
             report_step(logger, metrics, state.step, cfg.steps)
-        if state.step % cfg.checkpoint.every_steps == 0 or last:
+        if saved:
             checkpointer.save(state, metrics)
+        meter.restart(state.step)  # the rates leave validation and checkpoint time out
     if logger is not None and not logger.flush():
         logger.flush()
 
 
-def train_step(state: TrainState, task, cfg: TrainConfig, rank: int, samples_per_step: int) -> dict[str, float]:
-    """One optimizer step (over `optim.grad_accum` micro-batches) and the EMA update; its metrics."""
-    step_start = time.perf_counter()
+def train_step(state: TrainState, task, cfg: TrainConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (over `optim.grad_accum` micro-batches) and the EMA update; its loss and the
+    gradients' norm before clipping, left on the device (see StepMeter)."""
     state.seed_step(rank)
     model, o = state.model, cfg.optim
-    wait_before = state.batches.wait_seconds
     state.optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=state.device)
     for micro in range(o.grad_accum):
         batch = state.batches.next()
         sync = micro == o.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
         context_manager = model.no_sync() if not sync else contextlib.nullcontext()
-        with context_manager, torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.device.type == "cuda"):
+        with context_manager, state.autocast():
             loss = task.loss(model, batch, state.generator)
             (loss / o.grad_accum).backward()
-        loss_sum += float(loss.detach()) / o.grad_accum
+        loss_sum += loss.detach().float() / o.grad_accum
     grad_norm = grad_norm_and_clip(model, o.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
     state.ema.update(model, state.step, last=state.step == cfg.steps)
     _maybe_fail(cfg.fault, state.step, rank)
-    seconds = time.perf_counter() - step_start
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"the loss is {loss_sum} at step {state.step}: stopping before the weights are ruined")
-    return {
-        "loss": loss_sum, "lr": state.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-        "samples_per_s": samples_per_step / seconds,
-        "data_wait_fraction": (state.batches.wait_seconds - wait_before) / seconds,
-    }
+    return loss_sum, grad_norm
+
+
+class StepMeter:
+    """The figures of a logged step, read from the device in one transfer (the step's loss and gradient
+    norm), with the rates over the steps since the previous read: reading every step would make the
+    host wait for the GPU at every step. A non-finite loss stops the run at the read, before any
+    checkpoint takes the weights (every checkpoint step is a read)."""
+
+    def __init__(self, batches: EqualStepBatches, samples_per_step: int, step: int):
+        self.batches, self.samples_per_step = batches, samples_per_step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """The rates count from here, after `step`."""
+        self.start, self.wait_start, self.from_step = time.perf_counter(), self.batches.wait_seconds, step
+
+    def read(self, loss: torch.Tensor, grad_norm: torch.Tensor, state: TrainState) -> dict[str, float]:
+        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the one sync
+        seconds = time.perf_counter() - self.start
+        figures = {
+            "loss": loss_value, "lr": state.scheduler.get_last_lr()[0], "grad_norm": norm_value,
+            "samples_per_s": self.samples_per_step * (state.step - self.from_step) / seconds,
+            "data_wait_fraction": (self.batches.wait_seconds - self.wait_start) / seconds,
+        }
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss is {loss_value} at step {state.step}: stopping before the weights are ruined")
+        self.restart(state.step)
+        return figures
 
 
 def note_resume(state: TrainState, logger: MetricLogger | None) -> None:

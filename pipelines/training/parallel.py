@@ -11,9 +11,19 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+# FSDP2 frees a block's gathered parameters after its forward (and gathers them again for its
+# backward) when the whole model's gathered parameters would take more than this: below it, keeping
+# them saves an all-gather per block for little memory (v2's prior, 1.0B parameters: 2 GB in bf16).
+RESHARD_ABOVE_BYTES = 4 * 2**30
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device, bf16: bool = False,
+                reshard_after_forward: bool | None = None) -> nn.Module:
     """The model wrapped for `strategy`; the bare model's parameter names are kept (FSDP2) or sit
-    under `.module` (DDP: use `unwrap`)."""
+    under `.module` (DDP: use `unwrap`). FSDP2: each of `sharding_units` is one unit, the model the
+    root; `bf16`: the units gather their parameters in bf16 and reduce gradients in fp32 (the root,
+    with the input and output maths, stays fp32); `reshard_after_forward`: None chooses by size
+    (RESHARD_ABOVE_BYTES)."""
     model = model.to(device)
     if not is_distributed():
         return model
@@ -21,24 +31,40 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for block in sharding_units(model):
-            fully_shard(block)
-        fully_shard(model)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        if reshard_after_forward is None:
+            gathered = sum(p.numel() for p in model.parameters()) * (2 if bf16 else 4)
+            reshard_after_forward = gathered > RESHARD_ABOVE_BYTES
+        for unit in sharding_units(model):
+            fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, reshard_after_forward=False)  # the root's parameters are the first backward needs
         return model
     raise ValueError(f"unknown parallel strategy {strategy!r}")
 
 
-def sharding_units(model: nn.Module) -> list[nn.Module]:
-    """FSDP2's units: each residual, timestep and attention block (Stage C's `blocks`, the blocks of
-    each level of Stage B, Stage A's mixing blocks), then the model itself holds what is left
-    (mappers, embedding, head; Stage A's convolutions, BatchNorm and codebook)."""
-    from stages.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
-    from stages.stage_a import MixingResidualBlock
+def sharding_units(model: nn.Module) -> list[list[nn.Module]]:
+    """FSDP2's units: each residual block with the timestep and attention blocks that follow it (Stage
+    C's triplets; Stage B's blocks of a level, block by block), each Stage A mixing block. The model
+    itself holds what is left (mappers, embedding, samplers, head; Stage A's convolutions, BatchNorm
+    and codebook)."""
+    from pipelines.training.regions import repeated_blocks
+    from stages.blocks import AttnBlock, TimestepBlock
 
-    units = (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock, MixingResidualBlock)
-    return [m for m in model.modules() if isinstance(m, units)]
+    blocks = {id(b) for b in repeated_blocks(model)}
+    units = []
+    for parent in model.modules():
+        current = None
+        for child in parent.children():
+            if id(child) not in blocks:
+                current = None
+            elif current is not None and isinstance(child, (TimestepBlock, AttnBlock)):
+                current.append(child)  # modulates or attends on what the unit's residual block made
+            else:
+                current = [child]
+                units.append(current)
+    return units
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -46,12 +72,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def reshard(model: nn.Module) -> None:
-    """FSDP2 leaves the root's parameters gathered after a forward that no backward follows (a
-    validation pass): shards them again, the layout the optimizer and the EMA hold."""
+    """FSDP2 leaves parameters gathered after a forward that no backward follows (a validation pass):
+    the root's, and every unit's that does not reshard after forward. Shards them all again, the
+    layout the optimizer, the EMA and the checkpoints hold."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(model, FSDPModule):
-        model.reshard()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -62,8 +90,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full, unsharded state dict on the CPU; every rank must call it (FSDP2 gathers)."""
-    return {k: full_tensor(v).detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    """The full, unsharded state dict on the CPU, contiguous (a channels-last weight too: safetensors
+    writes contiguous tensors only); every rank must call it (FSDP2 gathers)."""
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -100,6 +129,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     optimizer.load_state_dict(state)
 
 
-def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
+def grad_norm_and_clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clips the gradients to `max_norm`; their total norm before clipping, a tensor on the device
+    (read it when logging: reading it is a host sync). Every rank must call it (FSDP2)."""
     norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
-    return float(full_tensor(norm))
+    return full_tensor(norm)

@@ -11,6 +11,7 @@ from torch import nn
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import EqualStepBatches
 from pipelines.training.ema import Ema
+from pipelines.training.regions import prepare_blocks
 from pipelines.training.parallel import (
     full_model_state,
     load_full_model_state,
@@ -31,21 +32,31 @@ class TrainState:
                  cfg: TrainConfig, device: torch.device):
         self.model, self.optimizer, self.ema, self.batches, self.cfg = model, optimizer, ema, batches, cfg
         self.device = device
+        self.bf16 = cfg.parallel.bf16(device.type)  # the step under bf16 autocast
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(cfg.optim.warmup_steps))
         self.step = 0
-        self.generator = torch.Generator()  # t, noise and caption dropout of the step
+        self.generator = torch.Generator(device=device)  # t, noise and caption dropout of the step, drawn on the device
 
     @classmethod
     def build(cls, model: nn.Module, batches: EqualStepBatches, cfg: TrainConfig, device: torch.device) -> "TrainState":
-        """The bare `model` with its EMA, parallelized (the EMA laid out as its parameters), and its AdamW."""
+        """The bare `model` with its EMA, prepared block by block (regions.py: activation checkpointing,
+        channels-last convolutions, compile), parallelized (the EMA laid out as its parameters), and its
+        AdamW (fused on CUDA: one kernel for all parameters)."""
+        prepare_blocks(model, cfg.model.activation_checkpointing, cfg.model.compile)
         ema = Ema(model, cfg.ema)
-        model = parallelize(model, cfg.parallel.strategy, device)
+        p = cfg.parallel
+        model = parallelize(model, p.strategy, device, bf16=p.bf16(device.type), reshard_after_forward=p.reshard_after_forward)
         ema.place_like(model)
         model.train()
         o = cfg.optim
         optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+                                      weight_decay=o.weight_decay, fused=True if device.type == "cuda" else None)
         return cls(model, optimizer, ema, batches, cfg, device)
+
+    def autocast(self):
+        """The step's precision, also for validation: with FSDP2's bf16 policy the blocks hand bf16 to
+        the fp32 root, which autocast reconciles."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def seed_step(self, rank: int) -> None:
         """Seeds the draws of the coming step from (seed, rank, step), not once per start: a step rerun

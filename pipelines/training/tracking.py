@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "wuerstchen.run_name"
 CONFIG_HASH_TAG = "wuerstchen.config_hash"
 # The train config keys that may change when a run is resumed: how long it trains, where it runs,
-# with what failure budget, how often it logs, validates and checkpoints, how it saves memory.
+# with what failure budget, how often it logs, validates and checkpoints, how it saves memory and
+# time (checkpointing, compile, FSDP2's resharding: the same maths).
 # Every other key defines the run (a key added later does too, until listed here): the same
 # run name with another value is another run, refused (see start_or_resume_run).
 RESUMABLE_KEYS = (
@@ -30,7 +31,9 @@ RESUMABLE_KEYS = (
     "checkpoint.num_to_keep",
     "validation.every_steps",
     "parallel.cpus_per_worker",
-    "model.gradient_checkpointing",
+    "model.activation_checkpointing",
+    "model.compile",
+    "parallel.reshard_after_forward",
 )
 # The most metric values held back while the server is away (oldest dropped beyond it).
 MAX_PENDING = 100_000
