@@ -37,16 +37,16 @@ PREP = {"a": ["encode.images=true"], "b": STAGE_B_PREP, "c": []}
 TRAIN = {"a": ["model.stage=a"], "b": STAGE_B_TRAIN, "c": []}
 
 
-def write_cache(root: Path, rows: int, flavor: str, stage: str) -> str:
+def write_cache(root: Path, rows: int, flavor: str, stage: str, prep_sets: tuple[str, ...] = ()) -> str:
     """A cache of `rows` random rows with every column the stage's task reads, and the manifest of the
-    flavor's seeded encoders (so the trainer's fingerprint check passes)."""
+    flavor's seeded encoders, or of those `prep_sets` name (so the trainer's fingerprint check passes)."""
     from core.config import load
     from data_prep.config import PrepConfig
     from latent_cache import manifest as manifests
     from latent_cache.encoders import spec_fingerprints
     from latent_cache.spec import decoder_text_width
 
-    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}", *PREP[stage]])
+    cfg = load(PrepConfig, None, [f"encode.flavor={flavor}", f"output.url={root}", *PREP[stage], *prep_sets])
     spec = cfg.encode.spec()
     encoders, width = spec_fingerprints(spec)
     shapes = spec.tensor_shapes(width, decoder_text_width(encoders))
