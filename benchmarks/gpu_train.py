@@ -117,7 +117,9 @@ class Bench:
         from stages.objectives import StageCObjective, stage_c_loss
 
         torch.manual_seed(0)
-        model = prepare_blocks(StageC.from_flavor(self.flavor), row.checkpointing, row.compile)
+        with torch.device(self.device):  # initialised where it runs: a v2 prior takes seconds to initialise on a CPU
+            model = StageC.from_flavor(self.flavor)
+        model = prepare_blocks(model, row.checkpointing, row.compile)
         ema = Ema(model, EmaConfig(mode="every_step", decay=0.999))
         model = parallelize(model, "fsdp2", self.device, bf16=self.cuda) if row.fsdp2 else model.to(self.device)
         ema.place_like(model)
@@ -145,20 +147,22 @@ class Bench:
 
         return step, model
 
-    def flops(self, row: Row, checkpointing: str) -> float:
-        """FLOPs of one training step of `row` with `checkpointing`, counted on the eager, unsharded model."""
-        key = (row.batch, row.tokens, checkpointing)
+    def flops(self, row: Row, checkpointing: str, counted_batch: int = 4) -> float:
+        """FLOPs of one training step of `row` with `checkpointing`, counted on the eager, unsharded
+        model at `counted_batch` and scaled to the row's batch (every counted op is per sample)."""
+        key = (row.tokens, checkpointing)
         if key not in self._flops:
             from torch.utils.flop_counter import FlopCounterMode
 
-            step, model = self.build(replace(row, checkpointing=checkpointing, compile=False, fsdp2=False, attention=None))
+            counted = Row("count", batch=counted_batch, checkpointing=checkpointing, tokens=row.tokens)
+            step, model = self.build(counted)
             counter = FlopCounterMode(display=False)
             with counter:
                 step()
-            self._flops[key] = float(counter.get_total_flops())
+            self._flops[key] = float(counter.get_total_flops()) / counted_batch
             del step, model
             self.release()
-        return self._flops[key]
+        return self._flops[key] * row.batch
 
     def release(self):
         if self.cuda:
