@@ -2,17 +2,22 @@
 latents against fp32 on the CPU.
 
     python -m benchmarks.prep_gpu [--images 1024 3072] [--source-size 1280 960] [--batch 64] [--precision bf16]
+                                  [--encoder-cpus 4]
 
 1. The v2 encoders with seeded random weights (BatchNorm statistics calibrated, as for the small
    flavors), written in the formats the public ones come in: diffusers-style folders for the
    semantic compressor (EfficientNetV2-S) and Stage A, a transformers CLIP folder for the ViT-bigG
    text tower. The runs load them from there, as a v2 prep loads the public checkpoints.
 2. End to end: `run_prep` on webdataset shards of JPEGs at `--source-size` on a local Ray cluster
-   with the node's CPUs and its GPU (decode on the CPUs, the encoders on the GPU under autocast),
-   after an unmeasured one-shard run; images/s over whole runs of two sizes and the marginal rate
-   between them, as in `prep_throughput`.
-3. The encoder-only bound: Encode on the GPU in a tight loop on already-decoded pixels, in
-   blocks as the run gives them and with the run's batch size.
+   with the node's CPUs and its GPU (the decode tasks check and hash the images on the CPUs; the
+   encoder actor's `--encoder-cpus` threads decode and cut them again into pinned buffers while the
+   GPU encodes under autocast), after an unmeasured one-shard run; images/s over whole runs of two
+   sizes and the marginal rate between them, as in `prep_throughput`.
+3. The encoder-only bound: the encoders on the GPU in a tight loop on already-decoded, cut pixels in
+   pinned memory, in batches of the run's batch size (`Encode.encode_batch`). Beside it, the
+   encoder actor's own rate: Encode on blocks of JPEGs as the run gives them, as many blocks at a
+   time as in a run, its threads decoding and cutting while the GPU encodes; below the bound when
+   its threads cannot keep up.
 4. Agreement: the latents of a few images from the GPU stage against the same encoders in fp32 on
    the CPU (max |difference| / max |fp32 value|, per tensor).
 
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.prep_throughput import decoded_blocks, run_ratios
+from benchmarks.prep_throughput import image_blocks, run_ratios
 from benchmarks.report import emit
 
 BIGG = {"width": 1280, "layers": 32, "heads": 20}  # the v2 prior's text tower (CLIP ViT-bigG/14)
@@ -63,25 +68,28 @@ def write_v2_encoders(folder: Path, tokenizer_dir: str, text_layers: int, device
     return {"semantic": str(folder / "semantic"), "stage_a": str(folder / "stage_a"), "text": str(folder / "text")}
 
 
-def _picture(args: tuple[int, int, int]) -> bytes:
-    """A smooth random picture (colour fields at several scales) as a JPEG."""
+def _picture(args: tuple[int, int, int, int]) -> bytes:
+    """(seed, width, height, grain) -> a smooth random picture (colour fields at several scales) as
+    a JPEG; `grain` adds uniform noise of that amplitude, which makes its JPEG the size of a photo's."""
     import io
 
     from PIL import Image
 
-    seed, width, height = args
+    seed, width, height, grain = args
     rng = np.random.default_rng(seed)
     image = np.zeros((height, width, 3), np.float32)
     for cells in (2, 8, 32):
         small = Image.fromarray((rng.random((cells, cells, 3)) * 255).astype(np.uint8))
         image += np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), np.float32) / cells**0.5
-    image = (255 * (image - image.min()) / (image.max() - image.min())).astype(np.uint8)
+    image = 255 * (image - image.min()) / (image.max() - image.min())
+    if grain:
+        image += rng.uniform(-grain, grain, image.shape).astype(np.float32)
     out = io.BytesIO()
-    Image.fromarray(image).save(out, "JPEG", quality=90)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
     return out.getvalue()
 
 
-def write_source(folder: Path, images: int, per_shard: int, size: tuple[int, int], first_seed: int) -> Path:
+def write_source(folder: Path, images: int, per_shard: int, size: tuple[int, int], first_seed: int, grain: int = 0) -> Path:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -89,7 +97,7 @@ def write_source(folder: Path, images: int, per_shard: int, size: tuple[int, int
 
     folder.mkdir(parents=True)
     with multiprocessing.get_context("spawn").Pool() as pool:
-        pictures = pool.map(_picture, [(first_seed + i, *size) for i in range(images)], chunksize=8)
+        pictures = pool.map(_picture, [(first_seed + i, *size, grain) for i in range(images)], chunksize=8)
     for s in range(0, images, per_shard):
         members = []
         for i in range(s, min(images, s + per_shard)):
@@ -113,28 +121,55 @@ def prep_config(source: Path, output: Path, weights: dict, args):
     ])
 
 
-def encoder_bound(cfg, calls: int) -> tuple[float, object]:
-    """Images/s of Encode alone on the device, over `calls` blocks; returns the stage too."""
-    from data_prep.operators import Encode
-    from data_prep.operators import DECODE_BATCH
+def encoder_bound(stage, pictures: list[bytes], calls: int) -> float:
+    """Images/s of the encoders alone on the device: `calls` batches of batch_size images, decoded
+    and cut beforehand into host buffers (pinned on CUDA, as the actor's are), through
+    `Encode.encode_batch`."""
+    import torch
 
-    stage = Encode(cfg.encode)
-    blocks = decoded_blocks(cfg, 3, DECODE_BATCH)
-    stage(blocks[0])  # warm-up: kernels chosen, memory pools filled
+    def synchronize():
+        if stage.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    batch_size = stage.cfg.batch_size
+    squares = [stage.cut(pictures[i % len(pictures)]) for i in range(batch_size)]
+    buffers = {name: torch.from_numpy(np.stack([s[name] for s in squares])) for name in squares[0]}
+    if stage.device.type == "cuda":
+        buffers = {name: buffer.pin_memory() for name, buffer in buffers.items()}
+    captions = [f"picture number {i}" for i in range(batch_size)]
+    stage.encode_batch(buffers, captions)  # warm-up: kernels chosen, memory pools filled
+    synchronize()
     start = time.perf_counter()
-    for i in range(calls):
-        stage(blocks[i % len(blocks)])  # returns numpy-backed columns: the device work is done
-    return calls * DECODE_BATCH / (time.perf_counter() - start), stage
+    for _ in range(calls):
+        stage.encode_batch(buffers, captions)
+    synchronize()
+    return calls * batch_size / (time.perf_counter() - start)
 
 
-def agreement(cfg, stage, rows: int = 4) -> dict[str, float]:
+def encode_actor_rate(stage, pictures: list[bytes], calls: int) -> float:
+    """Images/s of Encode on blocks of JPEGs of batch_size rows (as a run gives them), ENCODER_CALLS
+    blocks at a time (as a run runs them): its threads decode and cut while the device encodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep.operators import ENCODER_CALLS
+
+    blocks = image_blocks(pictures, calls + 1, stage.cfg.batch_size)
+    stage(blocks[0])  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(ENCODER_CALLS) as running:
+        list(running.map(stage, blocks[1:]))  # returns numpy-backed columns: the device work is done
+    return calls * stage.cfg.batch_size / (time.perf_counter() - start)
+
+
+def agreement(cfg, stage, pictures: list[bytes], rows: int = 4) -> dict[str, float]:
     """max |GPU - fp32 CPU| / max |fp32 CPU| of each latent, for `rows` images."""
     from latent_cache.spec import TENSOR_DTYPES
     from latent_cache.writer import binary_buffers
     from data_prep.operators import Encode
 
-    block = decoded_blocks(cfg, 1, rows)[0]
-    cpu = Encode(dataclasses.replace(cfg.encode, use_gpu=False, batch_size=rows, cpus_per_encoder=max(1, rows)))
+    block = image_blocks(pictures, 1, rows)[0]
+    cpu_cfg = dataclasses.replace(cfg.encode, use_gpu=False, batch_size=rows, cpus_per_encoder=max(1, rows))
+    cpu = Encode(cpu_cfg, cfg.filters.max_pixels)
     ours, reference = stage(block), cpu(block)
     out = {}
     for name in stage.columns:
@@ -153,7 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--encoders", type=int, default=1, help="encoder actors (one per GPU)")
-    parser.add_argument("--encoder-cpus", type=int, default=1)
+    parser.add_argument("--encoder-cpus", type=int, default=4,
+                        help="CPUs of each encoder actor: its threads decode and cut the images (~30 ms of CPU an image at 1280x960 -> 1024)")
     parser.add_argument("--text-layers", type=int, default=BIGG["layers"])
     parser.add_argument("--bound-calls", type=int, default=24)
     parser.add_argument("--device", default="cuda")
@@ -195,13 +231,18 @@ def main(argv=None) -> int:
             latents = table.column(name).combine_chunks().to_numpy_ndarray().astype(np.float32)
             results[f"cache_{name}"] = {"shape": list(latents.shape), "finite": bool(np.isfinite(latents).all()),
                                         "std_across_images": float(latents.std(axis=0).mean())}
+        from data_prep.operators import Encode
+
         cfg = prep_config(sources[args.per_shard], tmp / "unused", weights, args)
+        pictures = [_picture((seed, *args.source_size, 0)) for seed in range(8)]
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        bound, stage = encoder_bound(cfg, args.bound_calls)
+        stage = Encode(cfg.encode, cfg.filters.max_pixels)
+        bound = encoder_bound(stage, pictures, args.bound_calls)
         if args.device == "cuda":
             results["encoder_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results["agreement_max_rel_vs_fp32_cpu"] = agreement(cfg, stage)
+        results["encode_actor_images_per_s"] = encode_actor_rate(stage, pictures, args.bound_calls)
+        results["agreement_max_rel_vs_fp32_cpu"] = agreement(cfg, stage, pictures)
     results.update(run_ratios(runs, bound))
     emit(results, args.json)
     return 0

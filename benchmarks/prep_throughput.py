@@ -11,12 +11,12 @@
    a long run gets.
 2. The encoder-only bound, on the same machine with Ray shut down, measured before the runs and
    again after them (each layout keeps the better of its two figures): Encode in a tight loop
-   on already-decoded pixels, in blocks as the run gives them and with the run's batch size, three
-   ways, and the best of them is the bound: one Encode with a job thread per core, running as
-   many blocks at a time as in a run (the default layout); one single-threaded Encode process
-   per core side by side; the networks on whole batches with a torch thread per core (how the
-   encoders ran on CPU before they took one image per job, which a resumed run needs to reproduce
-   an uninterrupted one bit for bit).
+   on blocks of the source's JPEGs as the run gives them (it decodes and cuts them itself), with
+   the run's batch size, three ways, and the best of them is the bound: one Encode with a job
+   thread per core, running as many blocks at a time as in a run (the default layout); one
+   single-threaded Encode process per core side by side; the networks on whole batches with a
+   torch thread per core (how the encoders ran on CPU before they took one image per job, which a
+   resumed run needs to reproduce an uninterrupted one bit for bit).
 3. Where the larger run's CPU time goes (`cpu_accounting`): core-seconds and shares of the
    machine for the encoder actors, the read + decode task workers, the dedup actor, the driver
    (which also samples /proc every 0.5 s, ~1.5 ms a time), Ray's own processes and idle. The
@@ -38,18 +38,26 @@ from benchmarks.cpu_accounting import CpuAccounting
 from benchmarks.report import emit
 
 
-def _source(folder: Path, images: int, per_shard: int) -> Path:
+SOURCE_SIZE = (320, 240)  # of the source's JPEGs
+
+
+def _prep_factory():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from prep_factory import good, write_tar
+    import prep_factory
 
+    return prep_factory
+
+
+def _source(folder: Path, images: int, per_shard: int) -> Path:
+    factory = _prep_factory()
     folder.mkdir(parents=True)
     for s in range(0, images, per_shard):
         members = []
         for i in range(s, min(images, s + per_shard)):
-            members += good(f"img{i:06d}", 10_000 + i, size=(320, 240))
-        write_tar(folder / f"shard-{s // per_shard:04d}.tar", members)
+            members += factory.good(f"img{i:06d}", 10_000 + i, size=SOURCE_SIZE)
+        factory.write_tar(folder / f"shard-{s // per_shard:04d}.tar", members)
     return folder
 
 
@@ -65,29 +73,25 @@ def _config(source: Path, output: Path, args, text_mode: str):
     ])
 
 
-def decoded_blocks(cfg, count: int, rows: int | None = None) -> list:
-    """Blocks of already-decoded pixels (noise), as Encode gets them in a run: Arrow tables of
-    `rows` rows (default DECODE_BATCH); the encoders' own batch size is the config's."""
+def image_blocks(pictures: list[bytes], count: int, rows: int | None = None) -> list:
+    """Blocks of kept samples as Encode gets them in a run: Arrow tables of `rows` rows (default
+    DECODE_BATCH) whose image bytes are `pictures` in turn; the encoders' own batch size is the config's."""
     import pyarrow as pa
 
     from latent_cache.writer import KEEP
     from data_prep.operators import DECODE_BATCH
-    from stages.latents import semantic_image_size
 
-    res, n = cfg.encode.resolution, rows or DECODE_BATCH
-    sem = semantic_image_size(res, res)[0]
-    rng = np.random.default_rng(0)
+    n = rows or DECODE_BATCH
 
-    def block():
+    def block(b: int):
         return pa.table({
             "key": [f"k{i}" for i in range(n)],
             "caption": [f"picture number {i}" for i in range(n)],
             "drop_reason": [KEEP] * n,
-            "pixels": [rng.integers(0, 256, (res, res, 3), np.uint8).tobytes() for _ in range(n)],
-            "semantic_pixels": [rng.integers(0, 256, (sem, sem, 3), np.uint8).tobytes() for _ in range(n)],
+            "image_bytes": [pictures[(b * n + i) % len(pictures)] for i in range(n)],
         })
 
-    return [block() for _ in range(count)]
+    return [block(b) for b in range(count)]
 
 
 def run_ratios(runs: dict[int, dict], bound: float) -> dict:
@@ -124,8 +128,9 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     whole batches instead (what it did on CPU before it took one image per call)."""
     from data_prep.operators import Encode
 
-    stage = Encode(cfg.encode)
-    inputs = decoded_blocks(cfg, batches + 1)
+    stage = Encode(cfg.encode, cfg.filters.max_pixels)
+    factory = _prep_factory()
+    inputs = image_blocks([factory.image_bytes(10_000 + i, SOURCE_SIZE) for i in range(64)], batches + 1)
 
     if batched:
         import torch
@@ -137,12 +142,9 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
             return stage(b)
         import torch
 
-        from latent_cache.writer import binary_buffers
-        from stages.latents import semantic_image_size
-
-        side = semantic_image_size(cfg.encode.resolution, cfg.encode.resolution)[0]
+        squares = np.stack([stage.cut(data)["semantic_images"] for data in b.column("image_bytes").to_pylist()])
         with torch.no_grad():
-            stage.semantic(stage.images(binary_buffers(b.column("semantic_pixels")), list(range(b.num_rows)), side))
+            stage.semantic(torch.from_numpy(squares).permute(0, 3, 1, 2).float().div_(255.0))
             stage.text(*stage.text.tokenize(b.column("caption").to_pylist()))
 
     encode(inputs[0])  # warm-up
@@ -155,9 +157,9 @@ def _encode_loop(cfg, batches: int, batched: bool, barrier=None) -> tuple[float,
     else:  # as many blocks at a time on the stage's job threads as a CPU encoder actor runs
         from concurrent.futures import ThreadPoolExecutor
 
-        from data_prep.operators import CPU_ENCODER_CALLS
+        from data_prep.operators import ENCODER_CALLS
 
-        with ThreadPoolExecutor(CPU_ENCODER_CALLS) as calls:
+        with ThreadPoolExecutor(ENCODER_CALLS) as calls:
             list(calls.map(encode, inputs[1:]))
     return start, time.perf_counter(), sum(b.num_rows for b in inputs[1:])
 
@@ -167,8 +169,8 @@ def _encode_process(cfg, batches: int, barrier, results) -> None:
 
 
 def encoder_bounds(cfg, batches: int, cpus: int) -> dict[str, float]:
-    """Images/s of the encoders alone on decoded pixels (the run's batch size), on this machine's
-    `cpus` cores, three ways: one Encode with `cpus` job threads; `cpus` single-threaded
+    """Images/s of Encode alone (decoding and cutting the source's JPEGs, then encoding them; the
+    run's batch size), on this machine's `cpus` cores, three ways: one Encode with `cpus` job threads; `cpus` single-threaded
     Encode processes side by side; and the networks on whole batches with `cpus` torch threads
     (how Encode ran on CPU before it took one image per job, which a resumed run needs to
     reproduce an uninterrupted one bit for bit)."""

@@ -156,7 +156,10 @@ class EncodeConfig:
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
     stage_a_batch_size: PositiveInt = 8
     num_encoders: PositiveInt = 1  # encoder actors; on CPU, one per node is enough (its threads share the weights)
-    cpus_per_encoder: PositiveInt = 1  # CPUs each encoder actor reserves; on CPU also its threads, each encoding one image at a time
+    # CPUs each encoder actor reserves, and its threads: they decode the images and cut the squares the
+    # encoders take (on GPU while the device encodes; ~30 ms of CPU an image at 1024 px), and on CPU
+    # also encode them, one image each at a time.
+    cpus_per_encoder: PositiveInt = 1
     use_gpu: bool = False
     precision: str = "fp16"  # on GPU: fp16 or bf16 autocast, or fp32 (no autocast)
 

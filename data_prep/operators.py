@@ -1,8 +1,14 @@
 """The Ray Data operators of data prep, and the line they form (`prep_dataset`): read -> decode +
 filter -> (CLIP score) -> deduplicate -> encode, into the cache's writer (`latent_cache.writer`).
 
+Between the operators a sample carries its encoded image bytes, not decoded pixels: at the v2 sizes
+the two squares the encoders take are 4.9 MB an image, its JPEG a tenth of that or less. The decode
+tasks decode each image to check it (header, size and aspect rules, a corrupt image dropped with its
+reason) and to hash it for deduplication; the encoder actor (and the CLIP-score actor) decode it
+again, with the same function, and cut it into the squares they take.
+
 A dropped sample is not removed until the writer: it flows on with its `drop_reason` set and no
-pixels, so that every drop is counted exactly once, from the data itself (no side counters that
+image bytes, so that every drop is counted exactly once, from the data itself (no side counters that
 retried tasks could double). An empty `drop_reason` means the sample is kept.
 
 Only the CLIP-score and encoder actors import torch (inside their methods): every Ray worker process
@@ -24,14 +30,15 @@ from data_prep.decode import DecodeError, decode_image
 from data_prep.filters import check_rules
 from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
 from data_prep.sources import reader_for
-from data_prep.transforms import training_pixels
+from data_prep.transforms import center_crop_resize, training_pixels
 from latent_cache.spec import TENSOR_DTYPES
-from latent_cache.writer import ENCODERS_COLUMN, KEEP, binary_buffers, encoder_identity
+from latent_cache.writer import ENCODERS_COLUMN, KEEP, encoder_identity
 
 DECODE_BATCH = 64  # samples per decode task, and rows per block from there to the encoders
-# Blocks a CPU encoder actor runs at a time: their jobs share its one thread pool, so no job thread
-# waits at the end of a block while the next one is fetched, unpacked and packed.
-CPU_ENCODER_CALLS = 2
+# Blocks an encoder actor runs at a time. Their jobs share its one thread pool: on CPU no job thread
+# waits at the end of a block while the next one is fetched, unpacked and packed; on GPU the threads
+# decode one block's images while the device encodes the other's.
+ENCODER_CALLS = 2
 
 
 # -- read -------------------------------------------------------------------------------------
@@ -52,11 +59,11 @@ def read_shard(row: dict, source: SourceConfig, fs: pafs.FileSystem | None) -> I
 
 # -- decode and filter -------------------------------------------------------------------------
 
-def _decode_one(sample: dict, filters: FilterConfig, resolution: int | None, semantic_size: tuple[int, int]) -> dict:
+def _decode_one(sample: dict, filters: FilterConfig) -> dict:
     out = {
         "key": sample["key"], "caption": sample["caption"], "source_shard": sample["source_shard"],
         "metadata": sample.get("metadata") or "{}", "width": 0, "height": 0, "content_hash": "", "phash": 0,
-        "clip_score": float("nan"), "drop_reason": sample["drop_reason"], "pixels": b"", "semantic_pixels": b"",
+        "clip_score": float("nan"), "drop_reason": sample["drop_reason"], "image_bytes": b"",
     }
     if out["drop_reason"] != KEEP:
         return out
@@ -77,19 +84,16 @@ def _decode_one(sample: dict, filters: FilterConfig, resolution: int | None, sem
         out["drop_reason"] = reason
         return out
     out["phash"] = perceptual_hash(image)
-    pixels, semantic = training_pixels(image, resolution, semantic_size)
-    out["pixels"] = pixels.tobytes() if pixels is not None else b""
-    out["semantic_pixels"] = semantic.tobytes()
+    out["image_bytes"] = data
     return out
 
 
-def decode_and_filter(batch: dict, filters: FilterConfig, resolution: int | None, semantic_size: tuple[int, int]) -> dict:
-    """Decodes every kept sample, applies the size / aspect / caption / metadata rules, hashes it
-    and cuts it to the semantic compressor's size and, unless `resolution` is None (neither Stage A
-    nor the CLIP-score filter runs), to the training resolution."""
+def decode_and_filter(batch: dict, filters: FilterConfig) -> dict:
+    """Decodes every kept sample, applies the size / aspect / caption / metadata rules and hashes
+    it; a sample that passes goes on with its encoded bytes (`image_bytes`)."""
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
-    rows = [_decode_one({k: batch[k][i] for k in keys}, filters, resolution, semantic_size) for i in range(n)]
+    rows = [_decode_one({k: batch[k][i] for k in keys}, filters) for i in range(n)]
     out = {name: [r[name] for r in rows] for name in (rows[0] if rows else {})}
     if rows:
         out["width"] = np.asarray(out["width"], dtype=np.int32)
@@ -116,10 +120,11 @@ def _load_open_clip(cfg: ClipScoreConfig):
 
 
 class ClipScoreFilter:
-    """LAION-style CLIP filter: cosine similarity of the normalised image and caption embeddings."""
+    """LAION-style CLIP filter: cosine similarity of the normalised image and caption embeddings,
+    the image taken as the centre square at the training resolution (what Stage A encodes)."""
 
-    def __init__(self, cfg: ClipScoreConfig, resolution: int):
-        self.cfg, self.resolution = cfg, resolution
+    def __init__(self, cfg: ClipScoreConfig, resolution: int, max_pixels: int):
+        self.cfg, self.resolution, self.max_pixels = cfg, resolution, max_pixels
         self.model, self.preprocess, self.tokenizer = _load_open_clip(cfg)
 
     def scores(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
@@ -135,15 +140,15 @@ class ClipScoreFilter:
     def __call__(self, batch: dict) -> dict:
         kept = [i for i, reason in enumerate(batch["drop_reason"]) if reason == KEEP]
         if kept:
-            side = self.resolution
-            images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(side, side, 3) for i in kept]
+            decoded = (decode_image(batch["image_bytes"][i], self.max_pixels) for i in kept)
+            images = [np.asarray(center_crop_resize(image, self.resolution)) for image in decoded]
             scores = self.scores(images, [str(batch["caption"][i]) for i in kept])
             batch["clip_score"] = np.array(batch["clip_score"], dtype=np.float32)
             for i, score in zip(kept, scores):
                 batch["clip_score"][i] = score
                 if score < self.cfg.min:
                     batch["drop_reason"][i] = "clip_score"
-                    batch["pixels"][i] = batch["semantic_pixels"][i] = b""
+                    batch["image_bytes"][i] = b""
         return batch
 
 
@@ -161,7 +166,7 @@ class Deduplicate:
             self.dedup.preload(known)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Takes and returns Arrow tables (batch_format="pyarrow"): the pixel columns pass through
+        """Takes and returns Arrow tables (batch_format="pyarrow"): the image bytes pass through
         without being copied into Python objects, unless a row of the batch is dropped here."""
         if not self.enabled:
             return batch
@@ -176,9 +181,11 @@ class Deduplicate:
                     reasons[i], dropped[i] = verdict, True
         if not any(dropped):
             return batch
-        columns = {"drop_reason": pa.array(reasons, batch.schema.field("drop_reason").type)}
-        for name in ("pixels", "semantic_pixels"):
-            columns[name] = pc.if_else(dropped, pa.scalar(b"", batch.schema.field(name).type), batch.column(name))
+        no_bytes = pa.scalar(b"", batch.schema.field("image_bytes").type)
+        columns = {
+            "drop_reason": pa.array(reasons, batch.schema.field("drop_reason").type),
+            "image_bytes": pc.if_else(dropped, no_bytes, batch.column("image_bytes")),
+        }
         for name, column in columns.items():
             batch = batch.set_column(batch.schema.get_field_index(name), name, column)
         return batch
@@ -186,40 +193,55 @@ class Deduplicate:
 
 # -- encode ------------------------------------------------------------------------------------
 
+def _per_row(n: int, kept: list[int], data: np.ndarray) -> pa.Array:
+    """A large_binary column of `n` rows: the kept rows' equal shares of `data` (C-contiguous, in the
+    rows' order) as raw bytes, empty for the other rows."""
+    sizes = np.zeros(n, np.int64)
+    sizes[kept] = data.nbytes // max(len(kept), 1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 class Encode:
     """The frozen encoders on one device: semantic compressor (-> z_C), optionally Stage A, and the
-    text conditioning (embeddings or tokens).
+    text conditioning (embeddings or tokens). The kept samples come as their encoded image bytes:
+    the actor's CPU threads (`cpus_per_encoder`) decode them and cut the squares the encoders take.
 
     A sample's latents must not depend on the samples the stream batched it with: a resumed run cuts
     the stream into batches elsewhere than an uninterrupted one, and must reproduce it bit for bit.
     On CPU, oneDNN's convolutions give an image results an fp16 ulp apart, now and then, in a batch
     of another size or at another position of a batch (they process the minibatch in blocks), and
     kernels may split work by thread count. So on CPU torch runs single-threaded and each image is
-    one job: `cpus_per_encoder` threads take the jobs side by side (torch releases the GIL), the
-    weights are shared, and a job's result is the same whichever thread runs it and whatever ran
-    beside it. One image at a time on one thread is also the fastest way to run these networks on a
-    CPU (the activations stay in cache). The text encoder (matmuls) gets jobs of exactly batch_size
-    captions (the last one repeated), so that no kernel choice by batch size can differ. On CPU the
-    actor also runs several calls at a time (`CPU_ENCODER_CALLS`): they queue their jobs on
-    the one pool, and the shared tokenizer is called under a lock. On GPU the images are batched,
-    padded the same way, on the device, one call at a time.
+    one job, decoded, cut and encoded by one of `cpus_per_encoder` threads side by side (PIL and
+    torch release the GIL); the weights are shared, and a job's result is the same whichever thread
+    runs it and whatever ran beside it. One image at a time on one thread is also the fastest way to
+    run these networks on a CPU (the activations stay in cache). The text encoder (matmuls) gets jobs
+    of exactly batch_size captions (the last one repeated), so that no kernel choice by batch size
+    can differ. The actor runs several calls at a time (`ENCODER_CALLS`): they queue their jobs on
+    the one pool, and the shared tokenizer is called under a lock.
+
+    On GPU the images are batched, padded the same way. The threads decode and cut a batch's images
+    into host buffers (pinned, so that the copies to the device do not wait) while the device
+    encodes the batch before it, of the same call or of the other call the actor runs meanwhile;
+    one call at a time holds the device.
     """
 
-    def __init__(self, cfg: EncodeConfig):
+    def __init__(self, cfg: EncodeConfig, max_pixels: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
         from latent_cache.encoders import build_encoders, encoder_fingerprints, fold_batchnorm
         from stages.latents import semantic_image_size
 
-        self.cfg = cfg
+        self.cfg, self.max_pixels = cfg, max_pixels  # max_pixels: the decode tasks' bound (filters.max_pixels)
         self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-        self.tokenizer_lock = threading.Lock()
-        self.pool = None
-        if self.device.type == "cpu":
-            from concurrent.futures import ThreadPoolExecutor
-
+        self.per_image_jobs = self.device.type == "cpu"
+        if self.per_image_jobs:
             torch.set_num_threads(1)  # one thread per job; the pool has as many as the CPUs the actor reserved
-            self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
+        self.pool = ThreadPoolExecutor(cfg.cpus_per_encoder, thread_name_prefix="encode")
+        self.tokenizer_lock = threading.Lock()
+        self.device_lock = threading.Lock()
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
         spec = cfg.spec()
         semantic, text, stage_a, decoder_text = build_encoders(spec)
@@ -230,27 +252,32 @@ class Encode:
         self.text = text.to(self.device)
         self.decoder_text = decoder_text.to(self.device) if decoder_text is not None else None
         side = cfg.resolution
-        # name -> (encoder, pixel column, side, images per call on GPU)
-        self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_pixels", semantic_image_size(side, side)[0], cfg.batch_size)}
+        # square -> its side: the semantic compressor's input, and the training-resolution square
+        # when Stage A encodes it or the cache keeps it
+        self.sides = {"semantic_images": semantic_image_size(side, side)[0]}
+        if spec.stage_a is not None or spec.images:
+            self.sides["images"] = side
+        # latent name -> (encoder, the square it takes, images per call on GPU)
+        self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_images", cfg.batch_size)}
         if self.stage_a is not None:
-            self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "pixels", side, min(cfg.stage_a_batch_size, cfg.batch_size))
+            self.image_encoders["stage_a_latents"] = (self.stage_a.encode, "images", min(cfg.stage_a_batch_size, cfg.batch_size))
         self.columns = spec.latent_columns + spec.text_columns + spec.decoder_text_columns
-        self.keep_images, self.keep_semantic_images = spec.images, spec.semantic_images
+        # The squares the cache keeps as the encoders took them (encode.images, encode.semantic_images).
+        kept = {"images": spec.images, "semantic_images": spec.semantic_images}
+        self.kept_squares = [name for name, keep in kept.items() if keep]
 
-    def images(self, buffers: tuple[np.ndarray, np.ndarray], rows: list[int], side: int):
-        """The pixels of `rows` as a float tensor on the device, from the (offsets, data) buffers of a
-        binary column (side x side x 3 bytes per row)."""
-        import torch
+    def cut(self, image_bytes: bytes) -> dict[str, np.ndarray]:
+        """One image's squares, uint8 HWC RGB: decoded as the decode task decoded it (which checked
+        that it decodes, within the same pixel bound) and cut by `training_pixels`."""
+        semantic_side = self.sides["semantic_images"]
+        image = decode_image(image_bytes, max_pixels=self.max_pixels)
+        full, semantic = training_pixels(image, self.sides.get("images"), (semantic_side, semantic_side))
+        return {"semantic_images": semantic} if full is None else {"images": full, "semantic_images": semantic}
 
-        offsets, data = buffers
-        arrays = np.stack([data[offsets[i] : offsets[i] + side * side * 3] for i in rows]).reshape(-1, side, side, 3)
-        tensor = torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2)
-        return tensor.float().div_(255.0)
-
-    def _image_encoders(self, batch: pa.Table) -> list[tuple[str, object, tuple, int, int]]:
-        """(latent name, encoder, buffers of its pixel column in `batch`, side, images per call on GPU)."""
-        return [(name, encoder, binary_buffers(batch.column(column)), side, per_call)
-                for name, (encoder, column, side, per_call) in self.image_encoders.items()]
+    @staticmethod
+    def _as_float(pixels):
+        """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], where the pixels are."""
+        return pixels.permute(0, 3, 1, 2).float().div_(255.0)
 
     def _text(self, captions: list[str]) -> dict:
         """The text conditioning of at most batch_size captions, computed on exactly batch_size."""
@@ -276,70 +303,103 @@ class Encode:
 
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda" and self.dtype != torch.float32)
 
-    def _encode_on_cpu(self, batch: pa.Table, kept: list[int]) -> dict:
-        """Every kept row's latents: one job per image and per batch_size captions, on the pool."""
+    def _encode_per_image(self, images: list[bytes], captions: list[str]) -> tuple[dict, dict]:
+        """(latents, kept squares) of the rows: one job per image (decode, cut, every image
+        encoder) and per batch_size captions, on the pool."""
         import torch
 
-        def encode_one(encoder, buffers: tuple, side: int, row: int):
+        def encode_one(image_bytes: bytes):
+            squares = self.cut(image_bytes)
             with torch.no_grad():
-                return encoder(self.images(buffers, [row], side))
+                # A writable batch of one with a batch's strides: CPU kernels pick their path by
+                # strides too, and PIL's arrays are read-only.
+                latents = {name: encoder(self._as_float(torch.from_numpy(np.stack([squares[square]]))))
+                           for name, (encoder, square, _) in self.image_encoders.items()}
+            return squares, latents
 
-        captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
         size = self.cfg.batch_size
         # The text jobs are the largest: queued first, they do not end up alone at the end of the batch.
-        text_jobs = [self.pool.submit(self._text, captions[i : i + size]) for i in range(0, len(kept), size)]
-        image_jobs = {
-            name: [self.pool.submit(encode_one, encoder, buffers, side, row) for row in kept]
-            for name, encoder, buffers, side, _ in self._image_encoders(batch)
-        }
-        latents = {name: torch.cat([job.result() for job in jobs]) for name, jobs in image_jobs.items()}
+        text_jobs = [self.pool.submit(self._text, captions[i : i + size]) for i in range(0, len(captions), size)]
+        done = [job.result() for job in [self.pool.submit(encode_one, data) for data in images]]
+        latents = {name: torch.cat([one[name] for _, one in done]) for name in self.image_encoders}
         for name in text_jobs[0].result():
             latents[name] = torch.cat([job.result()[name] for job in text_jobs])
-        return latents
+        return latents, {name: np.stack([squares[name] for squares, _ in done]) for name in self.kept_squares}
 
-    def _encode_on_gpu(self, batch: pa.Table, kept: list[int]) -> dict:
-        """Every kept row's latents, in device batches of exactly batch_size rows (the last padded)."""
+    def _fill(self, images: list[bytes]) -> tuple[dict, list]:
+        """Host buffers of batch_size rows for each square (pinned on CUDA), and the pool's jobs
+        that decode and cut `images` into their first rows."""
         import torch
 
-        parts = []
-        captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
-        encoders = self._image_encoders(batch)
-        for first in range(0, len(kept), self.cfg.batch_size):
-            rows = kept[first : first + self.cfg.batch_size]
-            padded = rows + [rows[-1]] * (self.cfg.batch_size - len(rows))
-            with torch.no_grad(), self._autocast():
-                # Parts of a fixed size whatever the batch: a padded batch is cut the same way every time.
-                part = {name: torch.cat([encoder(self.images(buffers, padded[i : i + per_call], side))
-                                         for i in range(0, len(padded), per_call)])[: len(rows)].float()
-                        for name, encoder, buffers, side, per_call in encoders}
-            part.update(self._text(captions[first : first + len(rows)]))
-            parts.append(part)
-        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        pinned = self.device.type == "cuda"
+        buffers = {name: torch.empty((self.cfg.batch_size, side, side, 3), dtype=torch.uint8, pin_memory=pinned)
+                   for name, side in self.sides.items()}
+
+        def fill(row: int, image_bytes: bytes) -> None:
+            for name, square in self.cut(image_bytes).items():
+                buffers[name].numpy()[row] = square
+
+        return buffers, [self.pool.submit(fill, row, data) for row, data in enumerate(images)]
+
+    def encode_batch(self, squares: dict, captions: list[str]) -> dict:
+        """The latents of one device batch: `squares` holds each square of batch_size images on the
+        host, uint8 (batch_size, side, side, 3); the latents are those of its first len(captions) rows."""
+        import torch
+
+        n = len(captions)
+        pixels = {name: buffer.to(self.device, non_blocking=True) for name, buffer in squares.items()}
+        with torch.no_grad(), self._autocast():
+            # Parts of a fixed size whatever the batch: a padded batch is cut the same way every time.
+            part = {name: torch.cat([encoder(self._as_float(pixels[square][i : i + per_call]))
+                                     for i in range(0, self.cfg.batch_size, per_call)])[:n].float()
+                    for name, (encoder, square, per_call) in self.image_encoders.items()}
+        part.update(self._text(captions))
+        return part
+
+    def _encode_on_device(self, images: list[bytes], captions: list[str]) -> tuple[dict, dict]:
+        """(latents, kept squares) of the rows, in device batches of exactly batch_size rows (the
+        last padded with its last image); the pool fills the next batch's buffers meanwhile."""
+        import torch
+
+        size = self.cfg.batch_size
+        parts, kept = [], {name: [] for name in self.kept_squares}
+        filling = self._fill(images[:size])
+        for first in range(0, len(images), size):
+            buffers, jobs = filling
+            if first + size < len(images):
+                filling = self._fill(images[first + size : first + 2 * size])
+            for job in jobs:
+                job.result()
+            n = min(size, len(images) - first)
+            for buffer in buffers.values():
+                buffer[n:] = buffer[n - 1]
+            with self.device_lock:
+                parts.append(self.encode_batch(buffers, captions[first : first + n]))
+            for name in self.kept_squares:
+                kept[name].append(buffers[name][:n].numpy())
+        latents = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        return latents, {name: np.concatenate(arrays) for name, arrays in kept.items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Takes and returns Arrow tables (batch_format="pyarrow"): the pixels are read from the
-        Arrow buffers, the pixel columns are dropped, and each latent column is a binary column
-        built from one array (raw little-endian bytes per kept row, empty for a dropped row)."""
+        """Takes and returns Arrow tables (batch_format="pyarrow"): the image bytes column is
+        replaced by the latent columns (and the squares the cache keeps), each a binary column built
+        from one array (raw little-endian bytes per kept row, empty for a dropped row)."""
         from stages.latents import semantic_to_stage_c
 
         n = batch.num_rows
         kept = np.flatnonzero(pc.equal(batch.column("drop_reason"), KEEP).to_numpy(zero_copy_only=False)).tolist()
-        latents = {}
+        arrays = {}
         if kept:
-            latents = (self._encode_on_cpu if self.pool is not None else self._encode_on_gpu)(batch, kept)
+            images = batch.column("image_bytes").take(kept).to_pylist()
+            captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
+            encode = self._encode_per_image if self.per_image_jobs else self._encode_on_device
+            latents, arrays = encode(images, captions)
             latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
-        if self.keep_images:  # the full-resolution pixels are the images column (raw HWC bytes per row)
-            batch = batch.append_column("images", batch.column("pixels").cast(pa.large_binary()))
-        if self.keep_semantic_images:  # and the compressor's input, as it was encoded
-            batch = batch.append_column("semantic_images", batch.column("semantic_pixels").cast(pa.large_binary()))
-        batch = batch.drop_columns(["pixels", "semantic_pixels"])
-        for name in self.columns:
-            data = np.ascontiguousarray(latents[name].cpu().numpy().astype(TENSOR_DTYPES[name])) if kept else np.zeros(0, np.uint8)
-            sizes = np.zeros(n, np.int64)
-            sizes[kept] = data.nbytes // max(len(kept), 1)
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
-            column = pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-            batch = batch.append_column(name, column)
+            arrays.update({name: latents[name].cpu().numpy().astype(TENSOR_DTYPES[name]) for name in self.columns})
+        batch = batch.drop_columns(["image_bytes"])
+        for name in self.kept_squares + self.columns:
+            data = np.ascontiguousarray(arrays[name]) if kept else np.zeros(0, np.uint8)
+            batch = batch.append_column(name, _per_row(n, kept, data))
         identity = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.identity], pa.string()))
         return batch.append_column(ENCODERS_COLUMN, identity)
 
@@ -353,17 +413,14 @@ def prep_dataset(cfg: PrepConfig, source_fs, pending: list[tuple[str, str]], kno
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from stages.latents import semantic_image_size
-
-    res = cfg.encode.resolution
+    max_pixels = cfg.filters.max_pixels
     ds = ray.data.from_items([{"shard_url": u, "path": p} for u, p in pending], override_num_blocks=len(pending))
     ds = ds.flat_map(read_shard, fn_kwargs={"source": cfg.source, "fs": source_fs})
-    full_pixels = cfg.encode.stage_a is not None or cfg.encode.images or cfg.filters.clip_score is not None
-    sizes = {"resolution": res if full_pixels else None, "semantic_size": semantic_image_size(res, res)}
-    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters, **sizes}, batch_size=DECODE_BATCH)
+    ds = ds.map_batches(decode_and_filter, fn_kwargs={"filters": cfg.filters}, batch_size=DECODE_BATCH)
     if cfg.filters.clip_score is not None:
+        clip = {"cfg": cfg.filters.clip_score, "resolution": cfg.encode.resolution, "max_pixels": max_pixels}
         ds = ds.map_batches(
-            ClipScoreFilter, fn_constructor_kwargs={"cfg": cfg.filters.clip_score, "resolution": res},
+            ClipScoreFilter, fn_constructor_kwargs=clip,
             compute=ActorPoolStrategy(size=1), batch_size=cfg.filters.clip_score.batch_size, num_cpus=1,
         )
     # Blocks of DECODE_BATCH rows from here on: the encoder actors get work in units of a second or
@@ -372,12 +429,10 @@ def prep_dataset(cfg: PrepConfig, source_fs, pending: list[tuple[str, str]], kno
         Deduplicate, fn_constructor_kwargs={"cfg": cfg.filters.dedup, "known": known},
         compute=ActorPoolStrategy(size=1), batch_size=DECODE_BATCH, num_cpus=0.25, batch_format="pyarrow",
     )
-    concurrent = {}
-    if not cfg.encode.use_gpu:
-        concurrent = {"max_concurrent_calls_per_actor": CPU_ENCODER_CALLS, "enable_true_multi_threading": True}
     return ds.map_batches(
-        Encode, fn_constructor_kwargs={"cfg": cfg.encode},
-        compute=ActorPoolStrategy(size=cfg.encode.num_encoders, **concurrent),
+        Encode, fn_constructor_kwargs={"cfg": cfg.encode, "max_pixels": max_pixels},
+        compute=ActorPoolStrategy(size=cfg.encode.num_encoders, max_concurrent_calls_per_actor=ENCODER_CALLS,
+                                  enable_true_multi_threading=True),
         batch_size=cfg.encode.batch_size, num_gpus=1 if cfg.encode.use_gpu else 0, num_cpus=cfg.encode.cpus_per_encoder,
         batch_format="pyarrow",
     )

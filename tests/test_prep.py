@@ -89,6 +89,51 @@ def test_cache_tensors_have_the_expected_shapes_and_values(local_run):
     assert set(table.column("bucket").to_pylist()) == {"128x128"}
 
 
+def test_the_cache_holds_the_encoders_latents_of_the_decoded_source_images(local_run, broken_source):
+    """The object store carries the images' encoded bytes and the encoder actor decodes them: the
+    cache must hold what the encoders give on the decoded, cropped source images, computed here
+    directly (one image at a time, single-threaded, as the actor does on CPU), bit for bit, with the
+    fingerprints of these encoders in the manifest."""
+    import pyarrow.fs as pafs
+    import torch
+
+    from data_prep.config import SourceConfig
+    from data_prep.decode import decode_image
+    from data_prep.operators import read_shard
+    from data_prep.transforms import training_pixels
+    from latent_cache.encoders import build_encoders, fold_batchnorm, spec_fingerprints
+    from stages.latents import semantic_to_stage_c
+
+    output, _ = local_run
+    folder, kept, _ = broken_source
+    spec = tiny_config(str(folder), str(output)).encode.spec()
+    source = SourceConfig(url=str(folder), format="webdataset")
+    images = {sample["key"]: sample["image_bytes"] for shard in sorted(folder.glob("*.tar"))
+              for sample in read_shard({"shard_url": shard.as_uri(), "path": str(shard)}, source, pafs.LocalFileSystem())
+              if sample["key"] in kept}
+    semantic, _, stage_a, _ = build_encoders(spec)
+    semantic, stage_a = fold_batchnorm(semantic), fold_batchnorm(stage_a)
+
+    def encoded(encoder, pixels: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.stack([pixels])).permute(0, 3, 1, 2).float().div_(255.0)
+        return encoder(batch).float()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = read_rows(str(output))
+        for key in kept:
+            full, small = training_pixels(decode_image(images[key], max_pixels=1_000_000), 128, (96, 96))
+            with torch.no_grad():
+                expected = {"stage_c_latents": semantic_to_stage_c(encoded(semantic, small)),
+                            "stage_a_latents": encoded(stage_a.encode, full)}
+            for name, value in expected.items():
+                assert rows[key][name].tobytes() == value.numpy().astype(np.float16)[0].tobytes(), (key, name)
+    finally:
+        torch.set_num_threads(threads)
+    assert Cache(str(output)).manifest["encoders"] == spec_fingerprints(spec)[0]
+
+
 def test_plain_pyarrow_reads_a_shard_with_its_tensor_shapes(local_run):
     output, _ = local_run
     shard = Cache(str(output)).files[0]

@@ -1,5 +1,6 @@
-"""The data-prep steps one at a time: CLIP-score filter, deduplication, finalize, configs."""
+"""The data-prep steps one at a time: decode + filter, CLIP-score filter, deduplication, encode, finalize, configs."""
 
+import io
 import json
 import tracemalloc
 
@@ -8,9 +9,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
-from prep_factory import write_tar
+from PIL import Image
+from prep_factory import image_bytes, write_tar
 
 from data_prep.config import ClipScoreConfig, DedupConfig, FilterConfig, PrepConfig, SourceConfig
+from data_prep.decode import DEFAULT_MAX_PIXELS
 from data_prep.filters import check_rules, funnel
 from data_prep.operators import ClipScoreFilter, Deduplicate, read_shard
 from core.config import ConfigError, load
@@ -23,18 +26,29 @@ TINY_CLIP = {
 }
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def _batch(n: int, side: int = 64) -> dict:
+    """Samples as the decode tasks pass them on: their pictures (noise) as lossless PNG bytes."""
     rng = np.random.default_rng(0)
     return {
         "key": np.array([f"k{i}" for i in range(n)], dtype=object),
         "caption": np.array([f"caption {i}" for i in range(n)], dtype=object),
         "drop_reason": np.array([KEEP] * n, dtype=object),
-        "pixels": np.array([rng.integers(0, 256, (side, side, 3), dtype=np.uint8).tobytes() for _ in range(n)], dtype=object),
-        "semantic_pixels": np.array([b"x"] * n, dtype=object),
+        "image_bytes": np.array([_png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)], dtype=object),
         "clip_score": np.full(n, np.nan, dtype=np.float32),
         "content_hash": np.array([f"h{i}" for i in range(n)], dtype=object),
         "phash": rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1),  # far apart
     }
+
+
+def _pictures(n: int, seed: int) -> list[bytes]:
+    """JPEGs of n sizes, landscape and portrait: what the encoder actor gets to decode and cut."""
+    return [image_bytes(seed + i, (150 + 11 * i, 110 + 40 * (i % 3))) for i in range(n)]
 
 
 def test_a_shard_is_read_as_a_stream_never_all_in_memory(tmp_path):
@@ -63,22 +77,23 @@ def test_a_shard_is_read_as_a_stream_never_all_in_memory(tmp_path):
 
 
 def test_clip_score_filter_keeps_laion_semantics(tmp_path):
-    """Scores are cosine similarities of the normalised image and text embeddings; below `min` drops."""
+    """Scores are cosine similarities of the normalised image and text embeddings; below `min` drops.
+    The filter decodes the image bytes it is passed itself (here 64 px PNGs at resolution 64: the
+    pixels as they are)."""
     (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
     torch.manual_seed(0)
-    probe = ClipScoreFilter(ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), random_weights=True), resolution=64)
+    probe_config = ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), random_weights=True)
+    probe = ClipScoreFilter(probe_config, resolution=64, max_pixels=DEFAULT_MAX_PIXELS)
     batch = _batch(6)
     batch["drop_reason"][5] = "too_small"
-    images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(64, 64, 3) for i in range(5)]
+    images = [np.asarray(Image.open(io.BytesIO(batch["image_bytes"][i]))) for i in range(5)]
     expected = probe.scores(images, [f"caption {i}" for i in range(5)])
     threshold = float(np.median(expected))  # a random model's scores: split them at their median
     config = ClipScoreConfig(model=str(tmp_path / "tiny-clip.json"), min=threshold, random_weights=True)
-    stage = ClipScoreFilter(config, resolution=64)
+    stage = ClipScoreFilter(config, resolution=64, max_pixels=DEFAULT_MAX_PIXELS)
     stage.model = probe.model
     out = stage(batch)
     np.testing.assert_allclose(out["clip_score"][:5], expected, rtol=1e-5)
-    from PIL import Image
-
     with torch.no_grad():  # LAION's definition, written out: cosine similarity of the two embeddings
         image_emb = probe.model.encode_image(torch.stack([probe.preprocess(Image.fromarray(im)) for im in images]))
         text_emb = probe.model.encode_text(probe.tokenizer([f"caption {i}" for i in range(5)]))
@@ -87,9 +102,37 @@ def test_clip_score_filter_keeps_laion_semantics(tmp_path):
     assert np.isnan(out["clip_score"][5]) and out["drop_reason"][5] == "too_small"
     for i in range(5):
         assert (out["drop_reason"][i] == "clip_score") == (expected[i] < threshold)
-        assert (out["pixels"][i] == b"") == (expected[i] < threshold)
+        assert (out["image_bytes"][i] == b"") == (expected[i] < threshold)
     assert np.all(np.abs(expected) <= 1.0 + 1e-6)
     assert sum(out["drop_reason"][i] == "clip_score" for i in range(5)) == 2
+
+
+def test_decode_tasks_hand_on_the_encoded_bytes_and_drop_corrupt_images_with_their_reason():
+    """The decode tasks decode every image to check and hash it, but hand on its encoded bytes, not
+    pixels; a corrupt image is dropped with its reason, counted from its row, and carries no bytes on."""
+    from data_prep.decode import decode_image
+    from data_prep.hashing import content_hash, perceptual_hash
+    from data_prep.operators import decode_and_filter
+
+    good = image_bytes(1)
+    bomb = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(bomb, format="PNG")  # 1.2 Mpx > the bound below
+    images = {
+        "good": good, "cut": image_bytes(4)[:300], "noise": np.random.default_rng(5).bytes(2000), "bomb": bomb.getvalue(),
+        "small": image_bytes(2, (32, 40)), "missing": None,
+    }
+    n = len(images)
+    batch = {
+        "key": list(images), "caption": [f"caption {k}" for k in images], "source_shard": ["s"] * n, "metadata": ["{}"] * n,
+        "drop_reason": [KEEP] * (n - 1) + ["missing_image"], "image_bytes": list(images.values()),
+    }
+    out = decode_and_filter({k: np.array(v, dtype=object) for k, v in batch.items()}, FilterConfig(min_side=64, max_pixels=1_000_000))
+    assert list(out["drop_reason"]) == [KEEP, "truncated_image", "not_an_image", "decompression_bomb", "too_small", "missing_image"]
+    assert out["image_bytes"][0] == good and list(out["image_bytes"][1:]) == [b""] * (n - 1)
+    assert (out["width"][0], out["height"][0], out["content_hash"][0]) == (96, 80, content_hash(good))
+    assert int(out["phash"][0]) == perceptual_hash(decode_image(good))
+    assert set(out) == {"key", "caption", "source_shard", "metadata", "width", "height", "content_hash", "phash",
+                        "clip_score", "drop_reason", "image_bytes"}  # no pixels
 
 
 def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
@@ -99,8 +142,8 @@ def test_dedup_stage_marks_exact_and_near_duplicates_against_the_cache():
     known = [("cached", int(batch["phash"][1]) ^ 1)]  # one bit from row 1, already in the cache
     out = Deduplicate(DedupConfig(exact=True, near_max_distance=2), known)(pa.table(batch))
     assert out.column("drop_reason").to_pylist() == [KEEP, "duplicate_near", KEEP, "duplicate_exact", "duplicate_near"]
-    pixels = out.column("pixels").to_pylist()
-    assert pixels[3] == b"" and pixels[0] == batch["pixels"][0] and pixels[2] == batch["pixels"][2]
+    kept_bytes = out.column("image_bytes").to_pylist()
+    assert kept_bytes[3] == b"" and kept_bytes[0] == batch["image_bytes"][0] and kept_bytes[2] == batch["image_bytes"][2]
     off = Deduplicate(DedupConfig(exact=False, near_max_distance=None), [])(pa.table(_batch(3)))
     assert off.column("drop_reason").to_pylist() == [KEEP] * 3
 
@@ -208,18 +251,17 @@ def test_a_sample_gets_the_same_latents_whatever_batch_the_stream_put_it_in():
     from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), cpus_per_encoder=2))
+    config = EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), cpus_per_encoder=2)
+    stage = Encode(config, DEFAULT_MAX_PIXELS)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(1)
     batch = {
         "key": np.array([f"k{i}" for i in range(8)], dtype=object),
         "caption": np.array([f"caption {i}" for i in range(8)], dtype=object),
         "drop_reason": np.array([KEEP] * 7 + ["too_small"], dtype=object),
-        "pixels": np.array([rng.integers(0, 256, (128, 128, 3), np.uint8).tobytes() for _ in range(8)], dtype=object),
-        "semantic_pixels": np.array([rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(8)], dtype=object),
+        "image_bytes": np.array(_pictures(7, 1) + [b""], dtype=object),
     }
     whole = stage(pa.table(batch))
-    assert "pixels" not in whole.column_names
+    assert "image_bytes" not in whole.column_names
     for cut in (slice(0, 1), slice(1, 5), slice(5, 8), slice(None, None, -1)):
         part = stage(pa.table({k: v[cut] for k, v in batch.items()}))
         for name in ("stage_c_latents", "stage_a_latents", "text_embeddings"):
@@ -238,27 +280,26 @@ def test_encode_images_keeps_the_cropped_pixels_as_the_images_column():
 
     threads = torch.get_num_threads()
     cfg = EncodeConfig(flavor="tiny", resolution=64, batch_size=4, cpus_per_encoder=1, images=True, semantic_images=True)
-    stage = Encode(cfg)
+    stage = Encode(cfg, DEFAULT_MAX_PIXELS)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(4)
+    # 64 px PNGs at resolution 64, and 0.75 x 64 -> 64 on the multiple of 32: both squares are the pixels as they are
     pixels = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(3)]
-    semantic = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(3)]  # 0.75 x 64 -> 64 on the multiple of 32
     n = 3
     batch = pa.table({
         "key": [f"k{i}" for i in range(n)], "caption": [f"caption {i}" for i in range(n)],
-        "drop_reason": [KEEP, "too_small", KEEP], "pixels": [p.tobytes() if i != 1 else b"" for i, p in enumerate(pixels)],
-        "semantic_pixels": [p.tobytes() if i != 1 else b"" for i, p in enumerate(semantic)],
+        "drop_reason": [KEEP, "too_small", KEEP], "image_bytes": [_png(p) if i != 1 else b"" for i, p in enumerate(pixels)],
         "source_shard": ["s"] * n, "width": [64] * n, "height": [64] * n, "metadata": ["{}"] * n,
         "content_hash": ["h"] * n, "phash": pa.array([0] * n, pa.uint64()), "clip_score": [float("nan")] * n,
     })
     shapes = cfg.spec().tensor_shapes(text_width=32)
     assert shapes["images"] == shapes["semantic_images"] == [64, 64, 3]
     rows = finalize(stage(batch), shapes, "64x64")
-    for name, kept in (("images", pixels), ("semantic_images", semantic)):
+    for name in ("images", "semantic_images"):
         images = rows.column(name).combine_chunks().to_numpy_ndarray()
         assert images.dtype == np.uint8 and images.shape == (2, 64, 64, 3)
-        np.testing.assert_array_equal(images, np.stack([kept[0], kept[2]]))
-    assert "pixels" not in rows.column_names and "semantic_pixels" not in rows.column_names
+        np.testing.assert_array_equal(images, np.stack([pixels[0], pixels[2]]))
+    assert "image_bytes" not in rows.column_names
     assert EncodeConfig(flavor="tiny", resolution=256, semantic_images=True).spec().tensor_shapes(32)["semantic_images"] == [192, 192, 3]
 
 
@@ -271,15 +312,13 @@ def test_an_encoder_actor_running_two_blocks_at_once_gives_each_the_latents_it_g
     from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=4, cpus_per_encoder=2))
+    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=4, cpus_per_encoder=2), DEFAULT_MAX_PIXELS)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(2)
     blocks = [pa.table({
         "key": [f"b{b}k{i}" for i in range(6)],
         "caption": [f"block {b} caption {i} " + "word " * (5 * i) for i in range(6)],
         "drop_reason": [KEEP] * 6,
-        "pixels": [b""] * 6,
-        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(6)],
+        "image_bytes": _pictures(6, 10 * b),
     }) for b in range(4)]
     with ThreadPoolExecutor(2) as calls:  # the first two calls start together, on a fresh tokenizer
         together = list(calls.map(stage, blocks))
@@ -298,24 +337,77 @@ def test_the_device_path_cuts_stage_a_into_fixed_parts_and_agrees_with_one_image
     from data_prep.operators import Encode
 
     threads = torch.get_num_threads()
-    stage = Encode(EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), stage_a_batch_size=3))
+    config = EncodeConfig(flavor="tiny", resolution=128, batch_size=8, stage_a=EncoderWeights(), stage_a_batch_size=3)
+    stage = Encode(config, DEFAULT_MAX_PIXELS)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(3)
     batch = pa.table({
         "key": [f"k{i}" for i in range(11)], "caption": [f"caption {i}" for i in range(11)],
-        "drop_reason": [KEEP] * 10 + ["too_small"],
-        "pixels": [rng.integers(0, 256, (128, 128, 3), np.uint8).tobytes() for _ in range(11)],
-        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes() for _ in range(11)],
+        "drop_reason": [KEEP] * 10 + ["too_small"], "image_bytes": _pictures(10, 3) + [b""],
     })
     per_image = stage(batch)
-    pool, stage.pool = stage.pool, None  # the device path, on this CPU
+    stage.per_image_jobs = False  # the device path, on this CPU
     batched = stage(batch)
-    stage.pool = pool
     for name, dtype in (("stage_c_latents", np.float16), ("stage_a_latents", np.float16), ("text_embeddings", np.float16)):
         a, b = (binary_buffers(t.column(name))[1].view(dtype).astype(np.float32) for t in (per_image, batched))
         assert a.shape == b.shape and np.isfinite(b).all()
         np.testing.assert_allclose(b, a, atol=2e-2 * np.abs(a).max(), err_msg=name)
     assert batched.column("stage_a_latents").to_pylist()[10] == b""
+
+
+def test_the_encoder_actor_gives_the_encoders_latents_of_the_squares_cut_from_the_decoded_bytes():
+    """The actor decodes and cuts the image bytes itself, into the same squares the decode tasks
+    used to cut and pass on as pixels (`training_pixels` of `decode_image`): its latents are, bit for
+    bit, the encoders' on those squares. One image per call on CPU; on the device path (run here on
+    the CPU) batches of exactly batch_size (the last one padded with its last image) and Stage A in
+    parts of stage_a_batch_size, with the pool filling the next batch while one is encoded."""
+    from data_prep.config import EncodeConfig
+    from data_prep.decode import decode_image
+    from data_prep.operators import Encode
+    from data_prep.transforms import training_pixels
+    from latent_cache.spec import EncoderWeights
+    from stages.latents import semantic_to_stage_c
+
+    threads = torch.get_num_threads()
+    config = EncodeConfig(flavor="tiny", resolution=128, batch_size=4, stage_a=EncoderWeights(), stage_a_batch_size=3,
+                          cpus_per_encoder=2)
+    stage = Encode(config, DEFAULT_MAX_PIXELS)
+    pictures = _pictures(12, 50)
+    reasons = [KEEP] * 5 + ["duplicate_exact"] + [KEEP] * 6  # 11 kept: device batches of 4, 4 and 3 (+1 padding)
+    kept = [i for i, reason in enumerate(reasons) if reason == KEEP]
+    batch = pa.table({
+        "key": [f"k{i}" for i in range(12)], "caption": [f"caption {i}" for i in range(12)], "drop_reason": reasons,
+        "image_bytes": [p if reason == KEEP else b"" for p, reason in zip(pictures, reasons)],
+    })
+    squares = [training_pixels(decode_image(pictures[i]), 128, (96, 96)) for i in kept]  # (128 px, 96 px)
+
+    def as_input(arrays):  # as the decode tasks' pixel columns were read: a contiguous uint8 batch
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def latent_bytes(semantic, stage_a) -> dict[str, list[bytes]]:
+        z_c = semantic_to_stage_c(semantic.float()).numpy().astype(np.float16)
+        return {"stage_c_latents": [z.tobytes() for z in z_c],
+                "stage_a_latents": [a.tobytes() for a in stage_a.float().numpy().astype(np.float16)]}
+
+    try:
+        with torch.no_grad():
+            one_by_one = latent_bytes(torch.cat([stage.semantic(as_input([sem])) for _, sem in squares]),
+                                      torch.cat([stage.stage_a.encode(as_input([full])) for full, _ in squares]))
+            semantic, stage_a = [], []
+            for first in range(0, len(squares), 4):
+                rows = squares[first : first + 4]
+                padded = rows + [rows[-1]] * (4 - len(rows))
+                semantic.append(stage.semantic(as_input([sem for _, sem in padded]))[: len(rows)])
+                stage_a.append(torch.cat([stage.stage_a.encode(as_input([full for full, _ in padded[i : i + 3]]))
+                                          for i in (0, 3)])[: len(rows)])
+            batched = latent_bytes(torch.cat(semantic), torch.cat(stage_a))
+        for device_path, expected in ((False, one_by_one), (True, batched)):
+            stage.per_image_jobs = not device_path
+            out = stage(batch)
+            for name, values in expected.items():
+                column = out.column(name).to_pylist()
+                assert [column[i] for i in kept] == values and column[5] == b"", (name, device_path)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_stage_a_parts_hold_an_image_at_least():
@@ -335,13 +427,12 @@ def test_encoder_actors_state_their_encoders_and_a_disagreement_is_refused():
 
     cfg = PrepConfig(encode=EncodeConfig(flavor="tiny", resolution=128, batch_size=4, text_mode="tokens"))
     threads = torch.get_num_threads()
-    stage = Encode(cfg.encode)
+    stage = Encode(cfg.encode, cfg.filters.max_pixels)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(2)
+    first, third = _pictures(2, 7)
     batch = pa.table({
         "key": ["a", "b", "c"], "caption": ["one", "two", "three"], "drop_reason": [KEEP, "too_small", KEEP],
-        "pixels": [b"", b"", b""],
-        "semantic_pixels": [rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes(), b"", rng.integers(0, 256, (96, 96, 3), np.uint8).tobytes()],
+        "image_bytes": [first, b"", third],
     })
     rows = stage(batch)
     assert rows.num_rows == 3 and rows.column(ENCODERS_COLUMN).null_count == 0  # dropped rows state them too
