@@ -25,6 +25,7 @@ COMMANDS = {
     "retrain": ("retrain", "the scheduled retraining workflow: new shards -> prep -> fine-tune -> gate"),
     "convert": ("convert", "convert an original .pt checkpoint into a diffusers-format folder"),
     "flavors": ("flavors", "list the named model sizes and their parameter counts"),
+    "plan": ("plan", "the memory per GPU a train config's run needs, and whether it fits"),
 }
 
 # The exit codes every job shares (retrain adds 4 and 5, for its lease); a scheduler or a Ray job's

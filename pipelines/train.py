@@ -167,10 +167,12 @@ def run_training(cfg: TrainConfig):
     from pipelines.training.loop import train_func
     from pipelines.training.plan import TrainPlan
     from pipelines.training.tracking import start_or_resume_run, tracking_uri
+    from pipelines.plan import check_fits
 
     cache = Cache(cfg.data.cache)
     expected, text_encoder = expected_fingerprints(cfg)
     cache.check_fingerprints(expected)  # refused here, before any worker starts
+    check_fits(cfg)  # and a run its devices cannot hold
     task = build_task(cfg, cache, text_encoder)
     rows = cache.rows
     if cfg.data.shards is not None:

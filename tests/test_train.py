@@ -134,6 +134,17 @@ def test_a_cache_of_other_encoders_is_refused_before_any_worker_starts(tiny_cach
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_its_devices_cannot_hold_is_refused_before_any_worker_starts_with_its_memory_plan(tiny_cache, mlflow_server,
+                                                                                                  tmp_path):
+    cfg = train_config(tiny_cache, str(tmp_path / "runs"), mlflow_server, "too-big", **{"parallel.gpu_memory_gib": 0.001})
+    with pytest.raises(ValueError, match=r"(?s)does not fit its devices' memory:.*memory plan: Stage C tiny, ddp on 2 GPU"):
+        run_training(cfg)
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tests")
+    assert not experiment or client.search_runs([experiment.experiment_id], "tags.`wuerstchen.run_name` = 'too-big'") == []
+
+
 def test_model_init_from_a_registered_mlflow_model(mlflow_server, tmp_path):
     import mlflow
     import mlflow.pyfunc

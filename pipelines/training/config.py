@@ -264,6 +264,11 @@ class ParallelConfig:
     # its backward (less memory, one more all-gather per block). None: chosen by the model's size
     # (pipelines/training/parallel.py, RESHARD_ABOVE_BYTES).
     reshard_after_forward: bool | None = None
+    # The memory of each worker's device (GiB). When set, or on GPU read from the driver's own GPU, a
+    # run whose memory plan (`wuerstchen plan`, pipelines/training/memory.py) does not fit it is refused
+    # before it starts, the plan in the message; memory_check=false starts it anyway.
+    gpu_memory_gib: PositiveFloat | None = None
+    memory_check: bool = True
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -24,7 +24,8 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device, bf16: boo
     root; `bf16`: the units gather their parameters in bf16 and reduce gradients in fp32 (the root,
     with the input and output maths, stays fp32); `reshard_after_forward`: None chooses by size
     (RESHARD_ABOVE_BYTES)."""
-    model = model.to(device)
+    if any(p.device != device for p in model.parameters()):
+        model = model.to(device)
     if not is_distributed():
         return model
     if strategy == "ddp":

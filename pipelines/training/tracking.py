@@ -34,6 +34,8 @@ RESUMABLE_KEYS = (
     "model.activation_checkpointing",
     "model.compile",
     "parallel.reshard_after_forward",
+    "parallel.gpu_memory_gib",
+    "parallel.memory_check",
 )
 # The most metric values held back while the server is away (oldest dropped beyond it).
 MAX_PENDING = 100_000
