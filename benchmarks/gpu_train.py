@@ -119,7 +119,7 @@ class Bench:
         torch.manual_seed(0)
         with torch.device(self.device):  # initialised where it runs: a v2 prior takes seconds to initialise on a CPU
             model = StageC.from_flavor(self.flavor)
-        model = prepare_blocks(model, row.checkpointing, row.compile)
+        model = prepare_blocks(model, row.checkpointing, row.compile, channels_last=not row.fsdp2)
         ema = Ema(model, EmaConfig(mode="every_step", decay=0.999))
         model = parallelize(model, "fsdp2", self.device, bf16=self.cuda) if row.fsdp2 else model.to(self.device)
         ema.place_like(model)

@@ -83,6 +83,28 @@ def test_channels_last_convolutions_get_gradients_laid_out_as_their_weights(stag
     assert [k for k, p in model.named_parameters() if grads[k].stride() != p.stride()] == []
 
 
+@pytest.mark.parametrize("stage", sorted(MODELS))
+def test_blocks_prepared_for_fsdp2_keep_the_contiguous_parameters_it_shards(stage, tmp_path):
+    """FSDP2 refuses a non-contiguous parameter (a channels-last 2x2 convolution weight of Stage B),
+    so the trainer prepares its blocks without channels-last under FSDP2; sharded on a one-rank
+    group, as the trainer shards them."""
+    import torch.distributed as dist
+
+    from pipelines.training.parallel import parallelize
+
+    model, loss_of = MODELS[stage]()
+    if stage == "b":  # what the trainer must not hand FSDP2
+        assert not all(p.is_contiguous() for p in channels_last_convolutions(MODELS[stage]()[0]).parameters())
+    prepare_blocks(model, "selective", channels_last=False)
+    assert all(p.is_contiguous() for p in model.parameters())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = parallelize(model, "fsdp2", torch.device("cpu"))
+        assert torch.isfinite(loss_of(sharded))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_regional_compile_gives_the_eager_loss_and_gradients():
     """Stage C compiled block by block (with selective checkpointing inside the compiled regions) on
     the CPU, dropout off, fixed seed: the same loss and gradients as eager, the same state-dict keys."""

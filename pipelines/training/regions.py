@@ -81,15 +81,21 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_blocks(model: nn.Module, activation_checkpointing: str = "none", compile: bool = False) -> nn.Module:
-    """All of the above, in order, as the trainer applies them to a model before its parallelism."""
+def prepare_blocks(model: nn.Module, activation_checkpointing: str = "none", compile: bool = False,
+                   channels_last: bool = True) -> nn.Module:
+    """All of the above, in order, as the trainer applies them to a model before its parallelism.
+    `channels_last`: False under FSDP2, which shards contiguous parameters only (a channels-last
+    2x2 or 3x3 convolution weight is not contiguous) and copies gradients into its own buffers, so
+    the stride mismatch that DDP warns about does not arise there."""
     checkpoint_activations(model, activation_checkpointing)
-    channels_last_convolutions(model)
+    if channels_last:
+        channels_last_convolutions(model)
     return compile_blocks(model) if compile else model
 
 
 def channels_last_convolutions(model: nn.Module) -> nn.Module:
-    """Every convolution's weight laid out channels-last (in place), as its gradient comes out."""
+    """Every convolution's weight laid out channels-last (in place), as its gradient comes out: for
+    DDP, whose gradient buckets take the parameters' strides."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             module.to(memory_format=torch.channels_last)

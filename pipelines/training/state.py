@@ -42,9 +42,9 @@ class TrainState:
         """The bare `model` with its EMA, prepared block by block (regions.py: activation checkpointing,
         channels-last convolutions, compile), parallelized (the EMA laid out as its parameters), and its
         AdamW (fused on CUDA: one kernel for all parameters)."""
-        prepare_blocks(model, cfg.model.activation_checkpointing, cfg.model.compile)
-        ema = Ema(model, cfg.ema)
         p = cfg.parallel
+        prepare_blocks(model, cfg.model.activation_checkpointing, cfg.model.compile, channels_last=p.strategy != "fsdp2")
+        ema = Ema(model, cfg.ema)
         model = parallelize(model, p.strategy, device, bf16=p.bf16(device.type), reshard_after_forward=p.reshard_after_forward)
         ema.place_like(model)
         model.train()
