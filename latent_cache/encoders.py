@@ -138,8 +138,13 @@ def build_decoder_text_encoder(flavor: str, weights: EncoderWeights, width: int 
 
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 over every tensor of the state dict, in key order (names, dtypes, shapes, bytes)."""
+    return state_digest(module.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """`weights_digest` of a state dict."""
     digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
+    for key, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

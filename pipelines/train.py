@@ -155,6 +155,39 @@ def picture_decoders(cfg: TrainConfig, cache) -> str | None:
     return str(folder)
 
 
+def lora_base_of(cfg: TrainConfig, init_state: dict | None, resumed: dict | None, uri: str, run_id: str) -> dict | None:
+    """A LoRA run's base: model.init, the sha256 of its weights and, for a registered base, the
+    version it resolved to (models:/NAME/VERSION: what a registered adapter pins, an alias being
+    able to move), recorded in every checkpoint and as MLflow tags. A resume whose model.init now
+    gives other weights (an alias moved, a folder rewritten) is refused: the adapter was trained
+    on the first."""
+    if cfg.model.lora is None:
+        return None
+    from mlflow import MlflowClient
+
+    from latent_cache.encoders import state_digest
+
+    sha = state_digest(init_state)
+    recorded = (resumed or {}).get("lora_base")
+    if recorded is not None:
+        if recorded["sha256"] != sha:
+            raise ValueError(f"model.init={cfg.model.init} now gives other weights (sha256 {sha[:12]}) than the base the "
+                             f"adapter of {cfg.checkpoint.run_name} was trained on ({recorded['sha256'][:12]}): resume with "
+                             f"that base, or start a new run_name")
+        return recorded
+    version = None
+    if cfg.model.init.startswith("models:/"):
+        from pipelines import registry
+
+        found = registry.resolve_version(MlflowClient(uri), cfg.model.init)
+        version = f"models:/{found.name}/{found.version}"
+    base = {"init": cfg.model.init, "sha256": sha, "version": version}
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "lora.base", version or cfg.model.init)
+    client.set_tag(run_id, "lora.base_sha256", sha)
+    return base
+
+
 def run_training(cfg: TrainConfig):
     """Trains; returns (ray.train.Result, the MLflow run id)."""
     import ray.train
@@ -210,8 +243,11 @@ def run_training(cfg: TrainConfig):
     in_memory = share_mb <= cfg.data.memory_limit_mb
     log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
              per_worker, share_mb)
-    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=initial_weights(cfg) if resume is None else None,
-                     in_memory=in_memory)
+    # A LoRA fine-tune's checkpoints hold its adapter only: a resume needs the base again, the same one.
+    init_state = initial_weights(cfg) if resume is None or cfg.model.lora is not None else None
+    lora_base = lora_base_of(cfg, init_state, ckpt_io.train_state_of(resume) if resume is not None else None, uri, run_id)
+    plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=init_state, in_memory=in_memory,
+                     lora_base=lora_base)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,

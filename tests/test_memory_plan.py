@@ -95,6 +95,7 @@ def measured_peak(cfg, shapes: dict, rank: int = 0) -> int:
     (["model.flavor=small", "data.batch_size=8"], 24),
     (["model.flavor=small", "data.batch_size=16", "model.activation_checkpointing=full"], 24),
     (["model.flavor=tiny", "data.batch_size=32", "model.activation_checkpointing=selective", "ema.mode=none"], 24),
+    (["model.flavor=small", "data.batch_size=8", "model.init=base", "model.lora.rank=8"], 24),  # the base frozen
 ])
 def test_the_plan_is_within_its_stated_error_of_the_measured_peak(sets, side):
     from pipelines.training.memory import estimate

@@ -4,6 +4,8 @@ storage (local or S3) and keeps the newest `num_to_keep`.
     checkpoint_<step>/
         model/   config.json + diffusion_pytorch_model.safetensors   the raw weights (diffusers layout)
         ema/     config.json + diffusion_pytorch_model.safetensors   the EMA weights (what gets registered)
+                 (a LoRA fine-tune: model/ and ema/ hold pytorch_lora_weights.safetensors, the adapter
+                 alone in diffusers' LoRA format, stages/lora.py; its base is the config's model.init)
         optimizer.pt         optimizer state (tensors and numbers only: read back with weights_only=True)
         train_state.json     step, data position, MLflow run id, cache fingerprints, the run's config,
                              the validation losses of model/ and ema/ when measured at this step,
@@ -24,6 +26,7 @@ import torch
 from pipelines.training.config import MODEL_STAGES, CheckpointConfig
 from stages.stage_b_with_compressor import StageBWithCompressor
 from pipelines.training.parallel import unwrap
+from stages import lora
 
 TRAIN_STATE = "train_state.json"
 # The validation loss of each weights folder's weights, by its metric name (MLflow, train_state).
@@ -62,12 +65,16 @@ def write(
     ema_state: dict[str, torch.Tensor] | None,
     optimizer_state: dict | None,
     train_state: dict,
+    lora_spec=None,
 ) -> Path:
     """Writes one checkpoint folder (rank 0, with states already gathered; model and optimizer are
-    None when they went into the sharded part)."""
+    None when they went into the sharded part). `lora_spec`: the states are a LoRA adapter's."""
     directory = Path(directory)
     for name, state in (("model", model_state), ("ema", ema_state)):
         if state is None:
+            continue
+        if lora_spec is not None:
+            lora.save(directory / name, lora.adapter_state(state), lora_spec, lora.prefix_of(model_class_of(model_config)))
             continue
         with torch.device("meta"):
             holder = model_class_of(model_config)(model_config)
@@ -104,12 +111,21 @@ def problems(state: dict, sizes: dict[str, int]) -> list[str]:
     return out
 
 
+def _model_options(model):
+    """A LoRA-adapted model's sharded checkpoint holds its adapter only (the frozen base is model.init's)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    adapted = lora.is_adapted(model)
+    return StateDictOptions(ignore_frozen_params=adapted, strict=not adapted)
+
+
 def save_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
     """Every rank writes its shard of model, optimizer and EMA (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer), "ema": ema_shadow}
+    state = {"model": get_model_state_dict(model, options=_model_options(model)),
+             "optimizer": get_optimizer_state_dict(model, optimizer), "ema": ema_shadow}
     dcp.save(state, checkpoint_id=str(Path(directory) / SHARDED))
 
 
@@ -123,9 +139,11 @@ def load_sharded(directory: Path, model, optimizer, ema_shadow: dict) -> None:
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer), "ema": ema_shadow}
+    options = _model_options(model)
+    state = {"model": get_model_state_dict(model, options=options), "optimizer": get_optimizer_state_dict(model, optimizer),
+             "ema": ema_shadow}
     dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
 
 
@@ -146,10 +164,11 @@ def read(directory: Path) -> dict:
     directory = Path(directory)
     out = {"train_state": read_train_state(directory)}
     model_class = saved_model_class(out["train_state"])
-    if (directory / "model").is_dir():
-        out["model"] = model_class.from_pretrained(directory / "model").state_dict()
-    if (directory / "ema").is_dir():
-        out["ema"] = model_class.from_pretrained(directory / "ema").state_dict()
+    for name in ("model", "ema"):
+        if (directory / name / lora.WEIGHTS_NAME).is_file():  # a LoRA fine-tune's adapter
+            out[name] = lora.model_keys(lora.load(directory / name)[0])
+        elif (directory / name).is_dir():
+            out[name] = model_class.from_pretrained(directory / name).state_dict()
     if (directory / OPTIMIZER).is_file():
         out["optimizer"] = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
     return out
@@ -255,9 +274,12 @@ class Checkpointer:
                     "cache_fingerprints": self.plan.cache_fingerprints,
                     "config": dataclasses.asdict(self.plan.cfg),
                     "sharded_world_size": self.world if self.sharded else None,
+                    "lora_base": self.plan.lora_base,  # a LoRA's checkpoint holds the adapter of this base
                     # What the weights of this very checkpoint scored (register tags the version with it).
                     "validation": {k: v for k, v in metrics.items() if k.startswith("val_")},
                 }
-                write(Path(tmp), unwrap(state.model).config, full["model"], full["ema"], full["optimizer"], train_state)
+                lora_config = self.plan.cfg.model.lora
+                write(Path(tmp), unwrap(state.model).config, full["model"], full["ema"], full["optimizer"], train_state,
+                      lora_spec=lora_config.spec() if lora_config is not None else None)
             part = ray.train.Checkpoint.from_directory(tmp) if (self.rank == 0 or self.sharded) else None
             ray.train.report({**metrics, "step": full["step"]}, checkpoint=part, checkpoint_dir_name=checkpoint_name(full["step"]))

@@ -9,6 +9,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from latent_cache.spec import EncoderWeights
 from pipelines.training.regions import ACTIVATION_CHECKPOINTING
 from core.config import HeldOutFraction, NoiseLevels, Probability, config_dataclass, describe
+from stages.lora import LORA_TARGETS, LoraSpec, add_lora
 from stages.objectives import StageAObjective, StageBObjective, StageCObjective
 from stages.stage_a import StageA
 from stages.stage_b import StageB
@@ -21,6 +22,23 @@ PRECISIONS = ("auto", "bf16", "fp32")
 EMA_MODES = ("none", "every_step", "original")
 AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # a moment's decay: at 1 it would never forget
 FAULT_ACTIONS = ("raise", "stall")
+
+
+@config_dataclass
+class LoraConfig:
+    """A LoRA fine-tune (stages/lora.py, through peft): the base (model.init) frozen, an adapter of this
+    rank on these modules of every attention trained alone. The defaults are diffusers' LoRA prior
+    recipe (train_text_to_image_lora_prior.py): rank 4, alpha = rank, the query, key, value and
+    output projections, no dropout."""
+
+    rank: PositiveInt = 4
+    alpha: PositiveFloat | None = None  # None: the rank (a scale alpha / rank of 1)
+    dropout: Probability = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha if self.alpha is not None else self.rank),
+                        dropout=self.dropout, target_modules=tuple(self.target_modules))
 
 
 # model.stage -> the model trained: "c" the text-conditional prior, "b" the diffusion decoder, "a"
@@ -51,12 +69,21 @@ class ModelConfig:
     # weights), on the cache's semantic_images instead of its cached semantic latents. Its weights
     # then go with the decoders, and the prior's cache must be made with them.
     train_semantic_compressor: bool = False
+    # A LoRA fine-tune of model.init (Stage C or Stage B): only the adapter trains, is checkpointed
+    # and registered (pinned to its base). None: every weight trains.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.stage not in MODEL_STAGES:
             raise ValueError(f"model.stage must be one of {sorted(MODEL_STAGES)}, got {self.stage!r}")
         if self.train_semantic_compressor and self.stage != "b":
             raise ValueError(f"model.train_semantic_compressor is for Stage B (the decoder it conditions); model.stage is {self.stage!r}")
+        if self.lora is not None:
+            if self.stage not in ("c", "b") or self.train_semantic_compressor:
+                raise ValueError(f"model.lora adapts the attention of Stage C or Stage B; model.stage is {self.stage!r}"
+                                 + (" with train_semantic_compressor" if self.train_semantic_compressor else ""))
+            if not self.init:
+                raise ValueError("model.lora adapts trained weights: model.init must name them (a LoRA on a random init learns nothing useful)")
         model_class = self.model_class
         if self.flavor not in model_class.flavors:
             raise ValueError(f"model.flavor must be one of {sorted(model_class.flavors)}, got {self.flavor!r}")
@@ -96,7 +123,8 @@ class ModelConfig:
     def build(self, init_state: dict | None = None):
         """The model to train: random init (the caller seeds torch), or `init_state` loaded. Stage B
         with its compressor always starts from a compressor's weights; its Stage B keeps the random
-        init when `init_state` holds none of it. Checkpointing and compile are applied by the trainer
+        init when `init_state` holds none of it. With model.lora, the adapter is added on top of the
+        loaded base (which it freezes). Checkpointing and compile are applied by the trainer
         (TrainState.build)."""
         model = self.model_class(self.model_config())
         if init_state is not None:
@@ -105,6 +133,8 @@ class ModelConfig:
                      and all(k.startswith("stage_b.") for k in missing))
             if unexpected or (missing and not fresh):
                 model.load_state_dict(init_state)  # raises, naming the keys
+        if self.lora is not None:
+            add_lora(model, self.lora.spec())
         return model
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipelines.training.config import EmaConfig
-from pipelines.training.parallel import full_tensor, reshard, shard_like, unwrap
+from pipelines.training.parallel import full_tensor, reshard, saved_keys, shard_like, unwrap
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class Ema:
     def __init__(self, model: nn.Module, cfg: EmaConfig):
         self.cfg = cfg
-        self.shadow = {name: p.detach().clone() for name, p in unwrap(model).named_parameters()} if cfg.mode != "none" else {}
+        # Of the trained parameters only (a LoRA's adapter: its frozen base is its own average).
+        self.shadow = ({name: p.detach().clone() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+                       if cfg.mode != "none" else {})
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, last: bool = False) -> None:
@@ -35,7 +37,7 @@ class Ema:
             return
         else:  # original: copy during the first `copy_until` steps, then a sparse average
             weight = 1.0 if step <= cfg.copy_until else 1.0 - cfg.beta
-        names_and_params = list(unwrap(model).named_parameters())
+        names_and_params = [(name, p) for name, p in unwrap(model).named_parameters() if name in self.shadow]
         shadows = [_local(self.shadow[name]) for name, _ in names_and_params]
         torch._foreach_lerp_(shadows, [_local(p.detach()) for _, p in names_and_params], weight)  # a few kernels, not one per tensor
 
@@ -54,13 +56,17 @@ class Ema:
     def _swap(self, model: nn.Module) -> None:
         reshard(model)  # FSDP2: the parameters in their sharded layout, which the shadow has
         for name, p in unwrap(model).named_parameters():
+            if name not in self.shadow:
+                continue
             held = p.detach().clone()
             p.copy_(self.shadow[name])
             self.shadow[name].copy_(held)
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The EMA weights as a full state dict (buffers from the model); every rank must call it."""
-        state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+        """The EMA weights as a full state dict of what a checkpoint holds (parallel.saved_keys: the
+        buffers and any frozen weights from the model; a LoRA's adapter only); every rank must call it."""
+        keep = saved_keys(model)
+        state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items() if keep(k)}
         for name, value in self.shadow.items():
             state[name] = full_tensor(value).detach().cpu().contiguous()
         return state

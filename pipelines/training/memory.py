@@ -43,7 +43,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         r = self.run
-        lines = [f"memory plan: Stage {r['stage'].upper()} {r['flavor']}, {r['strategy']} on {r['gpus']} GPU(s), "
+        tuned = f" with a rank-{r['lora_rank']} LoRA" if r.get("lora_rank") else ""
+        lines = [f"memory plan: Stage {r['stage'].upper()} {r['flavor']}{tuned}, {r['strategy']} on {r['gpus']} GPU(s), "
                  f"batch {r['batch']} per GPU, {r['precision']}, activation checkpointing {r['checkpointing']}"]
         lines += [f"  {name:<13}{self.parts[name] / GIB:9.2f} GiB" for name in PARTS if self.parts.get(name)]
         lines.append(f"  {'total':<13}{self.total / GIB:9.2f} GiB per GPU at the step's peak")
@@ -77,6 +78,27 @@ def _loss(cfg: TrainConfig, model, shapes: dict[str, list[int]], batch: int, gen
     return stage_a_loss(model, tensor("images", True), cfg.vqgan_objective, generator)
 
 
+class _NoHook:
+    """Stands for a hook handle never registered (see estimate)."""
+
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
+
+
+def _fake_parameters(model, fake) -> None:
+    """Every real parameter of `model` replaced by a fake one of its shape (no memory)."""
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not isinstance(p, FakeTensor):
+                setattr(module, name, nn.Parameter(fake.from_tensor(p.detach()), requires_grad=p.requires_grad))
+
+
 def _trainable_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
@@ -94,6 +116,7 @@ def estimate(cfg: TrainConfig, shapes: dict[str, list[int]], gpus: int | None = 
 
     from pipelines.training.parallel import parallelize
     from pipelines.training.regions import checkpoint_activations
+    from stages.lora import add_lora
 
     if dist.is_available() and dist.is_initialized():
         raise RuntimeError("a memory plan is made outside any process group (it makes a fake one of the run's size)")
@@ -102,14 +125,19 @@ def estimate(cfg: TrainConfig, shapes: dict[str, list[int]], gpus: int | None = 
     bf16 = p.bf16("cuda" if p.use_gpu else "cpu")
     fsdp = p.strategy == "fsdp2"
     run = {"stage": cfg.model.stage, "flavor": cfg.model.flavor, "strategy": p.strategy, "gpus": gpus, "batch": batch,
-           "precision": "bf16" if bf16 else "fp32", "checkpointing": cfg.model.activation_checkpointing, "shapes": shapes}
+           "precision": "bf16" if bf16 else "fp32", "checkpointing": cfg.model.activation_checkpointing, "shapes": shapes,
+           "lora_rank": cfg.model.lora.rank if cfg.model.lora is not None else None}
     fake = FakeTensorMode()
     if fsdp:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
         with fake:
             torch.manual_seed(cfg.seed)
-            model = checkpoint_activations(cfg.model.build(), cfg.model.activation_checkpointing)
+            model = dataclasses.replace(cfg.model, lora=None).build()
+        if cfg.model.lora is not None:  # peft moves the adapter it makes, which fake tensors do not allow: made real, then faked
+            add_lora(model, cfg.model.lora.spec())
+            _fake_parameters(model, fake)
+        checkpoint_activations(model, cfg.model.activation_checkpointing)
         trainable = _trainable_bytes(model)
         if fsdp:  # outside the fake mode: the device mesh is made of real values
             model = parallelize(model, "fsdp2", torch.device("cpu"), bf16=bf16, reshard_after_forward=p.reshard_after_forward)
@@ -120,6 +148,11 @@ def estimate(cfg: TrainConfig, shapes: dict[str, list[int]], gpus: int | None = 
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
             if not fsdp:
                 tracker.track_external(model, optimizer)
+            # torch's trackers hook every parameter's gradient, which a frozen one (a LoRA's base) refuses:
+            # marked as hooked already, they are counted as parameters only.
+            for q in model.parameters():
+                if not q.requires_grad:
+                    tracker._param_to_grad_hook_handles[q] = (_NO_HOOK, _NO_HOOK)
             generator = torch.Generator()
             with tracker:
                 for step in range(2):  # the second step's peak holds the optimizer's state

@@ -90,17 +90,34 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def saved_keys(model: nn.Module):
+    """Which state-dict entries a checkpoint of `model` holds: a LoRA-adapted model's adapter (its base
+    is model.init's, frozen), else all of them. A predicate on the key."""
+    from stages.lora import is_adapted, is_adapter_key
+
+    return is_adapter_key if is_adapted(unwrap(model)) else (lambda key: True)
+
+
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full, unsharded state dict on the CPU, contiguous (a channels-last weight too: safetensors
-    writes contiguous tensors only); every rank must call it (FSDP2 gathers)."""
-    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    writes contiguous tensors only), of what a checkpoint holds (`saved_keys`); every rank must call
+    it (FSDP2 gathers)."""
+    keep = saved_keys(model)
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items() if keep(k)}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Loads a full state dict (every rank holds all of it) into the parallelized model, each tensor
-    laid out as the model's own (FSDP2: this rank's shard); every rank must call it."""
+    laid out as the model's own (FSDP2: this rank's shard); every rank must call it. For an adapted
+    model the state is its adapter's, all of it."""
+    keep = saved_keys(model)
     own = unwrap(model).state_dict()
-    unwrap(model).load_state_dict({k: shard_like(v, own[k]) if k in own else v for k, v in state.items()})
+    expected = {k for k in own if keep(k)}
+    if set(state) != expected and len(expected) != len(own):
+        raise ValueError(f"the checkpoint's adapter does not fit the model's: missing {sorted(expected - set(state))[:4]}, "
+                         f"unexpected {sorted(set(state) - expected)[:4]}")
+    unwrap(model).load_state_dict({k: shard_like(v, own[k]) if k in own else v for k, v in state.items()},
+                                  strict=len(expected) == len(own))
 
 
 def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

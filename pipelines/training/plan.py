@@ -23,6 +23,8 @@ class TrainPlan:
     # Whether each worker holds its share of the training rows in memory (decided on the driver from
     # data.memory_limit_mb and the cache's row size: see EqualStepBatches).
     in_memory: bool = False
+    # A LoRA run's base ({"init": model.init, "sha256": of its weights}), written into every checkpoint.
+    lora_base: dict | None = None
 
     def __post_init__(self):
         from core.storage import absolute

@@ -49,7 +49,8 @@ class TrainState:
         ema.place_like(model)
         model.train()
         o = cfg.optim
-        optimizer = torch.optim.AdamW(unwrap(model).parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        trained = [q for q in unwrap(model).parameters() if q.requires_grad]  # a LoRA's adapter, or all
+        optimizer = torch.optim.AdamW(trained, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, fused=True if device.type == "cuda" else None)
         return cls(model, optimizer, ema, batches, cfg, device)
 
