@@ -138,7 +138,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     with tempfile.TemporaryDirectory() as tmp:
         folder = registry.download(f"models:/{version.name}/{version.version}", tmp)
         config = registry.model_config(folder)
-        model = StageC.from_pretrained(registry.find_prior_folder(folder))
+        model = registry.stage_c_in(folder)
     if spec is None:
         spec = EvalSpec(**config["eval_spec"])
     cache = Cache(spec.cache)

@@ -1,12 +1,14 @@
 """`python -m pipelines.export` / `wuerstchen export`: a registered Stage C version as a diffusers
 pipeline folder.
 
-    wuerstchen export --model models:/wuerstchen-stage-c@champion --out DIR [--tracking-uri URI]
+    wuerstchen export --model models:/wuerstchen-stage-c@champion --out DIR [--adapter-only] [--tracking-uri URI]
 
 DIR holds a `WuerstchenPriorPipeline` (prior/, text_encoder/, tokenizer/, scheduler/), or, when the
 version references a decoder bundle, a `WuerstchenCombinedPipeline` with Stage B, Stage A and the
 decoder's text encoder too. The referenced text encoders are materialised (their fingerprints are
-checked first). DIR is written beside itself and swapped in only once complete; `--overwrite` replaces
+checked first). A LoRA version is exported with its adapter merged into its pinned base, or with
+`--adapter-only` as its adapter alone (pytorch_lora_weights.safetensors, which
+`WuerstchenPriorPipeline.load_lora_weights(DIR)` takes on top of an export of the base). DIR is written beside itself and swapped in only once complete; `--overwrite` replaces
 only a folder an earlier export wrote (it holds REGISTRY_SOURCE.txt), and a failed export leaves it as
 it was.
 """
@@ -63,7 +65,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         staging.rename(out)  # an empty folder is replaced by rename(2) itself
 
 
-def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, overwrite: bool = False) -> Path:
+def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, overwrite: bool = False,
+           adapter_only: bool = False) -> Path:
     import mlflow
 
     from pipelines.pyfunc_models import DecoderModel, TextEncoderRef
@@ -79,7 +82,9 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     with tempfile.TemporaryDirectory() as tmp:
         folder = registry.download(pinned, tmp)
         config = registry.model_config(folder)
-        stage_c = StageC.from_pretrained(registry.find_prior_folder(folder))
+        if adapter_only:
+            return _export_adapter(folder, config, out, overwrite, pinned, version)
+        stage_c = registry.stage_c_in(folder)  # a LoRA version: merged into its base
     text_c = TextEncoderRef.from_dict(config["text_encoder"]).load()
     # Written beside the target and swapped in only when complete: a failed export leaves the earlier
     # one as it was.
@@ -107,6 +112,29 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     return out
 
 
+def _export_adapter(folder: Path, config: dict, out: Path, overwrite: bool, pinned: str, version) -> Path:
+    """A LoRA version's adapter alone: out/pytorch_lora_weights.safetensors, which
+    WuerstchenPriorPipeline.load_lora_weights(out) takes on top of an export of its base."""
+    from stages import lora
+
+    if not config.get("lora_base"):
+        raise ValueError(f"{pinned} is not a LoRA version: it has no adapter to export alone (export it without --adapter-only)")
+    files = sorted(Path(folder).rglob(lora.WEIGHTS_NAME))
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        shutil.copyfile(files[0], staging / lora.WEIGHTS_NAME)
+        (staging / MARKER).write_text(f"{pinned}\n{version.tags.get(registry.SOURCE_TAG, '')}\nbase {config['lora_base']}\n")
+        _check_target(out, overwrite)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported the adapter of %s (base %s): load it with WuerstchenPriorPipeline.load_lora_weights(%s) on an "
+             "export of its base", pinned, config["lora_base"], out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("export", __doc__, {
         0: "written",
@@ -118,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a folder an earlier export wrote (never any other)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA version: write its adapter alone (pytorch_lora_weights.safetensors, for "
+                             "WuerstchenPriorPipeline.load_lora_weights), not the pipeline with the adapter merged in")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else runs/mlflow.db")
     args = parser.parse_args(argv)
 
     def export_job() -> None:
-        out = export(args.model, args.out, args.tracking_uri, args.overwrite)
-        print(f"wrote a diffusers pipeline folder for {args.model} to {out}")
+        out = export(args.model, args.out, args.tracking_uri, args.overwrite, adapter_only=args.adapter_only)
+        what = "the LoRA adapter" if args.adapter_only else "a diffusers pipeline folder"
+        print(f"wrote {what} of {args.model} to {out}")
 
     return run_job("export", export_job)
 

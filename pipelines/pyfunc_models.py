@@ -166,7 +166,12 @@ class StageCModel(PythonModel):
 
         device = _device()
         self.config = config
-        stage_c = StageC.from_pretrained(prior).eval().to(device)
+        if config.get("lora_base"):  # a LoRA version: the adapter, merged into its pinned base
+            from pipelines import registry
+
+            stage_c = registry.with_adapter(registry.load_stage_c(config["lora_base"]), prior).eval().to(device)
+        else:
+            stage_c = StageC.from_pretrained(prior).eval().to(device)
         text = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
         if decoders is None and config.get("decoders"):
             decoders = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()

@@ -27,6 +27,7 @@ from pathlib import Path
 from pipelines import registry
 from pipelines.cli import job_parser, run_job
 from pipelines.pyfunc_models import signature, text_encoder_ref
+from stages import lora
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def _download_weights(found, source: str, tmp: Path) -> tuple[dict, Path]:
     folder = Path(found.to_directory(str(tmp / "checkpoint")))
     state = ckpt_io.read_train_state(folder)
     weights = folder / "ema" if (folder / "ema").is_dir() else folder / "model"
-    if not any((weights / sub / "config.json").is_file() for sub in ("", "decoder")):  # a model, or Stage B + compressor
+    if not any((weights / sub / name).is_file() for sub, name in (("", "config.json"), ("decoder", "config.json"),
+                                                                  ("", lora.WEIGHTS_NAME))):  # a model, Stage B + compressor, an adapter
         raise FileNotFoundError(f"checkpoint {source} holds neither ema/ nor model/ weights (a sharded-only checkpoint?)")
     return state, weights
 
@@ -194,6 +196,14 @@ def register_stage_c(
         }
         if decoders:
             tags["decoders"] = decoders
+        base = state.get("lora_base")
+        if base is not None:  # a LoRA fine-tune: the version holds the adapter and pins its base
+            if not base.get("version"):
+                raise ValueError(f"{source} holds a LoRA adapter of model.init={base['init']}, which is not a registered "
+                                 f"version: a registered adapter pins its base, so register the base and fine-tune from "
+                                 f"its models:/ URI (or export the merged weights)")
+            model_config["lora_base"] = tags["lora.base"] = base["version"]
+            tags["lora.base_sha256"] = base["sha256"]
         # What the registered weights themselves scored at this checkpoint's step (not the newest
         # figure of the run, nor that of the other weights); absent when the step was not validated.
         suffix = ckpt_io.VAL_LOSS[weights.name].removeprefix("val_loss")  # _ema or _raw
@@ -311,10 +321,29 @@ def _log_decoder_bundle(name: str, stage_b, stage_a, text_ref, flavor: str, sour
     return {"name": name, "version": version.version, "created": True, "source": source}
 
 
+def _merged_stage_b(state: dict, weights: Path):
+    """A Stage B LoRA checkpoint's adapter merged into its base (diffusers has no LoRA loader for the
+    decoder, and a bundle holds its Stage B whole); the base checked to be the one it was trained on."""
+    from core.config import from_dict
+    from latent_cache.encoders import state_digest
+    from pipelines.train import initial_weights
+    from pipelines.training.config import TrainConfig
+    from stages import StageB
+
+    cfg = from_dict(TrainConfig, state["config"], "the checkpoint's config")
+    base = initial_weights(cfg)
+    if state_digest(base) != state["lora_base"]["sha256"]:
+        raise ValueError(f"model.init={cfg.model.init} now gives other weights than the base this Stage B adapter was trained on")
+    stage_b = StageB(cfg.model.model_config())
+    stage_b.load_state_dict(base)
+    adapter, spec, _ = lora.load(weights)
+    return lora.merge_into(stage_b, adapter, spec)
+
+
 def register_trained_decoder(tracking_uri: str | None = None, name: str = registry.DECODERS_MODEL,
                              run_id: str | None = None, checkpoint: str | None = None) -> dict:
-    """Registers a trained Stage B checkpoint's EMA weights as a new version of the decoder bundle,
-    with the Stage A and the decoder text encoder its cache was made with (both checked against the
+    """Registers a trained Stage B checkpoint's EMA weights (a LoRA's: merged into its base) as a new
+    version of the decoder bundle, with the Stage A and the decoder text encoder its cache was made with (both checked against the
     fingerprints the checkpoint recorded), tagged with the training run, step and validation loss."""
     from latent_cache.encoders import build_stage_a, decoder_text_width, model_fingerprint
     from latent_cache.spec import EncoderWeights
@@ -341,6 +370,8 @@ def register_trained_decoder(tracking_uri: str | None = None, name: str = regist
             # Stage B learned the latents of this compressor, not of the one the cache was made with.
             trained_with["semantic_compressor"] = model_fingerprint(
                 "semantic_compressor", compressor, EncoderWeights(f"{source}/{weights.name}/{COMPRESSOR_FOLDER}"))["fingerprint"]
+        elif state.get("lora_base") is not None:
+            stage_b = _merged_stage_b(state, weights)
         else:
             stage_b = StageB.from_pretrained(weights)
     flavor, encoders = config["model"]["flavor"], config["encoders"]

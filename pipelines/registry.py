@@ -165,7 +165,29 @@ def load_registered(model_uri: str, model_class=StageC, tracking_uri: str | None
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return model_class.from_pretrained(find_model_folder(download(model_uri, tmp), model_class))
+        root = download(model_uri, tmp)
+        base = model_config(root).get("lora_base") if (root / "MLmodel").is_file() else None
+        if base:  # a LoRA version: its pinned base with the adapter merged in
+            return with_adapter(load_registered(base, model_class), root)
+        return model_class.from_pretrained(find_model_folder(root, model_class))
+
+
+def stage_c_in(folder: Path) -> StageC:
+    """The Stage C of a downloaded Stage C version: its prior, or for a LoRA version its pinned base
+    with its adapter merged in."""
+    base = model_config(folder).get("lora_base")
+    return with_adapter(load_stage_c(base), folder) if base else StageC.from_pretrained(find_prior_folder(folder))
+
+
+def with_adapter(model, root: Path):
+    """`model` (the base) with the LoRA adapter found under `root` merged into its weights, in place."""
+    from stages import lora
+
+    files = sorted(Path(root).rglob(lora.WEIGHTS_NAME))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one LoRA adapter ({lora.WEIGHTS_NAME}) in the model artifacts under {root}, found {len(files)}")
+    adapter, spec, _ = lora.load(files[0].parent)
+    return lora.merge_into(model, adapter, spec)
 
 
 def load_stage_c(model_uri: str, tracking_uri: str | None = None) -> StageC:
