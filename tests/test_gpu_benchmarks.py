@@ -35,3 +35,15 @@ def test_the_training_matrix_writes_a_line_per_row_and_keeps_its_deadline(tmp_pa
     (tmp_path / "late").mkdir()
     late = _matrix(tmp_path / "late", "--rows", "base,profile", "--deadline-s", "0.001")
     assert late[1:] == [{"stopped_before": "base", "seconds_left": late[1]["seconds_left"], "longest_row_s": 0.0}]
+
+
+@pytest.mark.integration  # a subprocess
+def test_the_memory_plan_benchmark_plans_on_a_cpu_and_says_so(tmp_path):
+    """benchmarks.memory_plan on a CPU: the plan alone (a GPU's peak is measured only on a GPU)."""
+    out = tmp_path / "plan.jsonl"
+    subprocess.run([sys.executable, "-m", "benchmarks.memory_plan", "--device", "cpu", "--flavor", "tiny", "--batch", "2",
+                    "--checkpointing", "selective", "--side", "6", "--lora-rank", "2", "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    line = json.loads(out.read_text())
+    assert line["plan_gib"] > 0 and "measured_gib" not in line
+    assert "model.lora.rank=2" in line["sets"] and line["plan_parts_gib"]["parameters"] > 0

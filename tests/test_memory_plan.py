@@ -6,13 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.memory_plan import config as _config
+from benchmarks.memory_plan import shapes_of as _shapes
+from benchmarks.memory_plan import train_steps
 
 # The plan's error against the measured peak, stated (README) and held here (measured: within 1.5%).
 STATED_ERROR = 0.05
@@ -46,48 +49,12 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-class _ListShard:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def iter_batches(self, **kwargs):
-        return iter(self.batches)
-
-
-def _config(sets):
-    from core.config import load
-    from pipelines.training.config import TrainConfig
-
-    return load(TrainConfig, None, ["objective.caption_dropout=0.05", *sets])
-
-
-def _shapes(cfg, side: int) -> dict:
-    from stages import StageC
-
-    return {"stage_c_latents": [16, side, side], "text_embeddings": [77, StageC.flavor_config(cfg.model.flavor).c_cond]}
-
-
 def measured_peak(cfg, shapes: dict, rank: int = 0) -> int:
     """The heap's peak above what it held before, over two real training steps (TrainState.build and
-    train_step, as a worker runs them) of `cfg` on batches of `shapes`."""
-    from pipelines.training.data import EqualStepBatches
-    from pipelines.training.loop import train_step
-    from pipelines.training.state import TrainState
-    from pipelines.training.tasks import StageCTask
-
-    b = cfg.data.batch_size
-    rng = np.random.default_rng(rank)
-    batch = {"key": np.array([f"k{i}" for i in range(b)], dtype=object),
-             **{name: rng.standard_normal((b, *shape)).astype(np.float16) for name, shape in shapes.items()}}
-    empty = np.zeros(shapes["text_embeddings"], np.float32)
-    task = StageCTask(cfg.model, cfg.encoders, cfg.objective, cfg.validation, "embeddings", empty).setup(torch.device("cpu"))
-    torch.manual_seed(0)
+    train_step, as a worker runs them; benchmarks.memory_plan, which measures a GPU's the same way)."""
     base = _in_use()
     with PeakMemory() as peak:
-        batches = EqualStepBatches(_ListShard([batch]), b, torch.device("cpu"))
-        state = TrainState.build(cfg.model.build(), batches, cfg, torch.device("cpu"))
-        for _ in range(2):
-            train_step(state, task, cfg, rank)
+        train_steps(cfg, shapes, torch.device("cpu"), rank)
     return peak.peak - base
 
 
