@@ -10,6 +10,7 @@ from pydantic_core import ArgsKwargs
 from core.config import config_dataclass
 from data_prep.decode import DEFAULT_MAX_PIXELS
 from data_prep.sources import FORMATS as SOURCE_FORMATS
+from latent_cache.buckets import SQUARE, resolve
 from latent_cache.spec import TEXT_MODES, CacheSpec, EncoderWeights
 
 # The original Würstchen data filter (dome272/Wuerstchen utils.py WebdatasetFilter, used for v1 and v2):
@@ -151,6 +152,11 @@ class EncodeConfig:
     # Keep the semantic compressor's input images (uint8, (0.75 x resolution)^2 x 3 bytes a row), for
     # Stage B trained together with its compressor (model.train_semantic_compressor).
     semantic_images: bool = False
+    # Aspect-ratio buckets (latent_cache/buckets.py): "square" (every image cut to its centre square),
+    # "aspect" (up to 11 shapes of about resolution^2 pixels from 1:2 to 2:1, each image cut to the one
+    # nearest its aspect ratio), or a list of "HxW" shapes (the square among them). Each bucket's rows
+    # go into files of their own tensor shapes; the manifest lists the buckets and their counts.
+    buckets: str | list[str] = "square"
     batch_size: PositiveInt = 32
     # On GPU, Stage A takes the batch in parts of this many images: at 1024 px its first blocks hold
     # 192 x 512 x 512 values per image, and CUDA's replication padding indexes a tensor with 32 bits.
@@ -170,13 +176,15 @@ class EncodeConfig:
             raise ValueError(f"encode.resolution must be a multiple of 32, got {self.resolution}")
         if self.precision not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"encode.precision must be fp16, bf16 or fp32, got {self.precision!r}")
+        resolve(self.buckets, self.resolution)  # a clear error now, not in the encoder actors
 
     def spec(self) -> CacheSpec:
         """What the cache's rows hold; the other fields say how the encoders run."""
         return CacheSpec(flavor=self.flavor, resolution=self.resolution, text_mode=self.text_mode, semantic=self.semantic,
                          text_encoder=self.text_encoder, stage_a=self.stage_a, text_width=self.text_width,
                          decoder_text_encoder=self.decoder_text_encoder, decoder_text_width=self.decoder_text_width,
-                         images=self.images, semantic_images=self.semantic_images)
+                         images=self.images, semantic_images=self.semantic_images,
+                         buckets=() if self.buckets == SQUARE else tuple(resolve(self.buckets, self.resolution)))
 
 
 @config_dataclass

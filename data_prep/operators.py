@@ -31,6 +31,8 @@ from data_prep.filters import check_rules
 from data_prep.hashing import Deduplicator, content_hash, perceptual_hash
 from data_prep.sources import reader_for
 from data_prep.transforms import center_crop_resize, training_pixels
+from latent_cache.buckets import nearest as nearest_bucket
+from latent_cache.buckets import parse as parse_bucket
 from latent_cache.spec import TENSOR_DTYPES
 from latent_cache.writer import ENCODERS_COLUMN, KEEP, encoder_identity
 
@@ -193,12 +195,13 @@ class Deduplicate:
 
 # -- encode ------------------------------------------------------------------------------------
 
-def _per_row(n: int, kept: list[int], data: np.ndarray) -> pa.Array:
-    """A large_binary column of `n` rows: the kept rows' equal shares of `data` (C-contiguous, in the
-    rows' order) as raw bytes, empty for the other rows."""
+def _per_row(n: int, kept: list[int], tensors: list[np.ndarray]) -> pa.Array:
+    """A large_binary column of `n` rows: each kept row's tensor (in the rows' order; their shapes may
+    differ, by bucket) as raw bytes, empty for the other rows."""
     sizes = np.zeros(n, np.int64)
-    sizes[kept] = data.nbytes // max(len(kept), 1)
+    sizes[kept] = [t.nbytes for t in tensors]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
+    data = np.concatenate([np.ascontiguousarray(t).reshape(-1).view(np.uint8) for t in tensors]) if tensors else np.zeros(0, np.uint8)
     return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
@@ -251,12 +254,15 @@ class Encode:
         self.stage_a = fold_batchnorm(stage_a).to(self.device) if stage_a is not None else None
         self.text = text.to(self.device)
         self.decoder_text = decoder_text.to(self.device) if decoder_text is not None else None
-        side = cfg.resolution
-        # square -> its side: the semantic compressor's input, and the training-resolution square
-        # when Stage A encodes it or the cache keeps it
-        self.sides = {"semantic_images": semantic_image_size(side, side)[0]}
-        if spec.stage_a is not None or spec.images:
-            self.sides["images"] = side
+        # bucket -> image -> its (height, width): the semantic compressor's input, and the image at
+        # the training size when Stage A encodes it or the cache keeps it (latent_cache/buckets.py)
+        self.buckets = spec.bucket_names
+        self.sizes = {}
+        for bucket in self.buckets:
+            height, width = parse_bucket(bucket)
+            self.sizes[bucket] = {"semantic_images": semantic_image_size(height, width)}
+            if spec.stage_a is not None or spec.images:
+                self.sizes[bucket]["images"] = (height, width)
         # latent name -> (encoder, the square it takes, images per call on GPU)
         self.image_encoders = {"stage_c_latents": (self.semantic, "semantic_images", cfg.batch_size)}
         if self.stage_a is not None:
@@ -266,12 +272,12 @@ class Encode:
         kept = {"images": spec.images, "semantic_images": spec.semantic_images}
         self.kept_squares = [name for name, keep in kept.items() if keep]
 
-    def cut(self, image_bytes: bytes) -> dict[str, np.ndarray]:
-        """One image's squares, uint8 HWC RGB: decoded as the decode task decoded it (which checked
-        that it decodes, within the same pixel bound) and cut by `training_pixels`."""
-        semantic_side = self.sides["semantic_images"]
+    def cut(self, image_bytes: bytes, bucket: str) -> dict[str, np.ndarray]:
+        """One image's squares (a bucket's shapes), uint8 HWC RGB: decoded as the decode task decoded
+        it (which checked that it decodes, within the same pixel bound) and cut by `training_pixels`."""
+        sizes = self.sizes[bucket]
         image = decode_image(image_bytes, max_pixels=self.max_pixels)
-        full, semantic = training_pixels(image, self.sides.get("images"), (semantic_side, semantic_side))
+        full, semantic = training_pixels(image, sizes.get("images"), sizes["semantic_images"])
         return {"semantic_images": semantic} if full is None else {"images": full, "semantic_images": semantic}
 
     @staticmethod
@@ -303,13 +309,13 @@ class Encode:
 
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda" and self.dtype != torch.float32)
 
-    def _encode_per_image(self, images: list[bytes], captions: list[str]) -> tuple[dict, dict]:
-        """(latents, kept squares) of the rows: one job per image (decode, cut, every image
-        encoder) and per batch_size captions, on the pool."""
+    def _encode_per_image(self, images: list[bytes], captions: list[str], bucket: str) -> tuple[dict, dict]:
+        """(latents, kept squares) of the rows of a bucket: one job per image (decode, cut, every
+        image encoder) and per batch_size captions, on the pool."""
         import torch
 
         def encode_one(image_bytes: bytes):
-            squares = self.cut(image_bytes)
+            squares = self.cut(image_bytes, bucket)
             with torch.no_grad():
                 # A writable batch of one with a batch's strides: CPU kernels pick their path by
                 # strides too, and PIL's arrays are read-only.
@@ -326,17 +332,17 @@ class Encode:
             latents[name] = torch.cat([job.result()[name] for job in text_jobs])
         return latents, {name: np.stack([squares[name] for squares, _ in done]) for name in self.kept_squares}
 
-    def _fill(self, images: list[bytes]) -> tuple[dict, list]:
-        """Host buffers of batch_size rows for each square (pinned on CUDA), and the pool's jobs
-        that decode and cut `images` into their first rows."""
+    def _fill(self, images: list[bytes], bucket: str) -> tuple[dict, list]:
+        """Host buffers of batch_size rows for each square of a bucket (pinned on CUDA), and the
+        pool's jobs that decode and cut `images` into their first rows."""
         import torch
 
         pinned = self.device.type == "cuda"
-        buffers = {name: torch.empty((self.cfg.batch_size, side, side, 3), dtype=torch.uint8, pin_memory=pinned)
-                   for name, side in self.sides.items()}
+        buffers = {name: torch.empty((self.cfg.batch_size, *size, 3), dtype=torch.uint8, pin_memory=pinned)
+                   for name, size in self.sizes[bucket].items()}
 
         def fill(row: int, image_bytes: bytes) -> None:
-            for name, square in self.cut(image_bytes).items():
+            for name, square in self.cut(image_bytes, bucket).items():
                 buffers[name].numpy()[row] = square
 
         return buffers, [self.pool.submit(fill, row, data) for row, data in enumerate(images)]
@@ -356,18 +362,18 @@ class Encode:
         part.update(self._text(captions))
         return part
 
-    def _encode_on_device(self, images: list[bytes], captions: list[str]) -> tuple[dict, dict]:
-        """(latents, kept squares) of the rows, in device batches of exactly batch_size rows (the
-        last padded with its last image); the pool fills the next batch's buffers meanwhile."""
+    def _encode_on_device(self, images: list[bytes], captions: list[str], bucket: str) -> tuple[dict, dict]:
+        """(latents, kept squares) of the rows of a bucket, in device batches of exactly batch_size
+        rows (the last padded with its last image); the pool fills the next batch's buffers meanwhile."""
         import torch
 
         size = self.cfg.batch_size
         parts, kept = [], {name: [] for name in self.kept_squares}
-        filling = self._fill(images[:size])
+        filling = self._fill(images[:size], bucket)
         for first in range(0, len(images), size):
             buffers, jobs = filling
             if first + size < len(images):
-                filling = self._fill(images[first + size : first + 2 * size])
+                filling = self._fill(images[first + size : first + 2 * size], bucket)
             for job in jobs:
                 job.result()
             n = min(size, len(images) - first)
@@ -388,18 +394,34 @@ class Encode:
 
         n = batch.num_rows
         kept = np.flatnonzero(pc.equal(batch.column("drop_reason"), KEEP).to_numpy(zero_copy_only=False)).tolist()
-        arrays = {}
-        if kept:
-            images = batch.column("image_bytes").take(kept).to_pylist()
-            captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()]
-            encode = self._encode_per_image if self.per_image_jobs else self._encode_on_device
-            latents, arrays = encode(images, captions)
+        # kept row -> its bucket, by the source image's aspect ratio
+        if len(self.buckets) > 1:
+            heights, widths = (batch.column(name).take(kept).to_pylist() for name in ("height", "width"))
+            row_buckets = [nearest_bucket(self.buckets, h, w) for h, w in zip(heights, widths)]
+        else:
+            row_buckets = self.buckets * len(kept)
+        groups = {}  # bucket -> positions in `kept`, in order
+        for position, bucket in enumerate(row_buckets):
+            groups.setdefault(bucket, []).append(position)
+        rows = {name: [None] * len(kept) for name in self.kept_squares + self.columns}  # each kept row's tensor
+        images = batch.column("image_bytes").take(kept).to_pylist() if kept else []
+        captions = [str(c) for c in batch.column("caption").take(kept).to_pylist()] if kept else []
+        encode = self._encode_per_image if self.per_image_jobs else self._encode_on_device
+        for bucket, positions in groups.items():
+            latents, arrays = encode([images[i] for i in positions], [captions[i] for i in positions], bucket)
             latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
             arrays.update({name: latents[name].cpu().numpy().astype(TENSOR_DTYPES[name]) for name in self.columns})
+            for name, array in arrays.items():
+                for j, position in enumerate(positions):
+                    rows[name][position] = array[j]
         batch = batch.drop_columns(["image_bytes"])
         for name in self.kept_squares + self.columns:
-            data = np.ascontiguousarray(arrays[name]) if kept else np.zeros(0, np.uint8)
-            batch = batch.append_column(name, _per_row(n, kept, data))
+            batch = batch.append_column(name, _per_row(n, kept, rows[name]))
+        if len(self.buckets) > 1:
+            names = [""] * n
+            for i, bucket in zip(kept, row_buckets):
+                names[i] = bucket
+            batch = batch.append_column("bucket", pa.array(names, pa.string()))
         identity = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.identity], pa.string()))
         return batch.append_column(ENCODERS_COLUMN, identity)
 

@@ -1,5 +1,5 @@
 """A prep run's summary as the job prints it: the shards, the rows in and out, the throughput and
-the funnel (for every drop reason, how many rows it saw and dropped)."""
+the funnel (for every drop reason, how many rows it saw and dropped), and the cache's buckets."""
 
 from data_prep.filters import funnel
 
@@ -19,4 +19,6 @@ def format_summary(summary: dict) -> str:
     manifest = summary.get("manifest")
     if manifest:
         lines.append(f"cache holds      {manifest['rows_written']} rows from {len(manifest['shards'])} shards")
+        for bucket, info in manifest.get("buckets", {}).items():  # aspect-ratio buckets: each one's rows
+            lines.append(f"  bucket {bucket:<9} {info['rows']:>6} rows")
     return "\n".join(lines)

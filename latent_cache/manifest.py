@@ -34,7 +34,7 @@ def write(fs, root: str, manifest: dict) -> None:
 def new_manifest(spec: CacheSpec, encoders: dict, text_width: int, provenance: dict) -> dict:
     """An empty cache's manifest. `provenance`: what else the writer records (prep's source and filters)."""
     now = _now()
-    return {
+    manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_at": now,
         "updated_at": now,
@@ -48,6 +48,17 @@ def new_manifest(spec: CacheSpec, encoders: dict, text_width: int, provenance: d
         "rows_written": 0,
         "dropped": {},
     }
+    if spec.bucketed:  # each bucket's tensor shapes and rows (a square-only cache: "shapes" and "rows_written")
+        widths = (text_width, decoder_text_width(encoders))
+        manifest["buckets"] = {b: {"shapes": shapes, "rows": 0} for b, shapes in spec.bucket_shapes(*widths).items()}
+    return manifest
+
+
+def buckets(manifest: dict) -> dict[str, dict]:
+    """bucket -> {"shapes", "rows"} of a cache; a square-only cache's one bucket."""
+    if "buckets" in manifest:
+        return manifest["buckets"]
+    return {manifest["bucket"]: {"shapes": manifest["shapes"], "rows": manifest["rows_written"]}}
 
 
 def record_wave(manifest: dict, shard_stats: dict[str, dict], files: list[dict]) -> dict:
@@ -59,6 +70,9 @@ def record_wave(manifest: dict, shard_stats: dict[str, dict], files: list[dict])
         for reason, count in stats["dropped"].items():
             manifest["dropped"][reason] = manifest["dropped"].get(reason, 0) + count
     manifest["files"].extend(files)
+    if "buckets" in manifest:
+        for f in files:
+            manifest["buckets"][f["bucket"]]["rows"] += f["rows"]
     manifest["updated_at"] = _now()
     return manifest
 
@@ -72,6 +86,9 @@ def check_settings(manifest: dict, spec: CacheSpec, url: str) -> None:
                 f"the cache at {url} was made with {key}={manifest.get(key)!r}; this run has {key}={settings[key]!r}. "
                 f"Use another output URL for a different {key}."
             )
+    if list(buckets(manifest)) != spec.bucket_names:
+        raise CacheMismatchError(f"the cache at {url} holds the buckets {list(buckets(manifest))}; this run cuts images "
+                                 f"to {spec.bucket_names}. Use another output URL for other buckets.")
 
 
 def check_encoders(manifest: dict, spec: CacheSpec, encoders: dict, text_width: int, url: str) -> None:
@@ -86,6 +103,10 @@ def check_encoders(manifest: dict, spec: CacheSpec, encoders: dict, text_width: 
     shapes = spec.tensor_shapes(text_width, decoder_text_width(encoders))
     if manifest["shapes"] != shapes:
         raise CacheMismatchError(f"the cache at {url} has tensor shapes {manifest['shapes']}, this run {shapes}")
+    for bucket, shapes in spec.bucket_shapes(text_width, decoder_text_width(encoders)).items():
+        if buckets(manifest)[bucket]["shapes"] != shapes:
+            raise CacheMismatchError(f"the cache at {url} has tensor shapes {buckets(manifest)[bucket]['shapes']} in "
+                                     f"bucket {bucket}, this run {shapes}")
 
 
 # encoder -> (the column its output fills, the prep setting that adds it) for the optional ones

@@ -37,6 +37,35 @@ class Cache:
         return [join(self.root, f["path"]) for f in self.manifest["files"]]
 
     @property
+    def buckets(self) -> dict[str, dict]:
+        """bucket ("HxW") -> {"shapes": its tensor shapes, "rows": its rows} (latent_cache/buckets.py)."""
+        return manifests.buckets(self.manifest)
+
+    def files_of(self, bucket: str | None = None) -> list[str]:
+        """The files of a bucket's rows (a file holds one bucket); None: every file, which only a
+        cache of one bucket (or a read of no tensor column) may take at once."""
+        if bucket is None:
+            return self.files
+        if bucket not in self.buckets:
+            raise ValueError(f"the cache at {self.url} has no bucket {bucket}: its buckets are {list(self.buckets)}")
+        if "buckets" not in self.manifest:
+            return self.files
+        return [join(self.root, f["path"]) for f in self.manifest["files"] if f["bucket"] == bucket]
+
+    def check_one_bucket(self, purpose: str) -> None:
+        """Refuses a cache of several aspect-ratio buckets for a reader that takes one shape only."""
+        if len(self.buckets) > 1:
+            raise manifests.CacheMismatchError(
+                f"the cache at {self.url} holds {len(self.buckets)} aspect-ratio buckets ({', '.join(self.buckets)}); "
+                f"{purpose} reads square caches only so far. Prepare one with encode.buckets: square.")
+
+    def _check_one_shape(self, columns: list[str] | None, bucket: str | None) -> None:
+        tensors = [c for c in (columns or self.manifest["shapes"]) if c in self.manifest["shapes"]]
+        if bucket is None and len(self.buckets) > 1 and tensors:
+            raise ValueError(f"the cache at {self.url} holds {len(self.buckets)} aspect-ratio buckets, whose tensor columns "
+                             f"{tensors} have other shapes in each: read one bucket at a time (bucket=...)")
+
+    @property
     def rows(self) -> int:
         return self.manifest["rows_written"]
 
@@ -56,17 +85,20 @@ class Cache:
         """Refuses the cache when it lacks a tensor column of `columns` that `purpose` reads."""
         manifests.check_columns(self.manifest, columns, self.url, purpose)
 
-    def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """All rows with plain pyarrow (no Ray)."""
-        tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files]
+    def read_table(self, columns: list[str] | None = None, bucket: str | None = None) -> pa.Table:
+        """All rows (of a bucket) with plain pyarrow (no Ray)."""
+        self._check_one_shape(columns, bucket)
+        tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files_of(bucket)]
         return pa.concat_tables(tables) if tables else pa.table({})
 
-    def spread_rows(self, columns: list[str], count: int, fraction: float, validation: bool = False) -> pa.Table:
+    def spread_rows(self, columns: list[str], count: int, fraction: float, validation: bool = False,
+                    bucket: str | None = None) -> pa.Table:
         """`count` rows of one side of the split (the training rows, or with `validation` the held-out
-        ones) spread evenly over the cache in file order, with `columns`. Only the key column is read
-        everywhere; the others only from the row groups that hold a chosen row."""
+        ones) spread evenly over the cache (or a bucket of it) in file order, with `columns`. Only the
+        key column is read everywhere; the others only from the row groups that hold a chosen row."""
+        self._check_one_shape(columns, bucket)
         where = []  # (file, row group, index in the group) of every row of the split
-        for path in self.files:
+        for path in self.files_of(bucket):
             with self.fs.open_input_file(path) as f:
                 parquet = pq.ParquetFile(f)
                 for group in range(parquet.metadata.num_row_groups):
@@ -83,11 +115,12 @@ class Cache:
             parts.append(table.take(pa.array([i for *_, i in members])))
         return pa.concat_tables(parts)
 
-    def ray_dataset(self, columns: list[str] | None = None, **kwargs):
+    def ray_dataset(self, columns: list[str] | None = None, bucket: str | None = None, **kwargs):
         import ray.data
 
         if not self.files:
             raise ValueError(f"the cache at {self.url} has no rows yet")
+        self._check_one_shape(columns, bucket)
         # The files are known (the manifest lists them): the V1 reader plans from that list, while
         # the V2 one starts a pool of new footer-reading actor processes (up to 32) for every
         # execution, i.e. every epoch of every dataset; on a small node that costs more than the reading.
@@ -96,7 +129,7 @@ class Cache:
         saved = context.use_datasource_v2, context.enable_progress_bars
         context.use_datasource_v2, context.enable_progress_bars = False, False
         try:
-            ds = ray.data.read_parquet(self.files, filesystem=self.fs, **kwargs)
+            ds = ray.data.read_parquet(self.files_of(bucket), filesystem=self.fs, **kwargs)
         finally:
             context.use_datasource_v2, context.enable_progress_bars = saved
         return ds.select_columns(columns) if columns else ds

@@ -3,7 +3,8 @@
 Tensor columns use Arrow's canonical `arrow.fixed_shape_tensor` extension type, so plain pyarrow (or
 any Arrow reader) recovers each tensor's shape; Ray reads them as tensors. Columns of a cache:
     key, caption, source_shard (str); width, height (int32, the source image); metadata (JSON str);
-    content_hash (str), phash (uint64), clip_score (float32, NaN when not computed); bucket (str "HxW");
+    content_hash (str), phash (uint64), clip_score (float32, NaN when not computed); bucket (str "HxW",
+    the shape the image was cut to: latent_cache/buckets.py; a cache's files each hold one bucket);
     stage_c_latents  float16 [16, h, w]   z_C = (e + 1) / 42, what Stage C learns
     stage_a_latents  float16 [4, H/4, W/4] Stage A encoder output (optional, for Stage B)
     text_embeddings  float16 [77, width]   (text_mode "embeddings")
@@ -63,10 +64,22 @@ class CacheSpec:
     decoder_text_width: int | None = None  # width of a random one (default: the flavor's Stage B clip_embd)
     images: bool = False  # the cropped training images themselves (for Stage A training)
     semantic_images: bool = False  # the semantic compressor's input images (for Stage B trained with it)
+    # The aspect-ratio buckets ("HxW", latent_cache/buckets.py); () = the square RxR only.
+    buckets: tuple[str, ...] = ()
 
     @property
     def bucket(self) -> str:
+        """The square bucket, RxR."""
         return f"{self.resolution}x{self.resolution}"
+
+    @property
+    def bucket_names(self) -> list[str]:
+        return list(self.buckets) or [self.bucket]
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether the cache holds other shapes than the square."""
+        return self.bucket_names != [self.bucket]
 
     @property
     def text_columns(self) -> list[str]:
@@ -84,17 +97,20 @@ class CacheSpec:
     def image_columns(self) -> list[str]:
         return ["images"] * self.images + ["semantic_images"] * self.semantic_images
 
-    def tensor_shapes(self, text_width: int, decoder_text_width: int | None = None) -> dict[str, list[int]]:
-        """The shape of every tensor column, given the widths of the text encoders really used (a
-        pretrained one has its own). `stages` is imported here, not at the top: the prep config
-        imports this module on every Ray worker that reads or decodes, and torch costs each ~3 s."""
+    def tensor_shapes(self, text_width: int, decoder_text_width: int | None = None, bucket: str | None = None) -> dict[str, list[int]]:
+        """The shape of every tensor column of a bucket's rows (default: the square's), given the
+        widths of the text encoders really used (a pretrained one has its own). `stages` is imported
+        here, not at the top: the prep config imports this module on every Ray worker that reads or
+        decodes, and torch costs each ~3 s."""
+        from latent_cache.buckets import parse
         from stages.latents import semantic_image_size
         from stages.text_encoders import CONTEXT_LENGTH
 
-        sem_h, sem_w = semantic_image_size(self.resolution, self.resolution)
+        height, width = parse(bucket or self.bucket)
+        sem_h, sem_w = semantic_image_size(height, width)
         shapes = {"stage_c_latents": [16, sem_h // 32, sem_w // 32]}
         if self.stage_a is not None:
-            shapes["stage_a_latents"] = [4, self.resolution // 4, self.resolution // 4]
+            shapes["stage_a_latents"] = [4, height // 4, width // 4]
         if self.text_mode == "embeddings":
             shapes["text_embeddings"] = [CONTEXT_LENGTH, text_width]
         else:
@@ -105,10 +121,14 @@ class CacheSpec:
                 raise ValueError("the shape of decoder_text_embeddings needs the decoder text encoder's width")
             shapes["decoder_text_embeddings"] = [CONTEXT_LENGTH, decoder_text_width]
         if self.images:
-            shapes["images"] = [self.resolution, self.resolution, 3]
+            shapes["images"] = [height, width, 3]
         if self.semantic_images:
             shapes["semantic_images"] = [sem_h, sem_w, 3]
         return shapes
+
+    def bucket_shapes(self, text_width: int, decoder_text_width: int | None = None) -> dict[str, dict[str, list[int]]]:
+        """Every bucket's `tensor_shapes`."""
+        return {b: self.tensor_shapes(text_width, decoder_text_width, b) for b in self.bucket_names}
 
     def settings(self) -> dict:
         """What the manifest records of the spec besides the encoders' fingerprints and the shapes."""

@@ -55,24 +55,32 @@ def tensor_column(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dt
     return pa.FixedShapeTensorArray.from_numpy_ndarray(flat.reshape(len(offsets) - 1, *shape))
 
 
-def finalize(batch: pa.Table, shapes: dict[str, list[int]], bucket: str) -> pa.Table:
-    """Keeps the kept rows, as the cache's columns: the latent bytes become fixed-shape tensor columns."""
+def finalize(batch: pa.Table, shapes: dict[str, dict[str, list[int]]]) -> dict[str, pa.Table]:
+    """Keeps the kept rows, as the cache's columns, by bucket (`shapes`: bucket -> its tensor shapes;
+    with more than one, each row's `bucket` column says which): the latent bytes become fixed-shape
+    tensor columns of the bucket's shapes. Buckets without a kept row are left out."""
     kept = batch.filter(pc.equal(batch.column("drop_reason"), KEEP))
-    columns = {
-        "key": kept.column("key").cast(pa.string()),
-        "caption": kept.column("caption").cast(pa.string()),
-        "source_shard": kept.column("source_shard").cast(pa.string()),
-        "width": kept.column("width").cast(pa.int32()),
-        "height": kept.column("height").cast(pa.int32()),
-        "metadata": kept.column("metadata").cast(pa.string()),
-        "content_hash": kept.column("content_hash").cast(pa.string()),
-        "phash": kept.column("phash").cast(pa.uint64()),
-        "clip_score": kept.column("clip_score").cast(pa.float32()),
-        "bucket": pa.array([bucket] * kept.num_rows, pa.string()),
-    }
-    for name, shape in shapes.items():
-        columns[name] = tensor_column(kept.column(name), tuple(shape), TENSOR_DTYPES[name])
-    return pa.table(columns)
+    out = {}
+    for bucket, bucket_shapes in shapes.items():
+        rows = kept if len(shapes) == 1 else kept.filter(pc.equal(kept.column("bucket"), bucket))
+        if not rows.num_rows:
+            continue
+        columns = {
+            "key": rows.column("key").cast(pa.string()),
+            "caption": rows.column("caption").cast(pa.string()),
+            "source_shard": rows.column("source_shard").cast(pa.string()),
+            "width": rows.column("width").cast(pa.int32()),
+            "height": rows.column("height").cast(pa.int32()),
+            "metadata": rows.column("metadata").cast(pa.string()),
+            "content_hash": rows.column("content_hash").cast(pa.string()),
+            "phash": rows.column("phash").cast(pa.uint64()),
+            "clip_score": rows.column("clip_score").cast(pa.float32()),
+            "bucket": pa.array([bucket] * rows.num_rows, pa.string()),
+        }
+        for name, shape in bucket_shapes.items():
+            columns[name] = tensor_column(rows.column(name), tuple(shape), TENSOR_DTYPES[name])
+        out[bucket] = pa.table(columns)
+    return out
 
 
 def encoder_identity(fingerprints: dict, text_width: int) -> str:
@@ -101,8 +109,8 @@ def _wave_id(shards: list[str]) -> str:
 
 class _Wave:
     """One wave on its way to a commit: per-shard counts of every row, and the kept rows written
-    into `data/wave-<id>/` as they arrive, in files of `max_rows_per_file` rows (one row group each).
-    Until the manifest lists them, these files are not part of the cache."""
+    into `data/wave-<id>/` as they arrive, in files of `max_rows_per_file` rows (one row group each),
+    each file of one bucket. Until the manifest lists them, these files are not part of the cache."""
 
     def __init__(self, fs, root: str, shards: list[str], max_rows_per_file: int):
         self.fs, self.root, self.max_rows = fs, root, max_rows_per_file
@@ -110,23 +118,26 @@ class _Wave:
         if fs.get_file_info(self.dir).type == pafs.FileType.Directory:
             fs.delete_dir(self.dir)  # leftovers of a run killed before it committed this wave
         self.counts = {url: Counter() for url in shards}  # drop reason (KEEP too) -> rows
-        self.unwritten: list[pa.Table] = []  # kept rows not in a file yet
+        self.unwritten: dict[str, list[pa.Table]] = {}  # bucket -> kept rows not in a file yet
         self.files: list[dict] = []
+        self.bucketed = False
 
-    def add(self, rows: pa.Table, shapes: dict, bucket: str) -> None:
+    def add(self, rows: pa.Table, shapes: dict[str, dict]) -> None:
         counted = rows.group_by(["source_shard", "drop_reason"]).aggregate([("key", "count")])
         columns = (counted.column(name).to_pylist() for name in ("source_shard", "drop_reason", "key_count"))
         for url, reason, n in zip(*columns):
             self.counts[url][reason] += n
+        self.bucketed = len(shapes) > 1
         if pc.any(pc.equal(rows.column("drop_reason"), KEEP)).as_py():
-            self.unwritten.append(finalize(rows, shapes, bucket))
-        while sum(t.num_rows for t in self.unwritten) >= self.max_rows:
-            self._write_file()
+            for bucket, table in finalize(rows, shapes).items():
+                self.unwritten.setdefault(bucket, []).append(table)
+                while sum(t.num_rows for t in self.unwritten[bucket]) >= self.max_rows:
+                    self._write_file(bucket)
 
-    def _write_file(self) -> None:
-        table = pa.concat_tables(self.unwritten)
+    def _write_file(self, bucket: str) -> None:
+        table = pa.concat_tables(self.unwritten[bucket])
         part, rest = table.slice(0, self.max_rows), table.slice(self.max_rows)
-        self.unwritten = [rest] if rest.num_rows else []
+        self.unwritten[bucket] = [rest] if rest.num_rows else []
         if not self.files:
             self.fs.create_dir(self.dir, recursive=True)
         path = storage.join(self.dir, f"part-{len(self.files):05d}.parquet")
@@ -139,12 +150,14 @@ class _Wave:
                 write_statistics=[c for c in part.column_names if c not in TENSOR_DTYPES],
             )
             size = f.tell()
-        self.files.append({"path": path[len(self.root) + 1 :], "rows": part.num_rows, "bytes": size})
+        entry = {"path": path[len(self.root) + 1 :], "rows": part.num_rows, "bytes": size}
+        self.files.append({**entry, "bucket": bucket} if self.bucketed else entry)
 
     def commit(self, manifest: dict) -> dict[str, dict]:
         """Writes the last file, then the manifest that lists the wave: the commit point."""
-        while self.unwritten:
-            self._write_file()
+        for bucket in list(self.unwritten):  # in the order the buckets first came
+            while self.unwritten[bucket]:
+                self._write_file(bucket)
         wave = self.dir.rsplit("/", 1)[-1]
         shard_stats = {}
         for url, counts in self.counts.items():
@@ -178,7 +191,7 @@ class CacheWriter:
         self.urls = pa.array(shards, pa.string())
         self.counts = {"rows_in": 0, "rows_written": 0, "dropped": Counter(), "waves": 0}
         self.identity = None  # the encoders every row must state, once the first rows came
-        self.shapes = None  # the tensor shapes, once the encoders are known
+        self.shapes = None  # bucket -> the tensor shapes, once the encoders are known
         self.number = 0  # the wave rows are arriving for
         self.current = None
 
@@ -188,7 +201,7 @@ class CacheWriter:
             self.manifest = manifests.new_manifest(self.spec, encoders, text_width, self.provenance)
         else:
             manifests.check_encoders(self.manifest, self.spec, encoders, text_width, self.url)
-        self.shapes = self.spec.tensor_shapes(text_width, decoder_text_width(encoders))
+        self.shapes = self.spec.bucket_shapes(text_width, decoder_text_width(encoders))
         if self.waves:
             self.current = _Wave(self.fs, self.root, self.waves[0], self.max_rows)
 
@@ -214,7 +227,7 @@ class CacheWriter:
         for w in np.unique(wave):
             self._complete_before(int(w))
             first, end = np.searchsorted(wave, [w, w + 1])
-            self.current.add(rows.slice(first, end - first), self.shapes, self.spec.bucket)
+            self.current.add(rows.slice(first, end - first), self.shapes)
 
     def finish(self) -> dict:
         """Commits the waves not committed yet; returns the manifest (not written when no wave was)."""

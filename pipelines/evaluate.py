@@ -130,7 +130,6 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     from latent_cache.reader import Cache
     from pipelines.pyfunc_models import TextEncoderRef
     from pipelines.training.tasks import condition_gap, validation_inputs
-    from stages import StageC
     from stages.objectives import stage_c_validation_loss
 
     mlflow_client = registry.client(tracking_uri)
@@ -142,6 +141,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     if spec is None:
         spec = EvalSpec(**config["eval_spec"])
     cache = Cache(spec.cache)
+    cache.check_one_bucket("evaluation")
     trained_on = {k.split(".", 1)[1]: v for k, v in version.tags.items() if k.startswith("fingerprint.")}
     cache.check_fingerprints({k: v for k, v in trained_on.items() if k in ("semantic_compressor", "text_encoder")})
     spec_id = spec.spec_id(cache.manifest)

@@ -91,3 +91,31 @@ def plain_shards(folder: Path, shards: int, per_shard: int, seed0: int = 100) ->
             members += good(f"s{s}/img{i}", seed0 + s * per_shard + i)
         write_tar(folder / f"shard-{s:03d}.tar", members)
     return folder
+
+
+def kill_after_first_commit_and_rerun(sets: list[str], output: Path, ray_address: str, shards: int) -> None:
+    """Runs `wuerstchen prep` with `sets` in a child process, kills it (SIGKILL) once it has committed
+    its first wave and before its last, then reruns it to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pipelines.prep", *[arg for kv in sets for arg in ("--set", kv)]]
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest = output / "manifest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    committed = json.loads(manifest.read_text())
+    assert 1 <= len(committed["shards"]) < shards, "the kill must land between the first and the last commit"
+    rerun = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -74,7 +74,7 @@ def _held_out_emoji(count: int, resolution: int = 256) -> dict:
     images, semantic = [], []
     for entry in picks:
         image = decode_image(render_png(entry["svg_path"], resolution))
-        pixels, small = training_pixels(image, resolution, semantic_image_size(resolution, resolution))
+        pixels, small = training_pixels(image, (resolution, resolution), semantic_image_size(resolution, resolution))
         images.append(pixels)
         semantic.append(small)
 

@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_bucket
-from prep_factory import broken_shards, plain_shards
+from prep_factory import broken_shards, kill_after_first_commit_and_rerun, plain_shards
 
 from latent_cache.manifest import CacheMismatchError
 from latent_cache.reader import Cache
@@ -123,7 +121,7 @@ def test_the_cache_holds_the_encoders_latents_of_the_decoded_source_images(local
     try:
         rows = read_rows(str(output))
         for key in kept:
-            full, small = training_pixels(decode_image(images[key], max_pixels=1_000_000), 128, (96, 96))
+            full, small = training_pixels(decode_image(images[key], max_pixels=1_000_000), (128, 128), (96, 96))
             with torch.no_grad():
                 expected = {"stage_c_latents": semantic_to_stage_c(encoded(semantic, small)),
                             "stage_a_latents": encoded(stage_a.encode, full)}
@@ -277,26 +275,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
     run_prep(tiny_config(str(source), str(reference)))
 
     output = tmp_path / "killed"
-    command = [
-        sys.executable, "-m", "pipelines.prep",
-        *[arg for kv in _as_sets(tiny_config(str(source), str(output))) for arg in ("--set", kv)],
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    manifest = output / "manifest.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, f"the run ended before it could be killed:\n{process.stdout.read()}"
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    committed = json.loads(manifest.read_text())
-    assert 1 <= len(committed["shards"]) < 5, "the kill must land between the first and the last commit"
-
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    kill_after_first_commit_and_rerun(_as_sets(tiny_config(str(source), str(output))), output, ray_cluster, shards=5)
     resumed, expected = read_rows(str(output)), read_rows(str(reference))
     assert sorted(resumed) == sorted(expected) and len(resumed) == 30
     for key, tensors in expected.items():

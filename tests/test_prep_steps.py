@@ -171,7 +171,7 @@ def test_finalize_keeps_only_kept_rows_as_fixed_shape_tensors():
         "clip_score": [0.1, 0.2, 0.3], "drop_reason": [KEEP, "too_small", KEEP],
         "stage_c_latents": [np.full((16, 2, 2), i, np.float16).tobytes() if i != 1 else b"" for i in range(n)],
     })
-    out = finalize(table, {"stage_c_latents": [16, 2, 2]}, "64x64")
+    out = finalize(table, {"64x64": {"stage_c_latents": [16, 2, 2]}})["64x64"]
     assert out.column("key").to_pylist() == ["a", "c"] and "drop_reason" not in out.column_names
     tensors = out.column("stage_c_latents").chunk(0).to_numpy_ndarray()
     assert tensors.shape == (2, 16, 2, 2) and tensors[1].max() == 2
@@ -294,7 +294,7 @@ def test_encode_images_keeps_the_cropped_pixels_as_the_images_column():
     })
     shapes = cfg.spec().tensor_shapes(text_width=32)
     assert shapes["images"] == shapes["semantic_images"] == [64, 64, 3]
-    rows = finalize(stage(batch), shapes, "64x64")
+    rows = finalize(stage(batch), {"64x64": shapes})["64x64"]
     for name in ("images", "semantic_images"):
         images = rows.column(name).combine_chunks().to_numpy_ndarray()
         assert images.dtype == np.uint8 and images.shape == (2, 64, 64, 3)
@@ -378,7 +378,7 @@ def test_the_encoder_actor_gives_the_encoders_latents_of_the_squares_cut_from_th
         "key": [f"k{i}" for i in range(12)], "caption": [f"caption {i}" for i in range(12)], "drop_reason": reasons,
         "image_bytes": [p if reason == KEEP else b"" for p, reason in zip(pictures, reasons)],
     })
-    squares = [training_pixels(decode_image(pictures[i]), 128, (96, 96)) for i in kept]  # (128 px, 96 px)
+    squares = [training_pixels(decode_image(pictures[i]), (128, 128), (96, 96)) for i in kept]  # (128 px, 96 px)
 
     def as_input(arrays):  # as the decode tasks' pixel columns were read: a contiguous uint8 batch
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -455,7 +455,7 @@ def test_training_pixels_are_the_centre_square_resampled_from_the_source():
 
     image = Image.new("RGB", (300, 100), (0, 0, 0))
     image.paste((255, 255, 255), (100, 0, 200, 100))  # the centre square is white, the sides black
-    pixels, semantic = training_pixels(image, 64, (48, 48))
+    pixels, semantic = training_pixels(image, (64, 64), (48, 48))
     assert pixels.shape == (64, 64, 3) and semantic.shape == (48, 48, 3)
     assert pixels[:, 4:-4].min() == 255 and semantic[:, 4:-4].min() == 255  # resampling may blur the edge columns
     none, semantic_alone = training_pixels(image, None, (48, 48))
