@@ -70,7 +70,6 @@ def export(model_uri: str, out: str | Path, tracking_uri: str | None = None, ove
     import mlflow
 
     from pipelines.pyfunc_models import DecoderModel, TextEncoderRef
-    from stages import StageC
     from stages.diffusers_pipeline import write_combined_pipeline, write_prior_pipeline
     from stages.latents import latent_space
 

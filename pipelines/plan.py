@@ -9,6 +9,7 @@ refuses a run that does not fit (parallel.gpu_memory_gib, parallel.memory_check)
 """
 
 import logging
+import math
 import sys
 
 import torch
@@ -23,8 +24,8 @@ DEFAULT_RESOLUTION = {"v2": 1024}  # else the prep config's default
 
 
 def cache_shapes(cfg: TrainConfig, resolution: int | None = None) -> tuple[dict[str, list[int]], str]:
-    """(tensor shapes, text mode) of the run's cache: its manifest's, or those a prep of the model's
-    flavor at `resolution` would write (every column the stage may read)."""
+    """(tensor shapes, text mode) of the run's cache: its manifest's (of its largest bucket), or those
+    a prep of the model's flavor at `resolution` would write (every column the stage may read)."""
     from core import storage
     from data_prep.config import PrepConfig
     from latent_cache import manifest as manifests
@@ -35,8 +36,10 @@ def cache_shapes(cfg: TrainConfig, resolution: int | None = None) -> tuple[dict[
     except Exception as err:  # noqa: BLE001 - a cache out of reach here (credentials, network) is not an error
         log.info("cache %s not readable here (%s): planning with a prep of the flavor's shapes", cfg.data.cache, err)
         manifest = None
-    if manifest is not None:
-        return manifest["shapes"], manifest["text_mode"]
+    if manifest is not None:  # of several aspect-ratio buckets: the one of the most values a row (the largest activations)
+        shapes = max((b["shapes"] for b in manifests.buckets(manifest).values()),
+                     key=lambda bucket: sum(math.prod(shape) for shape in bucket.values()))
+        return shapes, manifest["text_mode"]
     flavor = cfg.model.flavor
     side = resolution or DEFAULT_RESOLUTION.get(flavor)
     sets = [f"encode.flavor={flavor}", "encode.stage_a={}", "encode.decoder_text_encoder={}", "encode.images=true",

@@ -172,6 +172,8 @@ def register_stage_c(
         model_config = {
             "flavor": config["model"]["flavor"],
             "resolution": cache.manifest["resolution"],
+            # the image shapes ("HxW", aspect-ratio buckets) it was trained on; params height and width ask for any
+            "buckets": list(cache.buckets),
             "text_mode": cache.manifest["text_mode"],
             "text_encoder": text_ref.to_dict(),
             "decoders": decoders,

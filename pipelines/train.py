@@ -91,11 +91,12 @@ def check_scale_factor(objective: float, stage_a: float) -> None:
         )
 
 
-def row_bytes(cache, columns: list[str]) -> int:
-    """An upper bound of one row's bytes in a batch: 4 bytes for each value of the tensor columns."""
+def row_bytes(cache, columns: list[str], bucket: str | None = None) -> int:
+    """An upper bound of one row's bytes in a batch (of a bucket): 4 bytes for each value of the tensor columns."""
     import math
 
-    return sum(4 * math.prod(cache.manifest["shapes"].get(name, [1])) for name in columns)
+    shapes = cache.buckets[bucket]["shapes"] if bucket else cache.manifest["shapes"]
+    return sum(4 * math.prod(shapes.get(name, [1])) for name in columns)
 
 
 def build_task(cfg: TrainConfig, cache, text_encoder):
@@ -124,14 +125,42 @@ def build_task(cfg: TrainConfig, cache, text_encoder):
                       decoders=picture_decoders(cfg, cache))
 
 
-def train_probe(cfg: TrainConfig, cache) -> dict | None:
+def train_probe(cfg: TrainConfig, cache, bucket: str | None = None) -> dict | None:
     """The training rows whose captions Stage C's validation retrieval samples (see
-    StageCTask.retrieval), spread over the cache, as a numpy batch; None when it is off."""
+    StageCTask.retrieval), spread over the cache (or a bucket of it), as a numpy batch; None when it
+    is off or the cache has several buckets (each bucket's are in TrainPlan.buckets)."""
     from pipelines.training.tasks import probe_rows
 
     v = cfg.validation
     count = max(v.retrieval_captions, v.picture_captions if v.decoders else 0)
-    return probe_rows(cache, count, cfg.data.validation_fraction) if count else None
+    if not count or (bucket is None and len(cache.buckets) > 1):
+        return None
+    return probe_rows(cache, count, cfg.data.validation_fraction, bucket)
+
+
+def bucket_plan(cfg: TrainConfig, cache, columns: list[str], rows: float) -> dict[str, dict] | None:
+    """For a cache of several aspect-ratio buckets: bucket -> its estimated training rows per worker
+    ("rows"), whether it is trained on (a worker's share holds a batch) and held in memory, and its
+    Stage C probe rows; None for a cache of one bucket. `rows`: the training rows of the whole
+    cache (after data.shards' mix)."""
+    if len(cache.buckets) == 1:
+        return None
+    share = rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers / cache.rows
+    plan = {}
+    for bucket, info in cache.buckets.items():
+        per_worker = info["rows"] * share
+        megabytes = per_worker * row_bytes(cache, columns, bucket) / 2**20
+        plan[bucket] = {"rows": per_worker, "trained": per_worker >= cfg.data.batch_size,
+                        "in_memory": megabytes <= cfg.data.memory_limit_mb,
+                        "probe": train_probe(cfg, cache, bucket) if cfg.model.stage == "c" else None}
+    skipped = [b for b, p in plan.items() if not p["trained"]]
+    if len(skipped) == len(plan):
+        raise ValueError(f"no bucket of {cfg.data.cache} gives each of {cfg.parallel.num_workers} workers data.batch_size="
+                         f"{cfg.data.batch_size} training rows: {({b: round(p['rows']) for b, p in plan.items()})}")
+    if skipped:
+        log.warning("buckets %s give each worker fewer than data.batch_size=%d training rows: validated, not trained on",
+                    skipped, cfg.data.batch_size)
+    return plan
 
 
 def picture_decoders(cfg: TrainConfig, cache) -> str | None:
@@ -193,7 +222,6 @@ def run_training(cfg: TrainConfig):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from core.storage import resolve
     from latent_cache.reader import Cache
     from pipelines.training import checkpoint as ckpt_io
     from pipelines.training.data import data_config, datasets
@@ -215,7 +243,8 @@ def run_training(cfg: TrainConfig):
         new = sum(cache.manifest["shards"][s]["rows_written"] for s in cfg.data.shards)
         rows = new + (rows - new) * cfg.data.replay_fraction
     per_worker = rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
-    if per_worker < cfg.data.batch_size:
+    buckets = bucket_plan(cfg, cache, task.columns, rows)
+    if buckets is None and per_worker < cfg.data.batch_size:
         raise ValueError(
             f"each of {cfg.parallel.num_workers} workers would get about {per_worker:.0f} training rows of {cfg.data.cache}, "
             f"fewer than data.batch_size={cfg.data.batch_size}"
@@ -238,16 +267,28 @@ def run_training(cfg: TrainConfig):
     from core.ray_cluster import connect
 
     connect(cfg.ray_address, cfg.num_cpus)
-    train_ds, val_ds = datasets(cache, task.columns, cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
-    share_mb = per_worker * row_bytes(cache, task.columns) / 2**20
-    in_memory = share_mb <= cfg.data.memory_limit_mb
-    log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
-             per_worker, share_mb)
+    split = (cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
+    if buckets is None:
+        train_ds, val_ds = datasets(cache, task.columns, *split)
+        all_datasets, trained = {"train": train_ds, "val": val_ds}, ["train"]
+        share_mb = per_worker * row_bytes(cache, task.columns) / 2**20
+        in_memory = share_mb <= cfg.data.memory_limit_mb
+        log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
+                 per_worker, share_mb)
+    else:  # a dataset of each bucket: a batch is of one bucket's shapes
+        all_datasets, trained, in_memory = {}, [], False
+        for bucket, info in buckets.items():
+            train_ds, all_datasets[f"val_{bucket}"] = datasets(cache, task.columns, *split, bucket=bucket)
+            if info["trained"]:
+                all_datasets[f"train_{bucket}"] = train_ds
+                trained.append(f"train_{bucket}")
+        log.info("aspect-ratio buckets, training rows per worker: %s",
+                 ", ".join(f"{b} ~{p['rows']:.0f}{'' if p['trained'] else ' (not trained on)'}" for b, p in buckets.items()))
     # A LoRA fine-tune's checkpoints hold its adapter only: a resume needs the base again, the same one.
     init_state = initial_weights(cfg) if resume is None or cfg.model.lora is not None else None
     lora_base = lora_base_of(cfg, init_state, ckpt_io.train_state_of(resume) if resume is not None else None, uri, run_id)
     plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=init_state, in_memory=in_memory,
-                     lora_base=lora_base)
+                     lora_base=lora_base, buckets=buckets)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,
@@ -264,8 +305,8 @@ def run_training(cfg: TrainConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=data_config(),
+        datasets=all_datasets,
+        dataset_config=data_config(trained),
     )
     try:
         result = trainer.fit()

@@ -89,19 +89,23 @@ def test_a_lora_fine_tune_recovers_keeps_its_base_registers_pinned_to_it_and_res
     version = register_stage_c(uri, "lora-tuned", run_id=run_id)["version"]
     tuned = f"models:/lora-tuned/{version}"
     assert registry.model_config_of(tuned)["lora_base"] == f"models:/{BASE}/{first}"
+    assert registry.model_config_of(tuned)["buckets"] == ["128x128"]
     registry.download(tuned, tmp_path / "downloaded")
     files = sorted(p.name for p in (tmp_path / "downloaded").rglob("*.safetensors"))
     assert files == [lora.WEIGHTS_NAME]
     merged = lora.merge_into(registry.load_stage_c(f"models:/{BASE}/{first}", uri), ema, spec)
     loaded = registry.load_stage_c(tuned, uri)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), merged.state_dict().values()))
-    served = mlflow.pyfunc.load_model(tuned).predict(["a red apple"], params={"steps": 3, "seed": 7, "guidance": 2.0})
+    # a non-square shape (an aspect-ratio bucket's), as the params ask
+    served = mlflow.pyfunc.load_model(tuned).predict(["a red apple"], params={"steps": 3, "seed": 7, "guidance": 2.0,
+                                                                             "height": 96, "width": 160})
     from pipelines.pyfunc_models import TextEncoderRef
     from stages.sampler import WuerstchenSampler
 
     text = TextEncoderRef.from_dict(registry.model_config_of(tuned)["text_encoder"]).load()
-    ours = WuerstchenSampler(merged.eval(), text)(["a red apple"], height=128, width=128, prior_steps=3, prior_guidance=2.0,
+    ours = WuerstchenSampler(merged.eval(), text)(["a red apple"], height=96, width=160, prior_steps=3, prior_guidance=2.0,
                                                   generator=7, output="semantic", progress=False)
+    assert ours.shape == (1, 16, 3, 4)
     torch.testing.assert_close(torch.as_tensor(served), ours, rtol=1e-5, atol=1e-5)
 
     # Exported: merged into a plain prior, or the adapter alone on an export of the base (diffusers).

@@ -565,3 +565,36 @@ def test_fsdp2_with_the_bf16_policy_gathers_blocks_in_bf16_and_keeps_fp32_weight
         assert bf16[:5] == ["bf16", "torch.bfloat16", "torch.float32", "['torch.float32']", "True"]
         reference, low = np.array(fp32[5].split(), float), np.array(bf16[5].split(), float)
         assert np.allclose(low, reference, rtol=0.05), (low, reference)
+
+
+def test_bucket_batches_draw_one_bucket_a_batch_by_weight_and_resume_to_the_same_draws():
+    """BucketBatches: each draw one bucket's batch, the buckets drawn by their weights from (seed,
+    draw) alone, so every rank draws the same bucket and a resumed run the same sequence."""
+    from pipelines.training.data import BucketBatches, EqualStepBatches
+
+    def shards():
+        rng = np.random.default_rng(0)
+        return {b: _ListShard([{"key": np.array([f"{b}-{i}-{j}" for j in range(2)], dtype=object),
+                                "stage_c_latents": rng.standard_normal((2, 16, *shape)).astype(np.float32)}
+                               for i in range(4)])
+                for b, shape in (("a", (3, 3)), ("b", (2, 4)))}
+
+    def batches():
+        per = {b: EqualStepBatches(shard, 2, torch.device("cpu")) for b, shard in shards().items()}
+        return BucketBatches(per, {"a": 3.0, "b": 1.0}, seed=5)
+
+    first = batches()
+    drawn = [first.next() for _ in range(40)]
+    names = [batch["key"][0].split("-")[0] for batch in drawn]
+    assert all(len({k.split("-")[0] for k in batch["key"]}) == 1 for batch in drawn)  # one bucket a batch
+    assert [tuple(b["stage_c_latents"].shape[2:]) for b in drawn] == [(3, 3) if n == "a" else (2, 4) for n in names]
+    assert 0.6 < names.count("a") / len(names) < 0.9  # weighted 3:1
+    again = batches()
+    position = None
+    for i in range(40):
+        if i == 17:
+            position = again.state_dict()
+            again = batches()
+            again.load_state_dict(position)
+        assert again.next()["key"] == drawn[i]["key"], i
+    assert position["draws"] == 17 and set(position["buckets"]) == {"a", "b"}

@@ -33,12 +33,13 @@ def _scatter(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def datasets(cache: Cache, columns: list[str], validation_fraction: float, shards: list[str] | None = None,
-             replay_fraction: float = 1.0, seed: int = 0):
-    """(train, validation) Ray Datasets of `columns` (what the task's batches hold). With `shards`,
-    training sees the rows of those source shards plus `replay_fraction` of the others; validation
-    always covers the held-out rows of the whole cache (the fixed evaluation). The training rows of
-    each block are scattered by `seed` (see `_scatter`)."""
-    ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []))
+             replay_fraction: float = 1.0, seed: int = 0, bucket: str | None = None):
+    """(train, validation) Ray Datasets of `columns` (what the task's batches hold), of one aspect-ratio
+    bucket's rows (None: a cache of one). With `shards`, training sees the rows of those source
+    shards plus `replay_fraction` of the others; validation always covers the held-out rows of the
+    whole cache (the fixed evaluation). The training rows of each block are scattered by `seed`
+    (see `_scatter`)."""
+    ds = cache.ray_dataset(columns=columns + (["source_shard"] if shards is not None else []), bucket=bucket)
     kwargs = {"batch_format": "pyarrow", "fn_kwargs": {"fraction": validation_fraction}}
     train = ds.map_batches(split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": False}})
     val = ds.map_batches(split, **kwargs | {"fn_kwargs": {"fraction": validation_fraction, "validation": True}})
@@ -49,16 +50,17 @@ def datasets(cache: Cache, columns: list[str], validation_fraction: float, shard
     return train.map_batches(_scatter, batch_format="pyarrow", fn_kwargs={"seed": seed}), val
 
 
-def data_config():
-    """Ray Train's dataset config: `train` split across the workers, in order (`preserve_order`), so
-    that each worker gets the same rows in the same order in every run with the same data and seed:
-    only then does a seeded local shuffle give the same order again when a run is resumed (and the
-    batches a checkpoint already used are the ones skipped)."""
+def data_config(train: list[str] = ("train",)):
+    """Ray Train's dataset config: the `train` datasets (one, or one per aspect-ratio bucket) split
+    across the workers, in order (`preserve_order`), so that each worker gets the same rows in the
+    same order in every run with the same data and seed: only then does a seeded local shuffle give
+    the same order again when a run is resumed (and the batches a checkpoint already used are the
+    ones skipped)."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+    return ray.train.DataConfig(datasets_to_split=list(train), execution_options={name: options for name in train})
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -222,3 +224,39 @@ class EqualStepBatches:
                     f"a worker's share of the training data holds fewer than batch_size={self.batch_size} rows: "
                     f"lower data.batch_size or parallel.num_workers, or add data"
                 )
+
+
+class BucketBatches:
+    """Batches of a cache's aspect-ratio buckets, one bucket a batch (each bucket's tensors have their
+    own shapes), in lockstep across ranks: every draw picks the same bucket on every rank, drawn from
+    (seed, draw) with the buckets weighted by their training rows, and then that bucket's
+    EqualStepBatches agrees its batch as usual. So every rank runs the same steps, and a resumed run
+    draws the same buckets again from its draw count."""
+
+    def __init__(self, per_bucket: dict[str, "EqualStepBatches"], weights: dict[str, float], seed: int):
+        self.per_bucket, self.names, self.seed = per_bucket, list(per_bucket), seed
+        p = np.array([float(weights[b]) for b in self.names])
+        self.p = p / p.sum()
+        self.draws = 0
+        self.last_bucket = None
+
+    @property
+    def wait_seconds(self) -> float:
+        return sum(b.wait_seconds for b in self.per_bucket.values())
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "buckets": {b: batches.state_dict() for b, batches in self.per_bucket.items()}}
+
+    def load_state_dict(self, position: dict) -> None:
+        self.draws = position["draws"]
+        for b, batches in self.per_bucket.items():
+            batches.load_state_dict(position["buckets"][b])
+
+    def bucket_of_draw(self, draw: int) -> str:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFF_FFFF_FFFF_FFFF, draw]))
+        return self.names[int(rng.choice(len(self.names), p=self.p))]
+
+    def next(self) -> dict[str, torch.Tensor]:
+        self.last_bucket = self.bucket_of_draw(self.draws)
+        self.draws += 1
+        return self.per_bucket[self.last_bucket].next()

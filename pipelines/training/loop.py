@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.training import checkpoint as ckpt_io
 from pipelines.training.checkpoint import Checkpointer
 from pipelines.training.config import FaultConfig, TrainConfig
-from pipelines.training.data import EqualStepBatches
+from pipelines.training.data import BucketBatches, EqualStepBatches
 from pipelines.training.ema import Ema
 from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard, unwrap
 from pipelines.training.plan import TrainPlan
@@ -38,31 +37,75 @@ class ValidationSet:
             self.batches = list(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"))
         return iter(self.batches)
 
+    @property
+    def rows(self) -> int:
+        return sum(len(batch["key"]) for batch in self)
+
 
 # How long a "stall" fault waits for the test to kill the worker before failing by itself.
 _STALL_SECONDS = 600
 
 
-def validate(model, ema: Ema, val_set, task) -> dict[str, float]:
+def validate(model, ema: Ema, val_set, task, probes: dict | None = None) -> dict[str, float]:
     """The validation figures of the trained weights and, with an EMA, of the EMA weights (what a
     checkpoint's ema/ holds and what gets registered): val_loss_raw / val_loss_ema as in
     checkpoint.VAL_LOSS, and val_<figure>_raw / _ema for a task's other figures (Stage A's PSNR).
-    Every rank runs it (FSDP2 needs them all)."""
-    out = _named(task.validation_loss(model, val_set), "raw")
+    `val_set`: the held-out batches, or for a cache of aspect-ratio buckets bucket -> its held-out
+    batches (with `probes`, bucket -> its Stage C retrieval rows): then every bucket is validated on
+    its own, each figure is the mean over the buckets weighted by their held-out rows, and
+    val_loss_<bucket>_raw / _ema is each bucket's loss. Every rank runs it (FSDP2 needs them all)."""
+    out = _named(_figures(model, val_set, task, probes), "raw")
     if ema.shadow:
         with ema.swapped_in(model):
-            out.update(_named(task.validation_loss(model, val_set), "ema"))
+            out.update(_named(_figures(model, val_set, task, probes), "ema"))
     return out
 
 
-def log_validation_picture(state: TrainState, task, val_set, logger: MetricLogger | None) -> None:
+def _figures(model, val_set, task, probes: dict | None) -> dict[str, float]:
+    if not isinstance(val_set, dict):
+        return task.validation_loss(model, val_set)
+    figures, rows = {}, {}
+    for bucket, batches in val_set.items():
+        rows[bucket] = batches.rows
+        if rows[bucket]:
+            with _probe(task, (probes or {}).get(bucket)):
+                found = task.validation_loss(model, batches)
+            figures[bucket] = found if isinstance(found, dict) else {"loss": found}
+    out = {}
+    for name in sorted(set().union(*figures.values())):
+        have = [b for b in figures if name in figures[b]]
+        out[name] = sum(figures[b][name] * rows[b] for b in have) / sum(rows[b] for b in have)
+    out.update({f"loss_{bucket}": f["loss"] for bucket, f in figures.items()})
+    return out
+
+
+@contextlib.contextmanager
+def _probe(task, probe: dict | None):
+    """Stage C's retrieval rows of one bucket in place of the task's while it validates that bucket."""
+    if not hasattr(task, "train_probe"):
+        yield
+        return
+    saved, task.train_probe = task.train_probe, probe
+    try:
+        yield
+    finally:
+        task.train_probe = saved
+
+
+def log_validation_picture(state: TrainState, task, val_set, logger: MetricLogger | None, probes: dict | None = None) -> None:
     """A task's picture of its held-out rows (Stage A: originals over reconstructions), made with the
-    EMA weights when there are (what gets registered), to MLflow as validation/step_<step>.png. Every
-    rank makes it (FSDP2 needs them all); rank 0 logs it."""
+    EMA weights when there are (what gets registered), to MLflow as validation/step_<step>.png; for a
+    cache of buckets, of its bucket with the most held-out rows. Every rank makes it (FSDP2 needs them
+    all); rank 0 logs it."""
     if not hasattr(task, "validation_picture"):
         return
+    bucket = None
+    if isinstance(val_set, dict):
+        bucket = max(val_set, key=lambda b: val_set[b].rows)
+        val_set = val_set[bucket]
     model = state.model
-    with state.ema.swapped_in(model) if state.ema.shadow else contextlib.nullcontext():
+    with state.ema.swapped_in(model) if state.ema.shadow else contextlib.nullcontext(), \
+            _probe(task, (probes or {}).get(bucket)) if bucket is not None else contextlib.nullcontext():
         picture = task.validation_picture(model, val_set)
     if logger is not None and picture is not None:
         logger.image(picture, f"validation/step_{state.step:08d}.png")
@@ -115,16 +158,17 @@ def train_func(config: dict) -> None:
     np.random.seed(cfg.seed + rank)
 
     # build
-    shard = ray.train.get_dataset_shard("train")
-    batches = EqualStepBatches(_OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size,
-                               device, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=rank,
-                               order_log=cfg.data.order_log, in_memory=plan.in_memory)
+    batches = training_batches(plan, rank, device)
     state = TrainState.build(task.build_model(plan.init_state), batches, cfg, device)
     checkpointer = Checkpointer(plan, rank, world)
     # restore
     resumed = checkpointer.restore(state)
     task.setup(device)
-    val_set = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size)
+    if plan.buckets is None:
+        val_set, probes = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size), None
+    else:
+        val_set = {b: ValidationSet(ray.train.get_dataset_shard(f"val_{b}"), cfg.data.batch_size) for b in plan.buckets}
+        probes = {b: info["probe"] for b, info in plan.buckets.items()}
     logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else None
     if resumed:
         note_resume(state, logger)
@@ -143,8 +187,8 @@ def train_func(config: dict) -> None:
         metrics = meter.read(loss, grad_norm, state)  # every rank, at the same steps
         if validated:
             with state.autocast():
-                metrics.update(validate(state.model, state.ema, val_set, task))
-                log_validation_picture(state, task, val_set, logger)
+                metrics.update(validate(state.model, state.ema, val_set, task, probes))
+                log_validation_picture(state, task, val_set, logger, probes)
             reshard(state.model)
         if logger is not None and logged:
             report_step(logger, metrics, state.step, cfg.steps)
@@ -153,6 +197,26 @@ def train_func(config: dict) -> None:
         meter.restart(state.step)  # the rates leave validation and checkpoint time out
     if logger is not None and not logger.flush():
         logger.flush()
+
+
+def training_batches(plan: TrainPlan, rank: int, device) -> EqualStepBatches | BucketBatches:
+    """This worker's training batches: of its shard of `train`, or for a cache of aspect-ratio buckets
+    of each trained bucket's shard, one bucket a batch (BucketBatches)."""
+    import ray.train
+
+    cfg = plan.cfg
+
+    def of(name: str, in_memory: bool, seed: int) -> EqualStepBatches:
+        shard = ray.train.get_dataset_shard(name)
+        return EqualStepBatches(_OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size,
+                                device, shuffle_buffer=cfg.data.shuffle_buffer, seed=seed, rank=rank,
+                                order_log=cfg.data.order_log, in_memory=in_memory)
+
+    if plan.buckets is None:
+        return of("train", plan.in_memory, cfg.seed)
+    per_bucket = {b: of(f"train_{b}", info["in_memory"], cfg.seed + i)  # each bucket its own orders
+                  for i, (b, info) in enumerate(plan.buckets.items()) if info["trained"]}
+    return BucketBatches(per_bucket, {b: plan.buckets[b]["rows"] for b in per_bucket}, cfg.seed)
 
 
 def train_step(state: TrainState, task, cfg: TrainConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,10 @@ class TrainPlan:
     in_memory: bool = False
     # A LoRA run's base ({"init": model.init, "sha256": of its weights}), written into every checkpoint.
     lora_base: dict | None = None
+    # A cache of several aspect-ratio buckets: bucket -> {"rows" (training rows per worker), "trained",
+    # "in_memory", "probe" (Stage C's retrieval rows of the bucket)}; its datasets are train_<bucket>
+    # (the trained ones) and val_<bucket>. None: one bucket, datasets train and val.
+    buckets: dict[str, dict] | None = None
 
     def __post_init__(self):
         from core.storage import absolute

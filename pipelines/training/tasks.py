@@ -57,11 +57,12 @@ def validation_inputs(batches: Iterable[dict], device: torch.device, text_encode
         yield batch["key"], batch[STAGE_C_LATENTS], text_condition(batch, text_encoder)
 
 
-def probe_rows(cache, count: int, fraction: float) -> dict:
-    """`count` training rows spread over the cache (the split of `fraction`), with Stage C's columns,
-    as a numpy batch: the training captions whose retrieval validation and evaluation measure."""
+def probe_rows(cache, count: int, fraction: float, bucket: str | None = None) -> dict:
+    """`count` training rows spread over the cache (or a bucket of it; the split of `fraction`), with
+    Stage C's columns, as a numpy batch: the training captions whose retrieval validation and
+    evaluation measure."""
     columns = stage_c_columns(cache.manifest["text_mode"])
-    table = cache.spread_rows(columns + ["caption"], count, fraction)
+    table = cache.spread_rows(columns + ["caption"], count, fraction, bucket=bucket)
     return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
             "caption": np.asarray(table.column("caption").to_pylist(), dtype=object),
             **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
