@@ -52,13 +52,6 @@ class Cache:
             return self.files
         return [join(self.root, f["path"]) for f in self.manifest["files"] if f["bucket"] == bucket]
 
-    def check_one_bucket(self, purpose: str) -> None:
-        """Refuses a cache of several aspect-ratio buckets for a reader that takes one shape only."""
-        if len(self.buckets) > 1:
-            raise manifests.CacheMismatchError(
-                f"the cache at {self.url} holds {len(self.buckets)} aspect-ratio buckets ({', '.join(self.buckets)}); "
-                f"{purpose} reads square caches only so far. Prepare one with encode.buckets: square.")
-
     def _check_one_shape(self, columns: list[str] | None, bucket: str | None) -> None:
         tensors = [c for c in (columns or self.manifest["shapes"]) if c in self.manifest["shapes"]]
         if bucket is None and len(self.buckets) > 1 and tensors:

@@ -72,20 +72,21 @@ def default_spec(mlflow_client, version, cache: str | None = None) -> EvalSpec:
     return spec
 
 
-def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int = 256):
+def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int = 256, bucket: str | None = None):
     """The held-out rows of the cache, with `columns`, as pyarrow RecordBatches.
 
     The split is decided on the key column alone; the other columns are read only from the row groups
     that hold a held-out row, streamed through in batches of `batch_rows` of which only the held-out
     rows are kept. So memory holds the held-out rows (a small fraction of the cache: rows of v2 text
     embeddings are ~200 KB each) plus one row group in decoding (measured: ~2x its tensor bytes, where
-    reading the whole table took ~5x the whole cache's), never the whole cache."""
+    reading the whole table took ~5x the whole cache's), never the whole cache. `bucket`: of one
+    aspect-ratio bucket."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from latent_cache.reader import is_validation
 
-    for path in cache.files:
+    for path in cache.files_of(bucket):
         with cache.fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
             for group in range(parquet.metadata.num_row_groups):
@@ -100,16 +101,16 @@ def held_out_batches(cache, fraction: float, columns: list[str], batch_rows: int
                     yield batch.filter(mask)
 
 
-def validation_batches(cache, fraction: float, batch_size: int) -> tuple[list[dict], int]:
-    """The held-out rows of the cache with the columns of Stage C's validation, as numpy batches of
-    `batch_size` rows, and how many rows they hold."""
+def validation_batches(cache, fraction: float, batch_size: int, bucket: str | None = None) -> tuple[list[dict], int]:
+    """The held-out rows of the cache (or of a bucket of it) with the columns of Stage C's
+    validation, as numpy batches of `batch_size` rows, and how many rows they hold."""
     import numpy as np
     import pyarrow as pa
 
     from pipelines.training.tasks import stage_c_columns
 
     columns = stage_c_columns(cache.manifest["text_mode"])
-    held = [b for b in held_out_batches(cache, fraction, columns) if b.num_rows]
+    held = [b for b in held_out_batches(cache, fraction, columns, bucket=bucket) if b.num_rows]
     if not held:
         return [], 0
     table = pa.Table.from_batches(held)
@@ -129,6 +130,7 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
 
     from latent_cache.reader import Cache
     from pipelines.pyfunc_models import TextEncoderRef
+    from pipelines.quality import bucket_mean
     from pipelines.training.tasks import condition_gap, validation_inputs
     from stages.objectives import stage_c_validation_loss
 
@@ -141,26 +143,38 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
     if spec is None:
         spec = EvalSpec(**config["eval_spec"])
     cache = Cache(spec.cache)
-    cache.check_one_bucket("evaluation")
     trained_on = {k.split(".", 1)[1]: v for k, v in version.tags.items() if k.startswith("fingerprint.")}
     cache.check_fingerprints({k: v for k, v in trained_on.items() if k in ("semantic_compressor", "text_encoder")})
     spec_id = spec.spec_id(cache.manifest)
-    batches, rows = validation_batches(cache, spec.validation_fraction, spec.batch_size)
-    if rows == 0:
-        raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text_encoder = None
     if cache.manifest["text_mode"] == "tokens" or spec.retrieval_captions or spec.train_captions:
         text_encoder = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
     tokens_encoder = text_encoder if cache.manifest["text_mode"] == "tokens" else None
     model = model.to(device)
-    held = list(validation_inputs(batches, device, tokens_encoder))
     space = registry.latent_space_of(config)
-    figures = condition_gap(lambda it: stage_c_validation_loss(model, it, spec.t_grid, spec.seed, spec.p2_weighting, space),
-                            held, 2)
+
+    def figures_of(bucket: str | None) -> tuple[dict, int]:
+        batches, rows = validation_batches(cache, spec.validation_fraction, spec.batch_size, bucket)
+        if rows == 0:
+            return {}, 0
+        held = list(validation_inputs(batches, device, tokens_encoder))
+        found = condition_gap(lambda it: stage_c_validation_loss(model, it, spec.t_grid, spec.seed, spec.p2_weighting, space),
+                              held, 2)
+        if spec.retrieval_captions or spec.train_captions:
+            found.update(retrieval(model, cache, held, spec, device, tokens_encoder, text_encoder, space, bucket))
+        return found, rows
+
+    if len(cache.buckets) == 1:
+        figures, rows = figures_of(None)
+    else:  # each aspect-ratio bucket on its own (its latents' shapes), then their mean by held-out rows
+        each = {bucket: figures_of(bucket) for bucket in cache.buckets}
+        each = {bucket: found for bucket, found in each.items() if found[1]}
+        figures = bucket_mean({b: found for b, (found, _) in each.items()}, {b: n for b, (_, n) in each.items()})
+        rows = sum(n for _, n in each.values())
+    if rows == 0:
+        raise ValueError(f"the cache at {spec.cache} has no held-out rows at validation_fraction={spec.validation_fraction}")
     figures["val_loss"] = figures.pop("loss")
-    if spec.retrieval_captions or spec.train_captions:
-        figures.update(retrieval(model, cache, held, spec, device, tokens_encoder, text_encoder, space))
     result = {**figures, "rows": rows, "spec_id": spec_id, "spec": dataclasses.asdict(spec)}
     for name, value in figures.items():
         mlflow_client.set_model_version_tag(version.name, version.version, f"eval.{spec_id}.{name}", f"{value:.8g}")
@@ -172,15 +186,16 @@ def evaluate_model(model_uri: str, spec: EvalSpec | None = None, tracking_uri: s
 
 
 def retrieval(model, cache, held: list[tuple], spec: EvalSpec, device, tokens_encoder, text_encoder,
-              space: str = "v2") -> dict:
+              space: str = "v2", bucket: str | None = None) -> dict:
     """Caption -> latent retrieval (`pipelines.training.tasks.retrieval_figures`) for
     spec.retrieval_captions held-out captions and spec.train_captions training captions spread over
-    the cache: retrieval_* and train_retrieval_* (top1, top10, median_rank), and chance_median_rank."""
+    the cache (or a bucket of it): retrieval_* and train_retrieval_* (top1, top10, median_rank), and
+    chance_median_rank."""
     import torch
 
     from pipelines.training.tasks import probe_rows, retrieval_figures
 
-    probe = probe_rows(cache, spec.train_captions, spec.validation_fraction) if spec.train_captions else None
+    probe = probe_rows(cache, spec.train_captions, spec.validation_fraction, bucket) if spec.train_captions else None
     with torch.no_grad():
         empty = text_encoder.encode([""]).to(device).float()
     return retrieval_figures(model, held, probe, spec.retrieval_captions, empty, spec.retrieval_steps,

@@ -168,6 +168,19 @@ MIN_CONDITION_GAIN_DB = 1.0
 MIN_OWN_RETRIEVAL = 0.5
 
 
+def bucket_mean(figures: dict[str, dict[str, float]], rows: dict[str, int]) -> dict[str, float]:
+    """The figures of a cache of aspect-ratio buckets from each bucket's (its held-out latents have
+    their own shapes, so each bucket is measured on its own, retrieval among its own latents): each
+    figure the mean over the buckets that have it, weighted by their held-out `rows`, and each
+    bucket's loss as loss_<bucket>."""
+    out = {}
+    for name in sorted(set().union(*figures.values())):
+        have = [b for b in figures if name in figures[b]]
+        out[name] = sum(figures[b][name] * rows[b] for b in have) / sum(rows[b] for b in have)
+    out.update({f"loss_{bucket}": f["loss"] for bucket, f in figures.items() if "loss" in f})
+    return out
+
+
 def condition_problems(figures: dict[str, float]) -> list[str]:
     """Why a bundle's Stage B does not follow its semantic condition (empty: it does)."""
     problems = []

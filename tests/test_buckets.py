@@ -16,7 +16,7 @@ from data_prep.runner import run_prep
 from data_prep.summary import format_summary
 from latent_cache import buckets
 from latent_cache.manifest import CacheMismatchError
-from latent_cache.reader import Cache
+from latent_cache.reader import Cache, is_validation
 
 BUCKETS = ["160x96", "128x128", "96x160"]  # tall, square, wide (height x width) at resolution 128
 # (width, height) of each source image, and the bucket its aspect ratio is nearest to, by hand:
@@ -96,8 +96,6 @@ def test_every_image_lands_in_the_bucket_its_aspect_ratio_selects_in_files_of_it
     with pytest.raises(ValueError, match=r"holds 3 aspect-ratio buckets, whose tensor columns .* read one bucket at a time"):
         cache.read_table(["key", "stage_c_latents"])
     assert cache.read_table(["key", "caption"]).num_rows == len(expected)  # no tensor: any bucket at once
-    with pytest.raises(CacheMismatchError, match=r"holds 3 aspect-ratio buckets \(160x96, 128x128, 96x160\); evaluation reads"):
-        cache.check_one_bucket("evaluation")
     square = load(PrepConfig, None, [s if not s.startswith("encode.buckets=") else "encode.buckets=square"
                                      for s in _sets(tmp_path / "src", tmp_path / "cache")])
     with pytest.raises(CacheMismatchError, match=r"holds the buckets \['160x96', '128x128', '96x160'\]; this run cuts images to \['128x128'\]"):
@@ -122,6 +120,9 @@ def test_training_takes_single_bucket_batches_the_same_bucket_on_every_rank_and_
     from mlflow.tracking import MlflowClient
     from test_train import metric_history, train_config
 
+    from pipelines import registry
+    from pipelines.evaluate import evaluate_model
+    from pipelines.register import register_stage_c
     from pipelines.train import run_training
 
     expected = _source(tmp_path / "src")
@@ -150,6 +151,15 @@ def test_training_takes_single_bucket_batches_the_same_bucket_on_every_rank_and_
             for key in ["val_loss_ema", *(f"val_loss_{b}_ema" for b in BUCKETS)]}
     assert min(last[f"val_loss_{b}_ema"] for b in BUCKETS) <= last["val_loss_ema"] <= max(last[f"val_loss_{b}_ema"] for b in BUCKETS)
     assert len(metric_history(mlflow_server, run_id, "val_train_retrieval_top10_ema")) == 2
+
+    # Registered and evaluated as any version: each bucket on its own, then their mean.
+    version = register_stage_c(mlflow_server, "bucketed", run_id=run_id)["version"]
+    assert registry.model_config_of(f"models:/bucketed/{version}")["buckets"] == BUCKETS
+    result = evaluate_model(f"models:/bucketed/{version}", tracking_uri=mlflow_server)
+    held = {b: result.get(f"loss_{b}") for b in BUCKETS}
+    assert all(v is not None and np.isfinite(v) for v in held.values()), result
+    assert min(held.values()) <= result["val_loss"] <= max(held.values())
+    assert result["rows"] == sum(1 for key in expected if is_validation(key, 0.2))  # every bucket's held-out rows
 
 
 def test_the_aspect_buckets_fit_the_strides_and_the_pixel_budget():

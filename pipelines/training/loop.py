@@ -18,6 +18,7 @@ import torch
 
 from pipelines.training.checkpoint import Checkpointer
 from pipelines.training.config import FaultConfig, TrainConfig
+from pipelines.quality import bucket_mean
 from pipelines.training.data import BucketBatches, EqualStepBatches
 from pipelines.training.ema import Ema
 from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard, unwrap
@@ -71,12 +72,7 @@ def _figures(model, val_set, task, probes: dict | None) -> dict[str, float]:
             with _probe(task, (probes or {}).get(bucket)):
                 found = task.validation_loss(model, batches)
             figures[bucket] = found if isinstance(found, dict) else {"loss": found}
-    out = {}
-    for name in sorted(set().union(*figures.values())):
-        have = [b for b in figures if name in figures[b]]
-        out[name] = sum(figures[b][name] * rows[b] for b in have) / sum(rows[b] for b in have)
-    out.update({f"loss_{bucket}": f["loss"] for bucket, f in figures.items()})
-    return out
+    return bucket_mean(figures, rows)
 
 
 @contextlib.contextmanager
