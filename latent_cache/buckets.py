@@ -12,7 +12,9 @@ No torch here: data prep's decode workers import this.
 
 import math
 
-SIDE_STRIDE = 32  # every bucket side is a multiple of this (the semantic compressor's stride)
+# Every bucket side is a multiple of this: stages.latents.IMAGE_SIZE_STEP, the semantic compressor's
+# stride (not imported from there: that would load torch into every decode worker; a test holds them equal).
+SIDE_STRIDE = 32
 # "aspect": these shapes (width:height) and their transposes, 1:2 to 2:1 (StableCascade buckets on a
 # similar list, its 12 ratios with reciprocals; more buckets split a small dataset's batches further).
 ASPECT_RATIOS = ((1, 1), (5, 4), (4, 3), (3, 2), (16, 9), (2, 1))

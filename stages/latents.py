@@ -24,8 +24,12 @@ RESOLUTION_MULTIPLE = 42.67
 LATENT_DIM_SCALE = 10.67
 # The semantic compressor sees the image at this fraction of the Stage A resolution (1024 -> 768 -> 24).
 SEMANTIC_IMAGE_SCALE = 0.75
-# Image sizes go in steps of this many pixels (1024, 1152, ...).
-IMAGE_SIZE_STEP = 128
+# Image sizes go in steps of this many pixels: the semantic compressor's stride, the step of the
+# aspect-ratio buckets' sides (latent_cache/buckets.py SIDE_STRIDE). diffusers' pipelines take steps of
+# 128 (1024, 1152, ...), where the grids below are theirs.
+IMAGE_SIZE_STEP = 32
+# Stage A's downsampling: image side / Stage B (and Stage A) latent side.
+STAGE_A_STRIDE = 4
 
 
 def semantic_to_stage_c(e: torch.Tensor) -> torch.Tensor:
@@ -112,8 +116,14 @@ def check_image_size(height: int, width: int) -> None:
 
 
 def stage_c_latent_size(height: int, width: int, resolution_multiple: float = RESOLUTION_MULTIPLE) -> tuple[int, int]:
-    """The Stage C latent grid for an image size: ceil(side / 42.67) (1024 -> 24, 1152 -> 27, 128 -> 3)."""
-    return math.ceil(height / resolution_multiple), math.ceil(width / resolution_multiple)
+    """The Stage C latent grid for an image size: the grid the semantic compressor gives an image of
+    that size in training (its input 0.75x on a multiple of 32, over 32: 1024 -> 24, 1152 -> 27,
+    128 -> 3, and for the buckets' sides 96 -> 2, 736 -> 17), which on multiples of 128 px is
+    diffusers' ceil(side / 42.67). A pipeline of another resolution_multiple keeps diffusers' formula."""
+    if resolution_multiple != RESOLUTION_MULTIPLE:
+        return math.ceil(height / resolution_multiple), math.ceil(width / resolution_multiple)
+    sem_h, sem_w = semantic_image_size(height, width)
+    return sem_h // 32, sem_w // 32
 
 
 def stage_b_latent_size(

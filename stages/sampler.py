@@ -20,6 +20,7 @@ from stages.diffusion import (
 from stages.latents import (
     LATENT_DIM_SCALE,
     RESOLUTION_MULTIPLE,
+    STAGE_A_STRIDE,
     check_image_size,
     stage_b_latent_size,
     stage_b_to_stage_a,
@@ -181,8 +182,12 @@ class WuerstchenSampler:
         generator: torch.Generator | int | None = None,
         latents: torch.Tensor | None = None,
         progress: bool = True,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Stage B latents z_B (B, 4, int(h 10.67), int(w 10.67)) for semantic latents e."""
+        """Stage B latents z_B for semantic latents e: of the image `size` (height, width) asked,
+        (B, 4, H / 4, W / 4) (what Stage A decodes to that size; an aspect-ratio bucket's Stage A
+        latents); without it, (B, 4, int(h 10.67), int(w 10.67)) of e's grid (h, w), diffusers' rule,
+        the same on multiples of 128 px."""
         if self.stage_b is None or self.text_encoder_b is None:
             raise ValueError("this sampler has no Stage B (decoder) or no decoder text encoder")
         prompts = _prompt_list(prompts)
@@ -195,7 +200,10 @@ class WuerstchenSampler:
         text = self._text(self.text_encoder_b, prompts, _prompt_list(negative_prompts, len(prompts)), guided).to(device)
         semantic = semantic.to(device, dtype)
         effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if guided else semantic
-        shape = (semantic.shape[0], self.stage_b.config.c_in, *stage_b_latent_size(*semantic.shape[-2:], self.latent_dim_scale))
+        grid = stage_b_latent_size(*semantic.shape[-2:], self.latent_dim_scale)
+        if size is not None and self.latent_dim_scale == LATENT_DIM_SCALE:
+            grid = (size[0] // STAGE_A_STRIDE, size[1] // STAGE_A_STRIDE)
+        shape = (semantic.shape[0], self.stage_b.config.c_in, *grid)
         latents = _initial(latents, shape, generator, device, dtype)
         grid = _grid(steps, timesteps, uniform_timesteps(DECODER_STEPS))
         return self._denoise(
@@ -244,7 +252,7 @@ class WuerstchenSampler:
             return semantic
         z_b = self.sample_stage_b(
             semantic, prompts, decoder_steps, decoder_timesteps, decoder_guidance, negative_prompts, generator,
-            progress=progress,
+            progress=progress, size=(height, width),
         )
         return z_b if output == "stage_b" else self.decode(z_b)
 

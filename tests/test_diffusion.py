@@ -86,13 +86,29 @@ def test_latent_scalings_round_trip():
 @pytest.mark.parametrize("side, c_side, b_side", [(1024, 24, 256), (1152, 27, 288), (512, 12, 128), (128, 3, 32), (256, 6, 64)])
 def test_latent_sizes_follow_the_resolution_rules(side, c_side, b_side):
     assert latents.stage_c_latent_size(side, side) == (c_side, c_side)
+    assert math.ceil(side / latents.RESOLUTION_MULTIPLE) == c_side  # diffusers' rule, on multiples of 128
     assert latents.stage_b_latent_size(c_side, c_side) == (b_side, b_side)
     assert b_side * 4 == side  # Stage A is f4: Stage B's grid decodes back to the requested size
 
 
-def test_image_sizes_go_in_128_px_steps():
+def test_a_bucket_sides_stage_c_grid_is_that_of_its_cached_latents():
+    """Off the 128 px steps (aspect-ratio buckets' sides), the prior samples the grid the semantic
+    compressor gave the bucket's images in prep, not diffusers' ceil(side / 42.67)."""
+    from latent_cache.buckets import SIDE_STRIDE, aspect_buckets, parse
+
+    assert SIDE_STRIDE == latents.IMAGE_SIZE_STEP
+    assert latents.stage_c_latent_size(1440, 736) == (34, 17) and math.ceil(736 / 42.67) == 18
+    for bucket in aspect_buckets(1024) + aspect_buckets(256):
+        height, width = parse(bucket)
+        sem_h, sem_w = latents.semantic_image_size(height, width)
+        assert latents.stage_c_latent_size(height, width) == (sem_h // 32, sem_w // 32)
+    assert latents.stage_c_latent_size(1000, 1000, resolution_multiple=40.0) == (25, 25)  # another pipeline's rule
+
+
+def test_image_sizes_go_in_32_px_steps():
     latents.check_image_size(1024, 1536)
-    with pytest.raises(ValueError, match="width must be a positive multiple of 128 px, got 1000"):
+    latents.check_image_size(736, 1440)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 32 px, got 1000"):
         latents.check_image_size(1024, 1000)
 
 

@@ -160,8 +160,18 @@ def test_prior_only_sampler_returns_latents_and_refuses_images(sampler):
         prior_only("a boat", height=128, width=128, prior_steps=2, progress=False)
 
 
+def test_a_bucket_shape_is_sampled_at_its_cached_grids_and_decodes_to_its_size(sampler):
+    """An aspect-ratio bucket's size off diffusers' 128 px steps (96 x 160): the prior samples the
+    grid of the bucket's cached latents (semantic compressor: 2 x 4), Stage B that of its Stage A
+    latents (24 x 40), and the picture has the size asked."""
+    kwargs = dict(height=96, width=160, prior_steps=2, decoder_steps=2, generator=1, progress=False)
+    assert sampler(["a cat"], output="semantic", **kwargs).shape == (1, 16, 2, 4)
+    assert sampler(["a cat"], output="stage_b", **kwargs).shape == (1, 4, 24, 40)
+    assert sampler(["a cat"], **kwargs).shape == (1, 3, 96, 160)
+
+
 def test_bad_arguments_are_named(sampler):
-    with pytest.raises(ValueError, match="multiple of 128 px, got 100"):
+    with pytest.raises(ValueError, match="multiple of 32 px, got 100"):
         sampler(["x"], height=100, width=128, progress=False)
     with pytest.raises(ValueError, match="either a number of steps or explicit timesteps"):
         sampler(["x"], height=128, width=128, prior_steps=3, prior_timesteps=[1.0, 0.0], progress=False)
