@@ -195,13 +195,18 @@ class Deduplicate:
 
 # -- encode ------------------------------------------------------------------------------------
 
-def _per_row(n: int, kept: list[int], tensors: list[np.ndarray]) -> pa.Array:
-    """A large_binary column of `n` rows: each kept row's tensor (in the rows' order; their shapes may
-    differ, by bucket) as raw bytes, empty for the other rows."""
+def _per_row(n: int, kept: list[int], tensors: np.ndarray | list[np.ndarray]) -> pa.Array:
+    """A large_binary column of `n` rows: each kept row's tensor (in the rows' order: one array of
+    them all, or with aspect-ratio buckets a list, their shapes differing) as raw bytes, empty for
+    the other rows."""
     sizes = np.zeros(n, np.int64)
-    sizes[kept] = [t.nbytes for t in tensors]
+    if isinstance(tensors, np.ndarray):  # one bucket: the array's own bytes, not copied
+        data = np.ascontiguousarray(tensors)
+        sizes[kept] = data.nbytes // max(len(kept), 1)
+    else:
+        sizes[kept] = [t.nbytes for t in tensors]
+        data = np.concatenate([np.ascontiguousarray(t).reshape(-1).view(np.uint8) for t in tensors]) if tensors else np.zeros(0, np.uint8)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    data = np.concatenate([np.ascontiguousarray(t).reshape(-1).view(np.uint8) for t in tensors]) if tensors else np.zeros(0, np.uint8)
     return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
@@ -411,6 +416,9 @@ class Encode:
             latents, arrays = encode([images[i] for i in positions], [captions[i] for i in positions], bucket)
             latents["stage_c_latents"] = semantic_to_stage_c(latents["stage_c_latents"].float())
             arrays.update({name: latents[name].cpu().numpy().astype(TENSOR_DTYPES[name]) for name in self.columns})
+            if len(groups) == 1:  # one bucket: the arrays as they are, in the rows' order
+                rows = arrays
+                break
             for name, array in arrays.items():
                 for j, position in enumerate(positions):
                     rows[name][position] = array[j]

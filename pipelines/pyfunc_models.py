@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object
 
 from latent_cache.spec import EncoderWeights
-from stages import StageA, StageB, StageC
+from stages import StageA, StageB
 from stages.latents import stage_c_latent_size
 from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, PRIOR_GUIDANCE, WuerstchenSampler
 from stages.text_encoders import ClipTextEncoder
@@ -166,12 +166,9 @@ class StageCModel(PythonModel):
 
         device = _device()
         self.config = config
-        if config.get("lora_base"):  # a LoRA version: the adapter, merged into its pinned base
-            from pipelines import registry
+        from pipelines import registry
 
-            stage_c = registry.with_adapter(registry.load_stage_c(config["lora_base"]), prior).eval().to(device)
-        else:
-            stage_c = StageC.from_pretrained(prior).eval().to(device)
+        stage_c = registry.stage_c_in(prior, config).eval().to(device)  # a LoRA version: merged into its base
         text = TextEncoderRef.from_dict(config["text_encoder"]).load().to(device)
         if decoders is None and config.get("decoders"):
             decoders = mlflow.pyfunc.load_model(config["decoders"]).unwrap_python_model()

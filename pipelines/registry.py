@@ -166,16 +166,15 @@ def load_registered(model_uri: str, model_class=StageC, tracking_uri: str | None
         mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         root = download(model_uri, tmp)
-        base = model_config(root).get("lora_base") if (root / "MLmodel").is_file() else None
-        if base:  # a LoRA version: its pinned base with the adapter merged in
-            return with_adapter(load_registered(base, model_class), root)
+        if model_class is StageC:  # a Stage C version may be a LoRA adapter on another version
+            return stage_c_in(root)
         return model_class.from_pretrained(find_model_folder(root, model_class))
 
 
-def stage_c_in(folder: Path) -> StageC:
-    """The Stage C of a downloaded Stage C version: its prior, or for a LoRA version its pinned base
-    with its adapter merged in."""
-    base = model_config(folder).get("lora_base")
+def stage_c_in(folder: Path, config: dict | None = None) -> StageC:
+    """The Stage C of a downloaded Stage C version (or of its prior artifact, with the version's
+    model `config`): its prior, or for a LoRA version its pinned base with its adapter merged in."""
+    base = (config if config is not None else model_config(folder)).get("lora_base")
     return with_adapter(load_stage_c(base), folder) if base else StageC.from_pretrained(find_prior_folder(folder))
 
 

@@ -204,14 +204,13 @@ def lora_base_of(cfg: TrainConfig, init_state: dict | None, resumed: dict | None
                              f"adapter of {cfg.checkpoint.run_name} was trained on ({recorded['sha256'][:12]}): resume with "
                              f"that base, or start a new run_name")
         return recorded
-    version = None
+    client, version = MlflowClient(uri), None
     if cfg.model.init.startswith("models:/"):
         from pipelines import registry
 
-        found = registry.resolve_version(MlflowClient(uri), cfg.model.init)
+        found = registry.resolve_version(client, cfg.model.init)
         version = f"models:/{found.name}/{found.version}"
     base = {"init": cfg.model.init, "sha256": sha, "version": version}
-    client = MlflowClient(uri)
     client.set_tag(run_id, "lora.base", version or cfg.model.init)
     client.set_tag(run_id, "lora.base_sha256", sha)
     return base

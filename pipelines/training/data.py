@@ -238,7 +238,6 @@ class BucketBatches:
         p = np.array([float(weights[b]) for b in self.names])
         self.p = p / p.sum()
         self.draws = 0
-        self.last_bucket = None
 
     @property
     def wait_seconds(self) -> float:
@@ -257,6 +256,6 @@ class BucketBatches:
         return self.names[int(rng.choice(len(self.names), p=self.p))]
 
     def next(self) -> dict[str, torch.Tensor]:
-        self.last_bucket = self.bucket_of_draw(self.draws)
+        bucket = self.bucket_of_draw(self.draws)
         self.draws += 1
-        return self.per_bucket[self.last_bucket].next()
+        return self.per_bucket[bucket].next()

@@ -21,7 +21,7 @@ from pipelines.training.config import FaultConfig, TrainConfig
 from pipelines.quality import bucket_mean
 from pipelines.training.data import BucketBatches, EqualStepBatches
 from pipelines.training.ema import Ema
-from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard, unwrap
+from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard
 from pipelines.training.plan import TrainPlan
 from pipelines.training.state import TrainState
 from pipelines.training.tracking import MetricLogger
@@ -270,19 +270,11 @@ class StepMeter:
 def note_resume(state: TrainState, logger: MetricLogger | None) -> None:
     """Tags what the resumed run starts from, for anyone checking that a resume loses nothing (a
     gather every rank joins, once per resume), and has rank 0 skip the steps already logged."""
-    from latent_cache.encoders import state_digest, weights_digest
+    from latent_cache.encoders import state_digest
 
-    from stages import lora
-
-    resumed_state = full_model_state(state.model)
-    if logger is not None and lora.is_adapted(unwrap(state.model)):  # the adapter, as its file names it
-        logger.tag(f"resume.step_{state.step}.weights_sha256", state_digest(lora.adapter_state(resumed_state)))
-        logger.skip_logged("loss")
-    elif logger is not None:
-        with torch.device("meta"):
-            holder = type(unwrap(state.model))(unwrap(state.model).config)
-        holder.load_state_dict(resumed_state, assign=True)
-        logger.tag(f"resume.step_{state.step}.weights_sha256", weights_digest(holder))
+    resumed_state = full_model_state(state.model)  # what a checkpoint holds: a LoRA's adapter only
+    if logger is not None:
+        logger.tag(f"resume.step_{state.step}.weights_sha256", state_digest(resumed_state))
         logger.skip_logged("loss")
 
 
