@@ -112,6 +112,16 @@ def _start_attempt(cfg: RetrainConfig, uri: str, shards: list[str]) -> dict:
     }
 
 
+def _check_lora_base(cfg: RetrainConfig, attempt: dict) -> None:
+    """A LoRA retrain fine-tunes an adapter on the champion, and the registered adapter pins that
+    version: with no champion yet there is no registered base, and registration after training would
+    refuse the run. Refused before anything is prepared or trained."""
+    if cfg.train.model.lora is not None and attempt["base_version"] is None:
+        raise ValueError(f"train.model.lora: a LoRA retrain fine-tunes the champion of {cfg.model_name!r}, which has "
+                         f"none yet; register and promote a base version first (wuerstchen register, wuerstchen "
+                         f"promote), or run the first retrain without train.model.lora")
+
+
 def _train_config(cfg: RetrainConfig, attempt: dict) -> TrainConfig:
     train = dataclasses.replace(cfg.train)
     train.data = dataclasses.replace(train.data, cache=cfg.prep.output.url)
@@ -146,6 +156,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
             attempt = json.loads(text)
             print(f"resuming attempt {attempt['attempt_id']} (started {attempt['started']}): "
                   f"{len(attempt['new_shards'])} new shards", flush=True)
+            _check_lora_base(cfg, attempt)
         else:
             shards = new_shards(cfg)
             if not shards:
@@ -155,6 +166,7 @@ def run_retrain(cfg: RetrainConfig) -> dict:
                       f"nothing trained or registered", flush=True)
                 return summary
             attempt = _start_attempt(cfg, uri, shards)
+            _check_lora_base(cfg, attempt)  # before the attempt is recorded: a rerun once a champion exists starts afresh
             write_text_atomically(fs, join(root, ATTEMPT), json.dumps(attempt, indent=2) + "\n")
             print(f"attempt {attempt['attempt_id']}: {len(shards)} new shards; base champion "
                   f"{attempt['base_version'] or '(none yet: training from the configured init)'}", flush=True)

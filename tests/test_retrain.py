@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TRAIN_POLLING, free_ports, wait_for_port
 from prep_factory import good, write_tar
@@ -253,6 +254,24 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     assert [v.version for v in _versions(uri)] == ["1", "2"]
     assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists()
 
+    # A LoRA retrain (the common fine-tune): an adapter on the champion, registered alone, pinning it.
+    champion = registry.version_by_alias(registry.client(uri), MODEL, registry.CHAMPION).version
+    _shard(tmp_path / "src", 2)
+    lora = yaml.safe_load(config.read_text())
+    lora["train"]["model"] |= {"init": f"models:/{MODEL}@champion", "lora": {"rank": 2}}
+    (tmp_path / "retrain-lora.yaml").write_text(yaml.safe_dump(lora))
+    status, logs = _run(ray_head, tmp_path / "retrain-lora.yaml", "retrain-lora")
+    assert status == "SUCCEEDED", logs[-4000:]
+    third = _summary(logs)
+    assert third["base_version"] == champion and third["candidate_version"] == "3" and third["decision"] in ("promoted", "kept")
+    assert registry.client(uri).get_run(third["training_run_id"]).data.params["model.init"] == f"models:/{MODEL}/{champion}"
+    tuned = f"models:/{MODEL}/3"
+    assert registry.model_config_of(tuned)["lora_base"] == f"models:/{MODEL}/{champion}"
+    registry.download(tuned, tmp_path / "lora-version")
+    assert [p.name for p in (tmp_path / "lora-version").rglob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+    base, merged = (registry.load_stage_c(f"models:/{MODEL}/{v}", uri).state_dict() for v in (champion, "3"))
+    assert base.keys() == merged.keys() and any(not torch.equal(base[k], merged[k]) for k in base)
+
 
 def test_a_resumed_attempt_prepares_only_its_own_shards(ray_cluster, mlflow_server, tmp_path):
     """A shard that arrives while an attempt is unfinished is the next attempt's, in full: the resumed
@@ -275,3 +294,17 @@ def test_a_resumed_attempt_prepares_only_its_own_shards(ray_cluster, mlflow_serv
         run_retrain(cfg)  # resumes the same attempt
     assert sorted(json.loads((tmp_path / "cache" / "manifest.json").read_text())["shards"]) == [first]
     assert new_shards(cfg) == [second]
+
+
+def test_a_lora_retrain_with_no_champion_yet_is_refused_before_anything_is_prepared(mlflow_server, tmp_path):
+    """A LoRA adapter pins a registered base: with no champion there is none, so the run stops before
+    prep and records no attempt (a rerun once a champion exists starts afresh from it)."""
+    from core.config import load
+    from pipelines.retrain import RetrainConfig, run_retrain
+
+    _shard(tmp_path / "src", 0, rows=2)
+    cfg = load(RetrainConfig, _config(tmp_path, mlflow_server), ["train.model.init=models:/none-yet@champion",
+                                                                 "train.model.lora.rank=2", f"model_name={MODEL}-unborn"])
+    with pytest.raises(ValueError, match="fine-tunes the champion of 'stage-c-retrain-unborn', which has none yet"):
+        run_retrain(cfg)
+    assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists() and not (tmp_path / "cache").exists()
