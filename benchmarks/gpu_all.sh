@@ -19,9 +19,15 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 if [ -f .whl/site.tar.xz ]; then
-    mkdir -p /tmp/site && xz -dc -T0 .whl/site.tar.xz | tar -C /tmp/site -xf - || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    mkdir -p /tmp/site
+    if command -v xz > /dev/null; then
+        xz -dc -T0 .whl/site.tar.xz | tar -C /tmp/site -xf - || exit 1
+    else
+        python3 -c "import tarfile; tarfile.open('.whl/site.tar.xz').extractall('/tmp/site', filter='tar')" || exit 1
+    fi
 fi
+# The project is not installed there: the repository root on the path of this process and of Ray's workers.
+export PYTHONPATH=/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 left() { echo $((TOTAL - ($(date +%s) - start) - $1)); }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
