@@ -70,7 +70,7 @@ def _shard(folder: Path, index: int, rows: int = 14) -> None:
     write_tar(folder / f"shard-{index:03d}.tar", members)
 
 
-def _config(root: Path, uri: str, steps: int = 6, every: int = 3) -> Path:
+def _config(root: Path, uri: str, steps: int = 6, every: int = 3, lora: bool = False) -> Path:
     config = {
         "prep": {
             "source": {"url": str(root / "src"), "format": "webdataset"},
@@ -79,7 +79,8 @@ def _config(root: Path, uri: str, steps: int = 6, every: int = 3) -> Path:
             "output": {"url": str(root / "cache"), "shards_per_wave": 1},
         },
         "train": {
-            "model": {"flavor": "tiny"},
+            # a LoRA fine-tune of the champion: an adapter of rank 2, registered alone, pinning it
+            "model": {"flavor": "tiny"} | ({"init": f"models:/{MODEL}@champion", "lora": {"rank": 2}} if lora else {}),
             "data": {"batch_size": 4, "validation_fraction": 0.2},
             "optim": {"lr": 0.001},
             "ema": {"decay": 0.9},
@@ -97,7 +98,7 @@ def _config(root: Path, uri: str, steps: int = 6, every: int = 3) -> Path:
         "data_mix": {"mode": "replay", "replay_fraction": 0.5},
         "lease": {"stale_after_s": 8, "heartbeat_s": 2},
     }
-    path = root / f"retrain-{steps}.yaml"
+    path = root / f"retrain-{steps}{'-lora' if lora else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -211,12 +212,12 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     assert [v.version for v in _versions(uri)] == ["1"]
 
     # A new shard, and two runs started at once: one refuses; the other prepares only that shard and
-    # fine-tunes the champion, and is killed mid-training. Rerun, it finishes the same attempt from its
-    # checkpoint and registers exactly one new version.
+    # fine-tunes the champion (a LoRA adapter on it, the common fine-tune), and is killed mid-training.
+    # Rerun, it finishes the same attempt from its checkpoint and registers exactly one new version.
     _shard(tmp_path / "src", 1, rows=48)
     # Long enough that the stop lands mid-training: `ray job stop` takes several seconds, in which a
     # tiny model on a fast machine trained the last 25 of 40 steps and registered a version.
-    long = _config(tmp_path, uri, steps=200, every=10)
+    long = _config(tmp_path, uri, steps=200, every=10, lora=True)
     _submit(ray_head, long, "retrain-a")
     _submit(ray_head, long, "retrain-b")
     jobs = {sid: _Follower(ray_head, sid, tmp_path) for sid in ("retrain-a", "retrain-b")}
@@ -249,28 +250,17 @@ def test_retrain_jobs_new_shards_only_from_the_champion_one_at_a_time_and_resume
     assert sorted(manifest["shards"]) == [f"file://{tmp_path}/src/shard-00{i}.tar" for i in (0, 1)]
     assert manifest["shards"][f"file://{tmp_path}/src/shard-000.tar"]["wave"] != manifest["shards"][second["new_shards"][0]]["wave"]
     run = registry.client(uri).get_run(second["training_run_id"])
-    assert run.data.params["model.init"] == f"models:/{MODEL}/1"
+    assert run.data.params["model.init"] == f"models:/{MODEL}/1" and run.data.tags["lora.base"] == f"models:/{MODEL}/1"
+    # The version holds the adapter alone and pins the champion it was trained on; models:/ merges them.
+    assert registry.model_config_of(f"models:/{MODEL}/2")["lora_base"] == f"models:/{MODEL}/1"
+    registry.download(f"models:/{MODEL}/2", tmp_path / "lora-version")
+    assert [p.name for p in (tmp_path / "lora-version").rglob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+    base, tuned = (registry.load_stage_c(f"models:/{MODEL}/{v}", uri).state_dict() for v in (1, 2))
+    assert base.keys() == tuned.keys() and any(not torch.equal(base[k], tuned[k]) for k in base)
     assert run.data.tags["retrain.decision"] == second["decision"]
     assert [v.version for v in _versions(uri)] == ["1", "2"]
     assert not (tmp_path / "runs" / "retrain" / "attempt.json").exists()
 
-    # A LoRA retrain (the common fine-tune): an adapter on the champion, registered alone, pinning it.
-    champion = registry.version_by_alias(registry.client(uri), MODEL, registry.CHAMPION).version
-    _shard(tmp_path / "src", 2)
-    lora = yaml.safe_load(config.read_text())
-    lora["train"]["model"] |= {"init": f"models:/{MODEL}@champion", "lora": {"rank": 2}}
-    (tmp_path / "retrain-lora.yaml").write_text(yaml.safe_dump(lora))
-    status, logs = _run(ray_head, tmp_path / "retrain-lora.yaml", "retrain-lora")
-    assert status == "SUCCEEDED", logs[-4000:]
-    third = _summary(logs)
-    assert third["base_version"] == champion and third["candidate_version"] == "3" and third["decision"] in ("promoted", "kept")
-    assert registry.client(uri).get_run(third["training_run_id"]).data.params["model.init"] == f"models:/{MODEL}/{champion}"
-    tuned = f"models:/{MODEL}/3"
-    assert registry.model_config_of(tuned)["lora_base"] == f"models:/{MODEL}/{champion}"
-    registry.download(tuned, tmp_path / "lora-version")
-    assert [p.name for p in (tmp_path / "lora-version").rglob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
-    base, merged = (registry.load_stage_c(f"models:/{MODEL}/{v}", uri).state_dict() for v in (champion, "3"))
-    assert base.keys() == merged.keys() and any(not torch.equal(base[k], merged[k]) for k in base)
 
 
 def test_a_resumed_attempt_prepares_only_its_own_shards(ray_cluster, mlflow_server, tmp_path):
