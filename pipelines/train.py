@@ -138,17 +138,35 @@ def train_probe(cfg: TrainConfig, cache, bucket: str | None = None) -> dict | No
     return probe_rows(cache, count, cfg.data.validation_fraction, bucket)
 
 
-def bucket_plan(cfg: TrainConfig, cache, columns: list[str], rows: float) -> dict[str, dict] | None:
+def mixed_rows(cache, shards: list[str] | None, replay_fraction: float) -> dict[str, float]:
+    """bucket -> the rows training draws from: all of them, or with data.shards the rows of those
+    source shards plus `replay_fraction` of the others, counted bucket by bucket from the manifest's
+    per-shard counts (a cache written before it had them: the shards' rows spread as the cache's)."""
+    totals = {bucket: float(info["rows"]) for bucket, info in cache.buckets.items()}
+    if shards is None:
+        return totals
+    stats = [cache.manifest["shards"][s] for s in shards]
+    if len(totals) == 1:
+        new = {bucket: float(sum(s["rows_written"] for s in stats)) for bucket in totals}
+    elif all("buckets" in s or not s["rows_written"] for s in stats):
+        new = {bucket: float(sum(s.get("buckets", {}).get(bucket, 0) for s in stats)) for bucket in totals}
+    else:
+        written = sum(s["rows_written"] for s in stats)
+        new = {bucket: written * total / cache.rows for bucket, total in totals.items()}
+    return {bucket: new[bucket] + (totals[bucket] - new[bucket]) * replay_fraction for bucket in totals}
+
+
+def bucket_plan(cfg: TrainConfig, cache, columns: list[str], rows: dict[str, float]) -> dict[str, dict] | None:
     """For a cache of several aspect-ratio buckets: bucket -> its estimated training rows per worker
     ("rows"), whether it is trained on (a worker's share holds a batch) and held in memory, and its
-    Stage C probe rows; None for a cache of one bucket. `rows`: the training rows of the whole
-    cache (after data.shards' mix)."""
+    Stage C probe rows; None for a cache of one bucket. `rows`: bucket -> the rows training draws
+    from (`mixed_rows`)."""
     if len(cache.buckets) == 1:
         return None
-    share = rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers / cache.rows
+    share = (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
     plan = {}
-    for bucket, info in cache.buckets.items():
-        per_worker = info["rows"] * share
+    for bucket in cache.buckets:
+        per_worker = rows[bucket] * share
         megabytes = per_worker * row_bytes(cache, columns, bucket) / 2**20
         plan[bucket] = {"rows": per_worker, "trained": per_worker >= cfg.data.batch_size,
                         "in_memory": megabytes <= cfg.data.memory_limit_mb,
@@ -234,14 +252,12 @@ def run_training(cfg: TrainConfig):
     cache.check_fingerprints(expected)  # refused here, before any worker starts
     check_fits(cfg)  # and a run its devices cannot hold
     task = build_task(cfg, cache, text_encoder)
-    rows = cache.rows
     if cfg.data.shards is not None:
         unknown = sorted(set(cfg.data.shards) - set(cache.manifest["shards"]))
         if unknown:
             raise ValueError(f"data.shards names shards the cache at {cfg.data.cache} does not hold: {unknown[:3]}")
-        new = sum(cache.manifest["shards"][s]["rows_written"] for s in cfg.data.shards)
-        rows = new + (rows - new) * cfg.data.replay_fraction
-    per_worker = rows * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
+    rows = mixed_rows(cache, cfg.data.shards, cfg.data.replay_fraction)
+    per_worker = sum(rows.values()) * (1 - cfg.data.validation_fraction) / cfg.parallel.num_workers
     buckets = bucket_plan(cfg, cache, task.columns, rows)
     if buckets is None and per_worker < cfg.data.batch_size:
         raise ValueError(

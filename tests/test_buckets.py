@@ -3,7 +3,9 @@ image cut to the bucket its aspect ratio selects, each bucket's rows in files of
 shapes, the manifest's counts, and a killed run's rerun giving the same rows."""
 
 import json
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -84,6 +86,8 @@ def test_every_image_lands_in_the_bucket_its_aspect_ratio_selects_in_files_of_it
             assert table.column("images").type.shape == [height, width, 3]
     rows = _rows(str(tmp_path / "cache"))
     assert {key: row["bucket"] for key, row in rows.items()} == expected
+    per_shard = Counter(bucket for _, bucket in SIZES)  # every shard holds the SIZES images: data.shards' mix, by bucket
+    assert [stats["buckets"] for stats in cache.manifest["shards"].values()] == [dict(per_shard)] * 4
     # The pixels are the source's centre at the bucket's shape (the largest part of its aspect ratio).
     for key in ("s0/img0", "s0/img6", "s1/img2"):
         shard, name = key.split("/")
@@ -205,3 +209,21 @@ def test_a_square_bucket_is_cut_as_the_centre_square_was():
         assert np.array_equal(np.asarray(cover_crop_resize(image, 48, 48)), np.asarray(before)), size
         wide = np.asarray(cover_crop_resize(image, 32, 64))
         assert wide.shape == (32, 64, 3)
+
+
+def test_a_mix_of_shards_counts_each_buckets_rows_from_the_manifest():
+    """data.shards' mix (a retrain's new shards plus a replay share of the rest) bucket by bucket: from
+    each shard's own counts, so a retrain whose new images are all wide knows the tall bucket has few
+    rows; a cache written before the manifest had them spreads the shards' rows as the cache's."""
+    from pipelines.train import mixed_rows
+
+    shards = {"new": {"rows_written": 40, "buckets": {"96x160": 40}},
+              "old": {"rows_written": 60, "buckets": {"160x96": 30, "96x160": 30}}}
+    cache = SimpleNamespace(manifest={"shards": shards}, rows=100,
+                            buckets={"160x96": {"rows": 30}, "96x160": {"rows": 70}})
+    assert mixed_rows(cache, None, 0.5) == {"160x96": 30, "96x160": 70}
+    assert mixed_rows(cache, ["new"], 0.5) == {"160x96": 15, "96x160": 40 + 15}
+    assert mixed_rows(cache, ["old"], 0.0) == {"160x96": 30, "96x160": 30}
+    for stats in shards.values():
+        del stats["buckets"]
+    assert mixed_rows(cache, ["new"], 0.5) == pytest.approx({"160x96": 12 + 9, "96x160": 28 + 21})
