@@ -100,13 +100,11 @@ def check_encoders(manifest: dict, spec: CacheSpec, encoders: dict, text_width: 
                 f"the cache at {url} was made with a {name} of fingerprint {theirs}, this run's has "
                 f"{info['fingerprint']}: appending would mix latents of different encoders. Use another output URL."
             )
-    shapes = spec.tensor_shapes(text_width, decoder_text_width(encoders))
-    if manifest["shapes"] != shapes:
-        raise CacheMismatchError(f"the cache at {url} has tensor shapes {manifest['shapes']}, this run {shapes}")
+    held = buckets(manifest)  # a square-only cache: its one bucket, the manifest's own shapes
     for bucket, shapes in spec.bucket_shapes(text_width, decoder_text_width(encoders)).items():
-        if buckets(manifest)[bucket]["shapes"] != shapes:
-            raise CacheMismatchError(f"the cache at {url} has tensor shapes {buckets(manifest)[bucket]['shapes']} in "
-                                     f"bucket {bucket}, this run {shapes}")
+        theirs = held.get(bucket, {}).get("shapes")
+        if theirs != shapes:
+            raise CacheMismatchError(f"the cache at {url} has tensor shapes {theirs} in bucket {bucket}, this run {shapes}")
 
 
 # encoder -> (the column its output fills, the prep setting that adds it) for the optional ones

@@ -99,6 +99,13 @@ def row_bytes(cache, columns: list[str], bucket: str | None = None) -> int:
     return sum(4 * math.prod(shapes.get(name, [1])) for name in columns)
 
 
+def worker_share(cfg: TrainConfig, cache, columns: list[str], per_worker: float, bucket: str | None = None) -> tuple[float, bool]:
+    """(the megabytes of a worker's `per_worker` training rows (of a bucket), whether the worker holds
+    them in memory: within data.memory_limit_mb, it reads them once instead of every epoch)."""
+    megabytes = per_worker * row_bytes(cache, columns, bucket) / 2**20
+    return megabytes, megabytes <= cfg.data.memory_limit_mb
+
+
 def build_task(cfg: TrainConfig, cache, text_encoder):
     """The training task of `cfg.model.stage` for this cache, after checking that the model takes
     the text encoder's width."""
@@ -141,14 +148,13 @@ def train_probe(cfg: TrainConfig, cache, bucket: str | None = None) -> dict | No
 def mixed_rows(cache, shards: list[str] | None, replay_fraction: float) -> dict[str, float]:
     """bucket -> the rows training draws from: all of them, or with data.shards the rows of those
     source shards plus `replay_fraction` of the others, counted bucket by bucket from the manifest's
-    per-shard counts (a cache written before it had them: the shards' rows spread as the cache's)."""
+    per-shard counts (a cache of one bucket, or written before it had them: the shards' rows
+    spread as the cache's)."""
     totals = {bucket: float(info["rows"]) for bucket, info in cache.buckets.items()}
     if shards is None:
         return totals
     stats = [cache.manifest["shards"][s] for s in shards]
-    if len(totals) == 1:
-        new = {bucket: float(sum(s["rows_written"] for s in stats)) for bucket in totals}
-    elif all("buckets" in s or not s["rows_written"] for s in stats):
+    if all("buckets" in s or not s["rows_written"] for s in stats):
         new = {bucket: float(sum(s.get("buckets", {}).get(bucket, 0) for s in stats)) for bucket in totals}
     else:
         written = sum(s["rows_written"] for s in stats)
@@ -167,9 +173,8 @@ def bucket_plan(cfg: TrainConfig, cache, columns: list[str], rows: dict[str, flo
     plan = {}
     for bucket in cache.buckets:
         per_worker = rows[bucket] * share
-        megabytes = per_worker * row_bytes(cache, columns, bucket) / 2**20
         plan[bucket] = {"rows": per_worker, "trained": per_worker >= cfg.data.batch_size,
-                        "in_memory": megabytes <= cfg.data.memory_limit_mb,
+                        "in_memory": worker_share(cfg, cache, columns, per_worker, bucket)[1],
                         "probe": train_probe(cfg, cache, bucket) if cfg.model.stage == "c" else None}
     skipped = [b for b, p in plan.items() if not p["trained"]]
     if len(skipped) == len(plan):
@@ -286,8 +291,7 @@ def run_training(cfg: TrainConfig):
     if buckets is None:
         train_ds, val_ds = datasets(cache, task.columns, *split)
         all_datasets, trained = {"train": train_ds, "val": val_ds}, ["train"]
-        share_mb = per_worker * row_bytes(cache, task.columns) / 2**20
-        in_memory = share_mb <= cfg.data.memory_limit_mb
+        share_mb, in_memory = worker_share(cfg, cache, task.columns, per_worker)
         log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
                  per_worker, share_mb)
     else:  # a dataset of each bucket: a batch is of one bucket's shapes
