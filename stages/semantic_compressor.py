@@ -10,7 +10,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import efficientnet
 
 from stages.pretrained import PretrainedModel
 
@@ -18,25 +17,28 @@ from stages.pretrained import PretrainedModel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Reduced EfficientNetV2 backbones (same block types, same stride 32) for tests and CPU demos.
+# Reduced EfficientNetV2 backbones (same block types, same stride 32) for tests and CPU demos: torchvision's
+# stage settings (block type, expand ratio, kernel, stride, in, out, layers). torchvision is imported
+# only to build a backbone: its models package imports torch's compiler stack (~2 s of CPU), which
+# every process that imports `stages` (each Ray Train worker) would pay otherwise.
 _REDUCED_BACKBONES = {
     "efficientnet_tiny": [
-        efficientnet.FusedMBConvConfig(1, 3, 1, 8, 8, 1),
-        efficientnet.FusedMBConvConfig(2, 3, 2, 8, 16, 1),
-        efficientnet.FusedMBConvConfig(2, 3, 2, 16, 24, 1),
-        efficientnet.MBConvConfig(2, 3, 2, 24, 32, 1),
-        efficientnet.MBConvConfig(2, 3, 2, 32, 48, 1),
+        ("fused", 1, 3, 1, 8, 8, 1),
+        ("fused", 2, 3, 2, 8, 16, 1),
+        ("fused", 2, 3, 2, 16, 24, 1),
+        ("mb", 2, 3, 2, 24, 32, 1),
+        ("mb", 2, 3, 2, 32, 48, 1),
     ],
     "efficientnet_small": [
-        efficientnet.FusedMBConvConfig(1, 3, 1, 16, 16, 1),
-        efficientnet.FusedMBConvConfig(4, 3, 2, 16, 32, 2),
-        efficientnet.FusedMBConvConfig(4, 3, 2, 32, 48, 2),
-        efficientnet.MBConvConfig(4, 3, 2, 48, 96, 2),
-        efficientnet.MBConvConfig(4, 3, 1, 96, 112, 2),
-        efficientnet.MBConvConfig(4, 3, 2, 112, 160, 2),
+        ("fused", 1, 3, 1, 16, 16, 1),
+        ("fused", 4, 3, 2, 16, 32, 2),
+        ("fused", 4, 3, 2, 32, 48, 2),
+        ("mb", 4, 3, 2, 48, 96, 2),
+        ("mb", 4, 3, 1, 96, 112, 2),
+        ("mb", 4, 3, 2, 112, 160, 2),
     ],
 }
-_TORCHVISION_BACKBONES = {"efficientnet_v2_s": efficientnet.efficientnet_v2_s, "efficientnet_v2_l": efficientnet.efficientnet_v2_l}
+_TORCHVISION_BACKBONES = ("efficientnet_v2_s", "efficientnet_v2_l")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +50,19 @@ class SemanticCompressorConfig:
 
 def build_backbone(config: SemanticCompressorConfig, imagenet_weights: bool = False) -> nn.Module:
     """The `.features` of an EfficientNet; ImageNet weights are downloaded by torchvision when asked."""
+    from torchvision.models import efficientnet
+
     if config.effnet in _TORCHVISION_BACKBONES:
         if config.c_cond != 1280:
             raise ValueError(f"{config.effnet} ends in 1280 channels; SemanticCompressorConfig.c_cond is {config.c_cond}")
         weights = "DEFAULT" if imagenet_weights else None
-        return _TORCHVISION_BACKBONES[config.effnet](weights=weights).features
+        return getattr(efficientnet, config.effnet)(weights=weights).features
     if config.effnet in _REDUCED_BACKBONES:
         if imagenet_weights:
             raise ValueError(f"there are no ImageNet weights for the reduced backbone {config.effnet!r}")
+        block = {"fused": efficientnet.FusedMBConvConfig, "mb": efficientnet.MBConvConfig}
         net = efficientnet.EfficientNet(
-            _REDUCED_BACKBONES[config.effnet],
+            [block[kind](*settings) for kind, *settings in _REDUCED_BACKBONES[config.effnet]],
             dropout=0.0,
             last_channel=config.c_cond,
             norm_layer=partial(nn.BatchNorm2d, eps=1e-3),
