@@ -246,7 +246,7 @@ def run_training(cfg: TrainConfig):
 
     from latent_cache.reader import Cache
     from pipelines.training import checkpoint as ckpt_io
-    from pipelines.training.data import data_config, datasets
+    from pipelines.training.rows import data_config, datasets
     from pipelines.training.loop import train_func
     from pipelines.training.plan import TrainPlan
     from pipelines.training.tracking import start_or_resume_run, tracking_uri
