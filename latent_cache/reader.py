@@ -84,11 +84,12 @@ class Cache:
         tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files_of(bucket)]
         return pa.concat_tables(tables) if tables else pa.table({})
 
-    def spread_rows(self, columns: list[str], count: int, fraction: float, validation: bool = False,
+    def spread_rows(self, columns: list[str], count: int | None, fraction: float, validation: bool = False,
                     bucket: str | None = None) -> pa.Table:
-        """`count` rows of one side of the split (the training rows, or with `validation` the held-out
-        ones) spread evenly over the cache (or a bucket of it) in file order, with `columns`. Only the
-        key column is read everywhere; the others only from the row groups that hold a chosen row."""
+        """`count` rows (None: all) of one side of the split (the training rows, or with `validation`
+        the held-out ones) spread evenly over the cache (or a bucket of it) in file order, with
+        `columns`. Only the key column is read everywhere; the others only from the row groups that
+        hold a chosen row."""
         self._check_one_shape(columns, bucket)
         where = []  # (file, row group, index in the group) of every row of the split
         for path in self.files_of(bucket):
@@ -100,7 +101,7 @@ class Cache:
         if not where:
             raise ValueError(f"the cache at {self.url} has no {'held-out' if validation else 'training'} rows "
                              f"at validation fraction {fraction}")
-        picks = [where[int(i)] for i in np.linspace(0, len(where) - 1, min(count, len(where)))]
+        picks = where if count is None else [where[int(i)] for i in np.linspace(0, len(where) - 1, min(count, len(where)))]
         parts = []
         for (path, group), members in itertools.groupby(picks, key=lambda w: w[:2]):
             with self.fs.open_input_file(path) as f:
@@ -139,6 +140,19 @@ def existing_hashes(cache: Cache) -> list[tuple[str, int | None]]:
 def tensor_column(table: pa.Table, name: str, dtype=np.float32) -> np.ndarray:
     """A fixed-shape tensor column of a table read from the cache as one (N, *shape) array."""
     return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
+
+
+def numpy_batches(table: pa.Table, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """A table of cache rows as numpy batches of `batch_size` rows (the last one shorter), as Ray
+    Data's batch_format="numpy" hands them: tensor columns (N, *shape) in their stored dtype, the
+    others 1-D arrays."""
+    def array(column: pa.ChunkedArray) -> np.ndarray:
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            return np.concatenate([chunk.to_numpy_ndarray() for chunk in column.chunks])
+        return column.to_numpy()
+
+    return [{name: array(part.column(name)) for name in part.column_names}
+            for part in (table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size))]
 
 
 def is_validation(key: str, fraction: float) -> bool:

@@ -106,6 +106,16 @@ def worker_share(cfg: TrainConfig, cache, columns: list[str], per_worker: float,
     return megabytes, megabytes <= cfg.data.memory_limit_mb
 
 
+def held_out_in_process(cfg: TrainConfig, cache, columns: list[str]) -> bool:
+    """Whether each worker reads the held-out rows straight from the cache's files (pyarrow, in its
+    own process) rather than through a Ray Dataset: when the cache's `columns` are within
+    data.memory_limit_mb. The split is by key hash, so a worker reads every row group of the cache
+    either way, and keeps only the held-out rows; in process that costs no Ray tasks, which on a small
+    cache take far longer than the read (new worker processes, each importing its modules)."""
+    megabytes = sum(info["rows"] * row_bytes(cache, columns, bucket) for bucket, info in cache.buckets.items()) / 2**20
+    return megabytes <= cfg.data.memory_limit_mb
+
+
 def build_task(cfg: TrainConfig, cache, text_encoder):
     """The training task of `cfg.model.stage` for this cache, after checking that the model takes
     the text encoder's width."""
@@ -285,9 +295,11 @@ def run_training(cfg: TrainConfig):
     _log_manifest(uri, run_id, cache)
 
     from core.ray_cluster import connect
+    from core.storage import absolute
 
     connect(cfg.ray_address, cfg.num_cpus)
     split = (cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
+    held_out_cache = absolute(cfg.data.cache) if held_out_in_process(cfg, cache, task.columns) else None
     if buckets is None:
         train_ds, val_ds = datasets(cache, task.columns, *split)
         all_datasets, trained = {"train": train_ds, "val": val_ds}, ["train"]
@@ -306,8 +318,10 @@ def run_training(cfg: TrainConfig):
     # A LoRA fine-tune's checkpoints hold its adapter only: a resume needs the base again, the same one.
     init_state = initial_weights(cfg) if resume is None or cfg.model.lora is not None else None
     lora_base = lora_base_of(cfg, init_state, ckpt_io.train_state_of(resume) if resume is not None else None, uri, run_id)
+    if held_out_cache is not None:  # the workers read it from the cache's files, not from these
+        all_datasets = {name: ds for name, ds in all_datasets.items() if name in trained}
     plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=init_state, in_memory=in_memory,
-                     lora_base=lora_base, buckets=buckets)
+                     lora_base=lora_base, buckets=buckets, held_out_cache=held_out_cache)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,

@@ -52,7 +52,10 @@ def test_two_workers_train_checkpoint_to_s3_track_in_mlflow_and_resume(tiny_cach
 
     bucket = make_bucket(f"train-{strategy}")
     storage = f"s3://{bucket}/runs"
-    sets = {"parallel.strategy": strategy} | ({"checkpoint.fsdp_state_dict": "sharded"} if strategy == "fsdp2" else {})
+    # FSDP2 also streams its data (Ray Data every epoch, the held-out rows through Ray too), where DDP
+    # holds this small cache in memory and reads the held-out rows from its files: both ways run.
+    sets = {"parallel.strategy": strategy} | ({"checkpoint.fsdp_state_dict": "sharded", "data.memory_limit_mb": 0}
+                                              if strategy == "fsdp2" else {})
     cfg = train_config(tiny_cache, storage, mlflow_server, f"run-{strategy}", **sets)
     result, run_id = run_training(cfg)
     assert result.metrics["step"] == 6
@@ -178,3 +181,29 @@ def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(decoder_cache,
         "parallel.num_workers": 1, "checkpoint.every_steps": 2, "validation.every_steps": 2, "data.batch_size": 4})
     result, _ = run_training(cfg)
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss_ema"]) and np.isfinite(result.metrics["loss"])
+
+
+def test_the_held_out_rows_read_in_process_are_those_ray_data_gives(tiny_cache):
+    """A worker reads a small cache's held-out rows with pyarrow (train.held_out_in_process): the same
+    rows, columns, dtypes and shapes as Ray Data's validation dataset hands it as numpy batches."""
+    from latent_cache.reader import Cache, numpy_batches
+    from pipelines.training.rows import datasets
+
+    cache = Cache(tiny_cache)
+    columns = ["key", "caption", "stage_c_latents", *cache.text_columns]
+    _, val = datasets(cache, columns, 0.2)
+    by_ray = list(val.iter_batches(batch_size=4, batch_format="numpy"))
+    in_process = numpy_batches(cache.spread_rows(columns, None, 0.2, validation=True), 4)
+    assert [len(b["key"]) for b in in_process[:-1]] == [4] * (len(in_process) - 1) and 0 < len(in_process[-1]["key"]) <= 4
+    assert set(in_process[0]) == set(by_ray[0]) == set(columns)
+
+    def rows(batches):
+        return {str(k): {c: b[c][i] for c in columns} for b in batches for i, k in enumerate(b["key"])}
+
+    ours, theirs = rows(in_process), rows(by_ray)
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 4
+    for key, row in ours.items():
+        for c in columns:
+            a, b = np.asarray(row[c]), np.asarray(theirs[key][c])
+            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), (key, c)
+

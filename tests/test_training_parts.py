@@ -107,6 +107,25 @@ def test_the_validation_split_depends_on_the_key_only():
     assert held_out == [k for k in reversed(keys) if is_validation(k, 0.05)][::-1]
 
 
+def test_the_workers_read_the_held_out_rows_in_process_when_the_cache_is_small():
+    """Within data.memory_limit_mb for the whole cache's columns read (every bucket's rows times its
+    row size), pyarrow in each worker; above it, Ray Data."""
+    from types import SimpleNamespace
+
+    from pipelines.train import held_out_in_process
+
+    shapes = {"stage_c_latents": [16, 24, 24], "text_embeddings": [77, 1280]}  # 36 KiB + 385 KiB a row in fp32
+    cache = SimpleNamespace(manifest={"shapes": shapes}, buckets={"24x24": {"shapes": shapes, "rows": 2000}})
+    columns = ["key", "caption", "stage_c_latents", "text_embeddings"]
+    row = 4 * (16 * 24 * 24 + 77 * 1280 + 2)
+    cfg = SimpleNamespace(data=SimpleNamespace(memory_limit_mb=2000 * row // 2**20 + 1))
+    assert held_out_in_process(cfg, cache, columns)
+    cfg.data.memory_limit_mb -= 2
+    assert not held_out_in_process(cfg, cache, columns)
+    cfg.data.memory_limit_mb = 0  # streaming asked for: Ray Data throughout
+    assert not held_out_in_process(cfg, cache, columns)
+
+
 def test_ema_schedules():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

@@ -4,6 +4,7 @@ the same number of batches."""
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,18 @@ def _all_ranks_have(has_batch: bool, group) -> bool:
     return bool(flag.item())
 
 
+def in_background(read) -> Future:
+    """`read()` started now in a thread of its own; the Future's result() waits for it (and raises
+    what it raised). A worker reads its data this way while it builds its model: on a small cache the
+    first read (Ray Data starting its tasks) takes as long as the build, and the first step waited
+    for both in turn."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-read")
+    try:
+        return pool.submit(read)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def host_group():
     """A process group of every rank on the CPU (gloo) for the host-side agreements of the data loop,
     so that they never wait on the GPU's queue: the default group when it is gloo already, else a new
@@ -81,9 +94,9 @@ class EqualStepBatches:
     `epoch_seed(seed, epoch, rank)`: a new order every epoch, and on resume the same order as the
     interrupted epoch, so skipping the batches the checkpoint used skips exactly those rows.
 
-    `in_memory`: the shard is read once, at the first batch, and every epoch is a permutation of
-    those rows in memory, drawn from the same `epoch_seed` (with a shuffle buffer; else the order
-    read): no re-read of the cache at each epoch boundary, where Ray Data's streaming split executes
+    `in_memory`: the shard is read once, in the background from construction on, and every epoch is
+    a permutation of those rows in memory, drawn from the same `epoch_seed` (with a shuffle buffer;
+    else the order read): no re-read of the cache at each epoch boundary, where Ray Data's streaming split executes
     the read pipeline again and the step waits for it (on a small cache, most of the run's time).
     """
 
@@ -92,7 +105,8 @@ class EqualStepBatches:
         self.shard, self.batch_size, self.device = shard, batch_size, device
         self._group = host_group()  # every rank builds its batches at the same point of the loop
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
-        self.in_memory, self._rows = in_memory, None
+        self.in_memory = in_memory
+        self._rows = in_background(self._read_once) if in_memory else None
         self.epoch = 0
         self.batch_in_epoch = 0
         self.wait_seconds = 0.0
@@ -125,14 +139,13 @@ class EqualStepBatches:
         return {name: np.concatenate([np.asarray(part[name]) for part in parts]) for name in parts[0]}
 
     def _memory_epoch(self):
-        if self._rows is None:
-            self._rows = self._read_once()
-        count = len(self._rows["key"]) if self._rows else 0
+        rows = self._rows.result()
+        count = len(rows["key"]) if rows else 0
         order = (np.random.default_rng(epoch_seed(self.seed, self.epoch, self.rank)).permutation(count)
                  if self.shuffle_buffer else np.arange(count))
         for start in range(0, count - self.batch_size + 1, self.batch_size):
             picked = order[start:start + self.batch_size]
-            yield {name: values[picked] for name, values in self._rows.items()}
+            yield {name: values[picked] for name, values in rows.items()}
 
     def _new_epoch_iterator(self):
         if self.in_memory:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latent_cache.reader import Cache, numpy_batches
 from pipelines.training.checkpoint import Checkpointer
 from pipelines.training.config import FaultConfig, TrainConfig
 from pipelines.quality import bucket_mean
-from pipelines.training.data import BucketBatches, EqualStepBatches
+from pipelines.training.data import BucketBatches, EqualStepBatches, in_background
 from pipelines.training.ema import Ema
 from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard
 from pipelines.training.plan import TrainPlan
@@ -27,16 +28,29 @@ from pipelines.training.state import TrainState
 from pipelines.training.tracking import MetricLogger
 
 class ValidationSet:
-    """The held-out rows, read from the worker's dataset once and then kept in memory (a small
-    fraction of the cache), so that validating does not re-read the cache every time."""
+    """The held-out rows (of a bucket), read once and then kept in memory (a small fraction of the
+    cache), so that validating does not re-read the cache every time: from the cache's files with
+    pyarrow where the plan says so (plan.held_out_cache), else from the worker's Ray Dataset. The
+    read starts at construction, in the background: the first validation does not wait for it."""
 
-    def __init__(self, shard, batch_size: int):
-        self.shard, self.batch_size, self.batches = shard, batch_size, None
+    def __init__(self, plan: TrainPlan, bucket: str | None = None):
+        import ray.train
+
+        cfg, size = plan.cfg, plan.cfg.data.batch_size
+        if plan.held_out_cache is not None:
+            def read():
+                table = Cache(plan.held_out_cache).spread_rows(plan.task.columns, None, cfg.data.validation_fraction,
+                                                               validation=True, bucket=bucket)
+                return numpy_batches(table, size)
+        else:
+            shard = ray.train.get_dataset_shard("val" if bucket is None else f"val_{bucket}")
+
+            def read():
+                return list(shard.iter_batches(batch_size=size, batch_format="numpy"))
+        self._batches = in_background(read)
 
     def __iter__(self):
-        if self.batches is None:
-            self.batches = list(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"))
-        return iter(self.batches)
+        return iter(self._batches.result())
 
     @property
     def rows(self) -> int:
@@ -153,18 +167,18 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed + rank)
 
-    # build
+    # build (the data is read in the background meanwhile, where it is held in memory)
     batches = training_batches(plan, rank, device)
+    if plan.buckets is None:
+        val_set, probes = ValidationSet(plan), None
+    else:
+        val_set = {b: ValidationSet(plan, b) for b in plan.buckets}
+        probes = {b: info["probe"] for b, info in plan.buckets.items()}
     state = TrainState.build(task.build_model(plan.init_state), batches, cfg, device)
     checkpointer = Checkpointer(plan, rank, world)
     # restore
     resumed = checkpointer.restore(state)
     task.setup(device)
-    if plan.buckets is None:
-        val_set, probes = ValidationSet(ray.train.get_dataset_shard("val"), cfg.data.batch_size), None
-    else:
-        val_set = {b: ValidationSet(ray.train.get_dataset_shard(f"val_{b}"), cfg.data.batch_size) for b in plan.buckets}
-        probes = {b: info["probe"] for b, info in plan.buckets.items()}
     logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id) if rank == 0 else None
     if resumed:
         note_resume(state, logger)
