@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 
-from pydantic import NonNegativeFloat, PositiveFloat
+from pydantic import PositiveFloat
 
 from data_prep.config import PrepConfig
 from core.config import Probability, config_dataclass, load
