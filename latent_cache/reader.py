@@ -138,20 +138,22 @@ def existing_hashes(cache: Cache) -> list[tuple[str, int | None]]:
 
 
 def tensor_column(table: pa.Table, name: str, dtype=np.float32) -> np.ndarray:
-    """A fixed-shape tensor column of a table read from the cache as one (N, *shape) array."""
-    return np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks]).astype(dtype)
+    """A fixed-shape tensor column of a table read from the cache as one (N, *shape) array, of
+    `dtype` (None: the stored one)."""
+    array = np.concatenate([chunk.to_numpy_ndarray() for chunk in table.column(name).chunks])
+    return array if dtype is None else array.astype(dtype)
 
 
 def numpy_batches(table: pa.Table, batch_size: int) -> list[dict[str, np.ndarray]]:
     """A table of cache rows as numpy batches of `batch_size` rows (the last one shorter), as Ray
     Data's batch_format="numpy" hands them: tensor columns (N, *shape) in their stored dtype, the
     others 1-D arrays."""
-    def array(column: pa.ChunkedArray) -> np.ndarray:
-        if isinstance(column.type, pa.FixedShapeTensorType):
-            return np.concatenate([chunk.to_numpy_ndarray() for chunk in column.chunks])
-        return column.to_numpy()
+    def array(part: pa.Table, name: str) -> np.ndarray:
+        if isinstance(part.schema.field(name).type, pa.FixedShapeTensorType):
+            return tensor_column(part, name, dtype=None)
+        return part.column(name).to_numpy()
 
-    return [{name: array(part.column(name)) for name in part.column_names}
+    return [{name: array(part, name) for name in part.column_names}
             for part in (table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size))]
 
 

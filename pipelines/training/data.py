@@ -96,9 +96,9 @@ class EqualStepBatches:
 
     `in_memory`: the shard is read once, in the background from construction on, and every epoch is
     a permutation of those rows in memory, drawn from the same `epoch_seed` (with a shuffle buffer;
-    else the order read): no re-read of the cache at each epoch boundary, where Ray Data's streaming split executes
-    the read pipeline again and the step waits for it (on a small cache, most of the run's time).
-    """
+    else the order read): no re-read of the cache at each epoch boundary, where Ray Data's streaming
+    split executes the read pipeline again and the step waits for it (on a small cache, most of the
+    run's time)."""
 
     def __init__(self, shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int = 0,
                  rank: int = 0, order_log: str | None = None, in_memory: bool = False):
