@@ -7,8 +7,8 @@ cache's uint8 images, 256 px).
     python -m benchmarks.train_ingest [--stage c] [--rows 512] [--epochs 5] [--batch 32] [--flavor small]
 
 Two Ray runs span `--epochs` epochs of the cache: one streaming it through Ray Data every epoch
-(data.memory_limit_mb=0), one with the worker's share held in memory (the default for a small
-cache). Each reports the median samples/s of single steps and the wall-clock rate over all steps
+(data.memory_limit_mb=0), one with the worker's share held in memory, read from the cache's files in
+process (the default for a small cache: train.reads_in_process). Each reports the median samples/s of single steps and the wall-clock rate over all steps
 (epoch boundaries included), both as ratios to the bare loop.
 
 The cache is written directly (random latents, the flavor's seeded encoders' fingerprints), so the
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         ray.init(num_cpus=args.cpus + 2, include_dashboard=False, log_to_driver=False)
         # Streaming re-reads the cache through Ray Data every epoch; in memory, each worker reads its
-        # share once (data.memory_limit_mb, the default for a cache this size).
+        # share once, in process (data.memory_limit_mb, the default for a cache this size).
         for mode, limit in (("streaming", 0), ("in_memory", 1024)):
             cfg = load(TrainConfig, None, [
                 f"model.flavor={args.flavor}", f"data.cache={cache}", f"data.batch_size={args.batch}", f"steps={steps}",

@@ -80,9 +80,14 @@ class Cache:
 
     def read_table(self, columns: list[str] | None = None, bucket: str | None = None) -> pa.Table:
         """All rows (of a bucket) with plain pyarrow (no Ray)."""
-        self._check_one_shape(columns, bucket)
-        tables = [pq.read_table(path, columns=columns, filesystem=self.fs) for path in self.files_of(bucket)]
+        tables = list(self.file_tables(columns, bucket))
         return pa.concat_tables(tables) if tables else pa.table({})
+
+    def file_tables(self, columns: list[str] | None = None, bucket: str | None = None):
+        """The rows (of a bucket) a file at a time, in file order, with plain pyarrow."""
+        self._check_one_shape(columns, bucket)
+        for path in self.files_of(bucket):
+            yield pq.read_table(path, columns=columns, filesystem=self.fs)
 
     def spread_rows(self, columns: list[str], count: int | None, fraction: float, validation: bool = False,
                     bucket: str | None = None) -> pa.Table:
@@ -148,13 +153,17 @@ def numpy_batches(table: pa.Table, batch_size: int) -> list[dict[str, np.ndarray
     """A table of cache rows as numpy batches of `batch_size` rows (the last one shorter), as Ray
     Data's batch_format="numpy" hands them: tensor columns (N, *shape) in their stored dtype, the
     others 1-D arrays."""
-    def array(part: pa.Table, name: str) -> np.ndarray:
-        if isinstance(part.schema.field(name).type, pa.FixedShapeTensorType):
-            return tensor_column(part, name, dtype=None)
-        return part.column(name).to_numpy()
+    return [numpy_columns(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)]
 
-    return [{name: array(part, name) for name in part.column_names}
-            for part in (table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size))]
+
+def numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table of cache rows as one numpy batch (see numpy_batches)."""
+    def array(name: str) -> np.ndarray:
+        if isinstance(table.schema.field(name).type, pa.FixedShapeTensorType):
+            return tensor_column(table, name, dtype=None)
+        return table.column(name).to_numpy()
+
+    return {name: array(name) for name in table.column_names}
 
 
 def is_validation(key: str, fraction: float) -> bool:

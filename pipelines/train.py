@@ -106,12 +106,13 @@ def worker_share(cfg: TrainConfig, cache, columns: list[str], per_worker: float,
     return megabytes, megabytes <= cfg.data.memory_limit_mb
 
 
-def held_out_in_process(cfg: TrainConfig, cache, columns: list[str]) -> bool:
-    """Whether each worker reads the held-out rows straight from the cache's files (pyarrow, in its
-    own process) rather than through a Ray Dataset: when the cache's `columns` are within
-    data.memory_limit_mb. The split is by key hash, so a worker reads every row group of the cache
-    either way, and keeps only the held-out rows; in process that costs no Ray tasks, which on a small
-    cache take far longer than the read (new worker processes, each importing its modules)."""
+def reads_in_process(cfg: TrainConfig, cache, columns: list[str]) -> bool:
+    """Whether each worker reads its rows, its share of the training rows and the held-out rows,
+    straight from the cache's files (pyarrow, in its own process: rows.worker_rows) rather than
+    through Ray Datasets: when the whole cache's `columns` are within data.memory_limit_mb (a
+    worker reads every file, keeping its share and the held-out rows). No Ray Data tasks, no split
+    coordinator, no dataset shards: on a small cache these take far longer than the read (new worker
+    processes, each importing its modules)."""
     megabytes = sum(info["rows"] * row_bytes(cache, columns, bucket) for bucket, info in cache.buckets.items()) / 2**20
     return megabytes <= cfg.data.memory_limit_mb
 
@@ -299,29 +300,29 @@ def run_training(cfg: TrainConfig):
 
     connect(cfg.ray_address, cfg.num_cpus)
     split = (cfg.data.validation_fraction, cfg.data.shards, cfg.data.replay_fraction, cfg.seed)
-    held_out_cache = absolute(cfg.data.cache) if held_out_in_process(cfg, cache, task.columns) else None
+    cache_in_process = absolute(cfg.data.cache) if reads_in_process(cfg, cache, task.columns) else None
+    all_datasets, trained, in_memory = {}, [], False
     if buckets is None:
-        train_ds, val_ds = datasets(cache, task.columns, *split)
-        all_datasets, trained = {"train": train_ds, "val": val_ds}, ["train"]
         share_mb, in_memory = worker_share(cfg, cache, task.columns, per_worker)
-        log.info("each worker %s its ~%.0f training rows (~%.0f MB)", "holds in memory" if in_memory else "streams",
-                 per_worker, share_mb)
+        how = "reads from the cache's files" if cache_in_process else "holds in memory" if in_memory else "streams"
+        log.info("each worker %s its ~%.0f training rows (~%.0f MB)", how, per_worker, share_mb)
+        if cache_in_process is None:
+            all_datasets["train"], all_datasets["val"] = datasets(cache, task.columns, *split)
+            trained = ["train"]
     else:  # a dataset of each bucket: a batch is of one bucket's shapes
-        all_datasets, trained, in_memory = {}, [], False
         for bucket, info in buckets.items():
-            train_ds, all_datasets[f"val_{bucket}"] = datasets(cache, task.columns, *split, bucket=bucket)
-            if info["trained"]:
-                all_datasets[f"train_{bucket}"] = train_ds
-                trained.append(f"train_{bucket}")
+            if cache_in_process is None:
+                train_ds, all_datasets[f"val_{bucket}"] = datasets(cache, task.columns, *split, bucket=bucket)
+                if info["trained"]:
+                    all_datasets[f"train_{bucket}"] = train_ds
+                    trained.append(f"train_{bucket}")
         log.info("aspect-ratio buckets, training rows per worker: %s",
                  ", ".join(f"{b} ~{p['rows']:.0f}{'' if p['trained'] else ' (not trained on)'}" for b, p in buckets.items()))
     # A LoRA fine-tune's checkpoints hold its adapter only: a resume needs the base again, the same one.
     init_state = initial_weights(cfg) if resume is None or cfg.model.lora is not None else None
     lora_base = lora_base_of(cfg, init_state, ckpt_io.train_state_of(resume) if resume is not None else None, uri, run_id)
-    if held_out_cache is not None:  # the workers read it from the cache's files, not from these
-        all_datasets = {name: ds for name, ds in all_datasets.items() if name in trained}
     plan = TrainPlan(cfg, task, uri, run_id, cache.fingerprints(), init_state=init_state, in_memory=in_memory,
-                     lora_base=lora_base, buckets=buckets, held_out_cache=held_out_cache)
+                     lora_base=lora_base, buckets=buckets, cache_in_process=cache_in_process)
     fs, root = cfg.checkpoint.storage()
     trainer = TorchTrainer(
         train_func,
@@ -338,8 +339,8 @@ def run_training(cfg: TrainConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
-        datasets=all_datasets,
-        dataset_config=data_config(trained),
+        datasets=all_datasets or None,  # none: the workers read the cache in process
+        dataset_config=data_config(trained) if all_datasets else None,
     )
     try:
         result = trainer.fit()

@@ -4,6 +4,7 @@ S3 server for checkpoints, an MLflow server over HTTP."""
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import make_bucket
@@ -183,27 +184,41 @@ def test_tokens_mode_runs_the_frozen_text_encoder_inside_the_step(decoder_cache,
     assert result.metrics["step"] == 2 and np.isfinite(result.metrics["val_loss_ema"]) and np.isfinite(result.metrics["loss"])
 
 
-def test_the_held_out_rows_read_in_process_are_those_ray_data_gives(tiny_cache):
-    """A worker reads a small cache's held-out rows with pyarrow (train.held_out_in_process): the same
-    rows, columns, dtypes and shapes as Ray Data's validation dataset hands it as numpy batches."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_rows_a_worker_reads_in_process_are_those_ray_data_gives(tiny_cache, mixed):
+    """A worker reads a small cache with pyarrow (rows.worker_rows): its held-out rows are Ray Data's
+    validation dataset, in the same batches; the ranks' training shares are disjoint, of sizes one
+    row apart at most, and together Ray Data's training dataset, with its columns, dtypes, shapes and
+    values (with data.shards, its mix of new shards and replay)."""
     from latent_cache.reader import Cache, numpy_batches
-    from pipelines.training.rows import datasets
+    from pipelines.training.rows import datasets, worker_rows
 
     cache = Cache(tiny_cache)
     columns = ["key", "caption", "stage_c_latents", *cache.text_columns]
-    _, val = datasets(cache, columns, 0.2)
+    mix = (sorted(cache.manifest["shards"])[:1], 0.5) if mixed else (None, 1.0)
+    train, val = datasets(cache, columns, 0.2, *mix)
     by_ray = list(val.iter_batches(batch_size=4, batch_format="numpy"))
-    in_process = numpy_batches(cache.spread_rows(columns, None, 0.2, validation=True), 4)
+    shares = [worker_rows(cache, columns, 0.2, rank, 2, *mix) for rank in (0, 1)]
+    assert shares[0][1].equals(shares[1][1])  # every rank holds all the held-out rows
+    in_process = numpy_batches(shares[0][1], 4)
     assert [len(b["key"]) for b in in_process[:-1]] == [4] * (len(in_process) - 1) and 0 < len(in_process[-1]["key"]) <= 4
     assert set(in_process[0]) == set(by_ray[0]) == set(columns)
+    assert [list(b["key"]) for b in in_process] == [list(b["key"]) for b in by_ray]
 
     def rows(batches):
         return {str(k): {c: b[c][i] for c in columns} for b in batches for i, k in enumerate(b["key"])}
 
-    ours, theirs = rows(in_process), rows(by_ray)
-    assert sorted(ours) == sorted(theirs) and len(ours) >= 4
-    for key, row in ours.items():
-        for c in columns:
-            a, b = np.asarray(row[c]), np.asarray(theirs[key][c])
-            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), (key, c)
+    def same(ours, theirs):
+        assert sorted(ours) == sorted(theirs) and len(ours) >= 4
+        for key, row in ours.items():
+            for c in columns:
+                a, b = np.asarray(row[c]), np.asarray(theirs[key][c])
+                assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), (key, c)
 
+    same(rows(in_process), rows(by_ray))
+    keys = [set(share.column("key").to_pylist()) for share, _ in shares]
+    assert not keys[0] & keys[1] and abs(len(keys[0]) - len(keys[1])) <= 1
+    same(rows(numpy_batches(pa.concat_tables([share for share, _ in shares]), 4)),
+         rows(train.iter_batches(batch_size=4, batch_format="numpy")))
+    shard_of = dict(zip(*cache.read_table(["key", "source_shard"]).to_pydict().values()))
+    assert {shard_of[k] for k in keys[0]} == {shard_of[k] for k in keys[1]} == set(cache.manifest["shards"])

@@ -128,11 +128,23 @@ def test_uneven_shares_take_the_same_steps_on_every_rank(tiny_cache, mlflow_serv
     """Rank 1's share is one batch short every epoch (3 batches against rank 0's 4): both ranks run
     every step, each epoch ends for both when rank 1's runs out, and nothing hangs. Under FSDP2, whose
     collectives (sharded forward and backward, the full checkpoint gathered to rank 0) hang first when
-    the ranks disagree."""
+    the ranks disagree.
+
+    Its data comes the way of a cache too large for a worker to read whole but whose shares fit in
+    memory (data.memory_limit_mb between the two): Ray Data's split, each share read once into
+    memory. (The other runs of this file read the cache in process; test_train's FSDP2 run streams.)"""
+    from pipelines.train import reads_in_process, row_bytes, worker_share
+    from pipelines.training.tasks import stage_c_columns
+
+    cache = Cache(tiny_cache)
+    columns = stage_c_columns(cache.manifest["text_mode"])
+    limit = round(0.7 * cache.rows * row_bytes(cache, columns) / 2**20, 6)
     steps = 7  # epochs 0 and 1, and the first batch of epoch 2
     cfg = train_config(tiny_cache, str(tmp_path / "runs"), mlflow_server, "uneven", steps=steps, **{
         "data.order_log": str(tmp_path / "order"), "fault.short_rank": 1, "parallel.strategy": "fsdp2",
+        "data.memory_limit_mb": limit,
     })
+    assert not reads_in_process(cfg, cache, columns) and worker_share(cfg, cache, columns, 0.4 * cache.rows)[1]
     outcome = {}
 
     def train():

@@ -98,6 +98,15 @@ def test_a_shard_held_in_memory_is_read_once_and_every_epoch_is_a_new_seeded_ord
     assert [other_seed.next()["key"] for _ in range(3)] != [s["key"] for s in steps[:3]]
     plain = EqualStepBatches(CountingShard(), 3, torch.device("cpu"), in_memory=True)
     assert [plain.next()["key"] for _ in range(4)] == [["k0", "k1", "k2"], ["k3", "k4", "k5"], ["k6", "k7", "k8"], ["k0", "k1", "k2"]]
+    # Rows read by the worker itself (read=: a cache read in process) take the same way from there.
+    reads = []
+
+    def read():
+        reads.append(1)
+        return {"key": np.array([f"k{i}" for i in range(10)], dtype=object), "stage_c_latents": np.arange(10, dtype=np.float32)}
+
+    own = EqualStepBatches(None, 3, torch.device("cpu"), shuffle_buffer=64, seed=7, read=read)
+    assert [own.next()["key"] for _ in range(9)] == [s["key"] for s in steps] and len(reads) == 1
 
 
 def test_the_validation_split_depends_on_the_key_only():
@@ -107,23 +116,23 @@ def test_the_validation_split_depends_on_the_key_only():
     assert held_out == [k for k in reversed(keys) if is_validation(k, 0.05)][::-1]
 
 
-def test_the_workers_read_the_held_out_rows_in_process_when_the_cache_is_small():
+def test_the_workers_read_a_small_cache_in_process():
     """Within data.memory_limit_mb for the whole cache's columns read (every bucket's rows times its
-    row size), pyarrow in each worker; above it, Ray Data."""
+    row size), pyarrow in each worker (its training share and the held-out rows); above it, Ray Data."""
     from types import SimpleNamespace
 
-    from pipelines.train import held_out_in_process
+    from pipelines.train import reads_in_process
 
     shapes = {"stage_c_latents": [16, 24, 24], "text_embeddings": [77, 1280]}  # 36 KiB + 385 KiB a row in fp32
     cache = SimpleNamespace(manifest={"shapes": shapes}, buckets={"24x24": {"shapes": shapes, "rows": 2000}})
     columns = ["key", "caption", "stage_c_latents", "text_embeddings"]
     row = 4 * (16 * 24 * 24 + 77 * 1280 + 2)
     cfg = SimpleNamespace(data=SimpleNamespace(memory_limit_mb=2000 * row // 2**20 + 1))
-    assert held_out_in_process(cfg, cache, columns)
+    assert reads_in_process(cfg, cache, columns)
     cfg.data.memory_limit_mb -= 2
-    assert not held_out_in_process(cfg, cache, columns)
+    assert not reads_in_process(cfg, cache, columns)
     cfg.data.memory_limit_mb = 0  # streaming asked for: Ray Data throughout
-    assert not held_out_in_process(cfg, cache, columns)
+    assert not reads_in_process(cfg, cache, columns)
 
 
 def test_ema_schedules():

@@ -194,8 +194,10 @@ class DataConfig:
     shuffle_buffer: NonNegativeInt = 2048
     # A worker whose share of the training rows is estimated at no more than this many MB (4 bytes a
     # value) reads it once and draws every epoch from memory: no re-read and no stall at epoch
-    # boundaries (see EqualStepBatches). 0: always stream from the cache.
-    memory_limit_mb: NonNegativeInt = 1024
+    # boundaries (see EqualStepBatches). Where the whole cache is within it, each worker reads its
+    # rows from the cache's files itself, without Ray Data (train.reads_in_process). 0: always
+    # stream from the cache through Ray Data.
+    memory_limit_mb: NonNegativeInt | NonNegativeFloat = 1024  # a whole number stays one (as runs recorded it)
     # A folder where each rank appends the keys of every batch it trains on (rank<N>.jsonl, one JSON
     # line per batch), to audit the data order; None: not written.
     order_log: str | None = None

@@ -98,15 +98,18 @@ class EqualStepBatches:
     a permutation of those rows in memory, drawn from the same `epoch_seed` (with a shuffle buffer;
     else the order read): no re-read of the cache at each epoch boundary, where Ray Data's streaming
     split executes the read pipeline again and the step waits for it (on a small cache, most of the
-    run's time)."""
+    run's time).
+
+    `read` (instead of a shard): a function that returns the worker's rows as one numpy batch (a
+    column -> array), read in memory as above; see pipelines.training.rows.worker_rows."""
 
     def __init__(self, shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int = 0,
-                 rank: int = 0, order_log: str | None = None, in_memory: bool = False):
+                 rank: int = 0, order_log: str | None = None, in_memory: bool = False, read=None):
         self.shard, self.batch_size, self.device = shard, batch_size, device
         self._group = host_group()  # every rank builds its batches at the same point of the loop
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
-        self.in_memory = in_memory
-        self._rows = in_background(self._read_once) if in_memory else None
+        self.in_memory = in_memory or read is not None
+        self._rows = in_background(read or self._read_once) if self.in_memory else None
         self.epoch = 0
         self.batch_in_epoch = 0
         self.wait_seconds = 0.0

@@ -11,12 +11,13 @@ import contextlib
 import math
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from latent_cache.reader import Cache, numpy_batches
+from latent_cache.reader import Cache, numpy_batches, numpy_columns
 from pipelines.training.checkpoint import Checkpointer
 from pipelines.training.config import FaultConfig, TrainConfig
 from pipelines.quality import bucket_mean
@@ -24,24 +25,24 @@ from pipelines.training.data import BucketBatches, EqualStepBatches, in_backgrou
 from pipelines.training.ema import Ema
 from pipelines.training.parallel import full_model_state, grad_norm_and_clip, reshard
 from pipelines.training.plan import TrainPlan
+from pipelines.training.rows import worker_rows
 from pipelines.training.state import TrainState
 from pipelines.training.tracking import MetricLogger
 
 class ValidationSet:
     """The held-out rows (of a bucket), read once and then kept in memory (a small fraction of the
-    cache), so that validating does not re-read the cache every time: from the cache's files with
-    pyarrow where the plan says so (plan.held_out_cache), else from the worker's Ray Dataset. The
-    read starts at construction, in the background: the first validation does not wait for it."""
+    cache), so that validating does not re-read the cache every time: from the worker's read of the
+    cache's files (`rows`, see `rows_in_process`) where the plan says so, else from the worker's Ray
+    Dataset. The read starts at construction, in the background: the first validation does not wait
+    for it."""
 
-    def __init__(self, plan: TrainPlan, bucket: str | None = None):
+    def __init__(self, plan: TrainPlan, bucket: str | None = None, rows: Future | None = None):
         import ray.train
 
-        cfg, size = plan.cfg, plan.cfg.data.batch_size
-        if plan.held_out_cache is not None:
+        size = plan.cfg.data.batch_size
+        if rows is not None:
             def read():
-                table = Cache(plan.held_out_cache).spread_rows(plan.task.columns, None, cfg.data.validation_fraction,
-                                                               validation=True, bucket=bucket)
-                return numpy_batches(table, size)
+                return numpy_batches(rows.result()[1], size)
         else:
             shard = ray.train.get_dataset_shard("val" if bucket is None else f"val_{bucket}")
 
@@ -168,11 +169,13 @@ def train_func(config: dict) -> None:
     np.random.seed(cfg.seed + rank)
 
     # build (the data is read in the background meanwhile, where it is held in memory)
-    batches = training_batches(plan, rank, device)
+    names = [None] if plan.buckets is None else list(plan.buckets)
+    rows = {b: rows_in_process(plan, rank, world, b) for b in names} if plan.cache_in_process else {b: None for b in names}
+    batches = training_batches(plan, rank, device, rows)
     if plan.buckets is None:
-        val_set, probes = ValidationSet(plan), None
+        val_set, probes = ValidationSet(plan, rows=rows[None]), None
     else:
-        val_set = {b: ValidationSet(plan, b) for b in plan.buckets}
+        val_set = {b: ValidationSet(plan, b, rows[b]) for b in plan.buckets}
         probes = {b: info["probe"] for b, info in plan.buckets.items()}
     state = TrainState.build(task.build_model(plan.init_state), batches, cfg, device)
     checkpointer = Checkpointer(plan, rank, world)
@@ -209,22 +212,44 @@ def train_func(config: dict) -> None:
         logger.flush()
 
 
-def training_batches(plan: TrainPlan, rank: int, device) -> EqualStepBatches | BucketBatches:
-    """This worker's training batches: of its shard of `train`, or for a cache of aspect-ratio buckets
-    of each trained bucket's shard, one bucket a batch (BucketBatches)."""
+def rows_in_process(plan: TrainPlan, rank: int, world: int, bucket: str | None = None) -> Future:
+    """This worker's (training share, held-out rows) of the cache (of a bucket) as pyarrow tables, read
+    from the cache's files in the background (rows.worker_rows), where plan.cache_in_process says so."""
+    cfg = plan.cfg
+
+    def read():
+        d = cfg.data
+        train, held = worker_rows(Cache(plan.cache_in_process), plan.task.columns, d.validation_fraction, rank, world,
+                                  d.shards, d.replay_fraction, bucket)
+        if cfg.fault.short_rank == rank:  # test-only: the share one batch short (see _OneBatchShort)
+            train = train.slice(d.batch_size)
+        return train, held
+
+    return in_background(read)
+
+
+def training_batches(plan: TrainPlan, rank: int, device, rows: dict[str | None, Future | None]) -> EqualStepBatches | BucketBatches:
+    """This worker's training batches: of its share of the training rows (read in process: `rows`,
+    bucket -> rows_in_process; else its shard of the Ray Dataset `train`), or for a cache of
+    aspect-ratio buckets of each trained bucket's share, one bucket a batch (BucketBatches)."""
     import ray.train
 
     cfg = plan.cfg
 
-    def of(name: str, in_memory: bool, seed: int) -> EqualStepBatches:
-        shard = ray.train.get_dataset_shard(name)
+    def of(bucket: str | None, in_memory: bool, seed: int) -> EqualStepBatches:
+        options = dict(shuffle_buffer=cfg.data.shuffle_buffer, seed=seed, rank=rank, order_log=cfg.data.order_log)
+        if rows[bucket] is not None:
+            def read(share=rows[bucket]):
+                train = share.result()[0]
+                return numpy_columns(train) if train.num_rows else {}
+            return EqualStepBatches(None, cfg.data.batch_size, device, read=read, **options)
+        shard = ray.train.get_dataset_shard("train" if bucket is None else f"train_{bucket}")
         return EqualStepBatches(_OneBatchShort(shard) if cfg.fault.short_rank == rank else shard, cfg.data.batch_size,
-                                device, shuffle_buffer=cfg.data.shuffle_buffer, seed=seed, rank=rank,
-                                order_log=cfg.data.order_log, in_memory=in_memory)
+                                device, in_memory=in_memory, **options)
 
     if plan.buckets is None:
-        return of("train", plan.in_memory, cfg.seed)
-    per_bucket = {b: of(f"train_{b}", info["in_memory"], cfg.seed + i)  # each bucket its own orders
+        return of(None, plan.in_memory, cfg.seed)
+    per_bucket = {b: of(b, info["in_memory"], cfg.seed + i)  # each bucket its own orders
                   for i, (b, info) in enumerate(plan.buckets.items()) if info["trained"]}
     return BucketBatches(per_bucket, {b: plan.buckets[b]["rows"] for b in per_bucket}, cfg.seed)
 

@@ -29,9 +29,10 @@ class TrainPlan:
     # "in_memory", "probe" (Stage C's retrieval rows of the bucket)}; its datasets are train_<bucket>
     # (the trained ones) and val_<bucket>. None: one bucket, datasets train and val.
     buckets: dict[str, dict] | None = None
-    # The cache's absolute URL when each worker reads the held-out rows from its files (a small cache:
-    # see train.held_out_in_process); None: from the Ray Datasets val / val_<bucket>.
-    held_out_cache: str | None = None
+    # The cache's absolute URL when each worker reads its rows, its training share and the held-out
+    # rows, from the cache's files (a small cache: see train.reads_in_process and rows.worker_rows);
+    # None: from the Ray Datasets train / val (train_<bucket> / val_<bucket>).
+    cache_in_process: str | None = None
 
     def __post_init__(self):
         from core.storage import absolute

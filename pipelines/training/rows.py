@@ -49,6 +49,31 @@ def datasets(cache: Cache, columns: list[str], validation_fraction: float, shard
     return train.map_batches(_scatter, batch_format="pyarrow", fn_kwargs={"seed": seed}), val
 
 
+def worker_rows(cache: Cache, columns: list[str], validation_fraction: float, rank: int, world: int,
+                shards: list[str] | None = None, replay_fraction: float = 1.0, bucket: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """(rank's share of the training rows, the held-out rows), of `columns`, of one aspect-ratio bucket
+    (None: a cache of one), read from the cache's files with pyarrow, a file at a time: the training
+    rows (mixed as in `datasets` with `shards`) in file order, every world-th of them from the
+    rank-th, so the shares are disjoint, together all the training rows, and of sizes that differ by
+    one row at most; the held-out rows, all of them, in file order (as Ray Data gives them).
+
+    This is how a worker reads a cache that fits its memory: no Ray Data tasks or split coordinator
+    to start, which on a small cache take longer than the read. Rows of one file are the same source
+    shard's in a row: taken one in `world`, a share holds each of them, and every epoch is a
+    permutation of the whole share (EqualStepBatches), so batches mix the source shards."""
+    read = columns + (["source_shard"] if shards is not None and "source_shard" not in columns else [])
+    trained, held, seen = [], [], 0
+    for table in cache.file_tables(read, bucket):
+        held.append(split(table, validation_fraction, validation=True).select(columns))
+        train = split(table, validation_fraction, validation=False)
+        train = _mix(train, shards, replay_fraction, columns) if shards is not None else train.select(columns)
+        trained.append(train.take(pa.array(np.arange((rank - seen) % world, train.num_rows, world), pa.int64())))
+        seen += train.num_rows
+    if not held:
+        raise ValueError(f"the cache at {cache.url} has no rows{f' in bucket {bucket}' if bucket else ''}")
+    return pa.concat_tables(trained), pa.concat_tables(held)
+
+
 def data_config(train: list[str] = ("train",)):
     """Ray Train's dataset config: the `train` datasets (one, or one per aspect-ratio bucket) split
     across the workers, in order (`preserve_order`), so that each worker gets the same rows in the
