@@ -1,6 +1,6 @@
-"""Which cache rows a run trains and validates on, as Ray Datasets: the held-out split by key hash,
-the mix of new shards and replay, each block's rows scattered by the seed, and Ray Train's split of
-them across the workers.
+"""Which cache rows a run trains and validates on: the held-out split by key hash, the mix of new
+shards and replay, as Ray Datasets (each block's rows scattered by the seed, and Ray Train's split of
+them across the workers), or for a small cache as each worker's own read of the files (`worker_rows`).
 
 Torch-free on purpose: the functions here run in Ray Data's task processes, and each process that
 unpickles one imports its module; with torch that cost each of them seconds of CPU before its first
