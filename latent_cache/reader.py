@@ -89,9 +89,9 @@ class Cache:
         for path in self.files_of(bucket):
             yield pq.read_table(path, columns=columns, filesystem=self.fs)
 
-    def spread_rows(self, columns: list[str], count: int | None, fraction: float, validation: bool = False,
+    def spread_rows(self, columns: list[str], count: int, fraction: float, validation: bool = False,
                     bucket: str | None = None) -> pa.Table:
-        """`count` rows (None: all) of one side of the split (the training rows, or with `validation`
+        """`count` rows of one side of the split (the training rows, or with `validation`
         the held-out ones) spread evenly over the cache (or a bucket of it) in file order, with
         `columns`. Only the key column is read everywhere; the others only from the row groups that
         hold a chosen row."""
@@ -106,7 +106,7 @@ class Cache:
         if not where:
             raise ValueError(f"the cache at {self.url} has no {'held-out' if validation else 'training'} rows "
                              f"at validation fraction {fraction}")
-        picks = where if count is None else [where[int(i)] for i in np.linspace(0, len(where) - 1, min(count, len(where)))]
+        picks = [where[int(i)] for i in np.linspace(0, len(where) - 1, min(count, len(where)))]
         parts = []
         for (path, group), members in itertools.groupby(picks, key=lambda w: w[:2]):
             with self.fs.open_input_file(path) as f:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
+from latent_cache.reader import numpy_columns
 from latent_cache.spec import TEXT_COLUMNS
 from pipelines.quality import prior_retrieval, sampled_ranks, stage_a_reconstruction
 from pipelines.training.data import to_tensors
@@ -62,10 +63,7 @@ def probe_rows(cache, count: int, fraction: float, bucket: str | None = None) ->
     Stage C's columns, as a numpy batch: the training captions whose retrieval validation and
     evaluation measure."""
     columns = stage_c_columns(cache.manifest["text_mode"])
-    table = cache.spread_rows(columns + ["caption"], count, fraction, bucket=bucket)
-    return {"key": np.asarray(table.column("key").to_pylist(), dtype=object),
-            "caption": np.asarray(table.column("caption").to_pylist(), dtype=object),
-            **{name: table.column(name).combine_chunks().to_numpy_ndarray() for name in columns[1:]}}
+    return numpy_columns(cache.spread_rows(columns + ["caption"], count, fraction, bucket=bucket))
 
 
 @torch.no_grad()
