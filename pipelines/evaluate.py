@@ -58,8 +58,12 @@ class EvalSpec:
     batch_size: PositiveInt = 32  # does not change the result
 
     def spec_id(self, manifest: dict) -> str:
-        """Covers everything that changes the number: the spec (not the batch size) and the cache content."""
-        body = {**dataclasses.asdict(self), "t_grid": [float(t) for t in self.t_grid], "cache": registry.cache_fingerprint(manifest)}
+        """Covers everything that changes the number: the spec (not the batch size), the cache content
+        and how retrieval samples (quality.RETRIEVAL_SAMPLING)."""
+        from pipelines.quality import RETRIEVAL_SAMPLING
+
+        body = {**dataclasses.asdict(self), "t_grid": [float(t) for t in self.t_grid], "cache": registry.cache_fingerprint(manifest),
+                "retrieval_sampling": RETRIEVAL_SAMPLING}
         body.pop("batch_size")
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -13,7 +13,8 @@
 Used by the trainers' validation, by the demo decoders' build, by the demo's consumer step and by the
 benchmarks."""
 
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -247,29 +248,59 @@ def split_rank_figures(ranks: torch.Tensor, held_out: torch.Tensor, candidates: 
             for name, mask in (("training", ~held_out), ("held_out", held_out)) if bool(mask.any())}
 
 
+# Changes whenever the same retrieval settings sample other latents, so that figures recorded before
+# are not compared with new ones (pipelines.evaluate's spec id covers it). 2: each caption's own noise.
+RETRIEVAL_SAMPLING = 2
+
+
+def caption_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One generator per caption, seeded by the seed and the caption's index in its set: each sampled
+    latent depends on its caption and these only, not on the batch or the worker that samples it."""
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:caption:{i}".encode())) for i in indices]
+
+
+# How sampled_ranks' work is shared out: share(count, work) -> work's (count, ...) tensor for the items
+# 0..count-1, work(indices) computing it for a list of them. The trainer's spreads them over its ranks
+# (pipelines.training.parallel.spread_over_ranks); this one does them all here.
+Share = Callable[[int, Callable[[list[int]], torch.Tensor]], torch.Tensor]
+
+
+def in_this_process(count: int, work: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    return work(list(range(count)))
+
+
 @torch.no_grad()
 def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch.Tensor, empty: torch.Tensor,
                   steps: int | None, guidance: float, seed: int, batch_size: int = 64,
-                  space: str = "v2") -> tuple[torch.Tensor, torch.Tensor]:
-    """A latent z_C sampled from each text (K, L, c) (seeded; CFG against `empty`, the encoded ""
-    prompt (1, L, c)) at the candidates' shape, and the rank of its own latent candidates[own[i]]
-    among all of them (see `own_latent_ranks`): (ranks (K,), sampled (K, 16, h, w)). The candidates
-    are cached z_C (the v2 space); the prior samples in its latent space `space`, and its samples are
-    moved back to the candidates' before ranking. `stage_c` may be wrapped for data parallelism; it
-    is sampled in eval mode and given back in its mode."""
+                  space: str = "v2", share: Share = in_this_process) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent z_C sampled from each text (K, L, c) (seeded per caption, see `caption_generators`;
+    CFG against `empty`, the encoded "" prompt (1, L, c)) at the candidates' shape, and the rank of its
+    own latent candidates[own[i]] among all of them (see `own_latent_ranks`): (ranks (K,), sampled
+    (K, 16, h, w)). The candidates are cached z_C (the v2 space); the prior samples in its latent
+    space `space`, and its samples are moved back to the candidates' before ranking. `stage_c` may be
+    wrapped for data parallelism; it is sampled in eval mode and given back in its mode. `share`: who
+    samples which captions (see `Share`); the figures are the same whoever does."""
     from stages.diffusion import uses_guidance
     from stages.latents import latent_space
 
+    sampler = WuerstchenSampler(stage_c, None)
+
+    def sample(indices: list[int]) -> torch.Tensor:
+        sampled = [candidates.new_empty((0, *candidates.shape[1:]), dtype=torch.float32)]
+        for start in range(0, len(indices), batch_size):
+            part = indices[start:start + batch_size]
+            negative = empty.expand(len(part), -1, -1) if uses_guidance(guidance) else None
+            sampled.append(sampler.sample_z_c(text[part], negative, (len(part), *candidates.shape[1:]), steps=steps,
+                                              guidance=guidance, generator=caption_generators(seed, part)).float())
+        return torch.cat(sampled)
+
     was_training = stage_c.training
     stage_c.eval()
-    sampler, generator, sampled = WuerstchenSampler(stage_c, None), torch.Generator().manual_seed(seed), []
-    for start in range(0, len(text), batch_size):
-        part = text[start:start + batch_size]
-        negative = empty.expand(len(part), -1, -1) if uses_guidance(guidance) else None
-        sampled.append(sampler.sample_z_c(part, negative, (len(part), *candidates.shape[1:]), steps=steps,
-                                          guidance=guidance, generator=generator).float())
-    stage_c.train(was_training)
-    sampled = latent_space(space).to_v2(torch.cat(sampled))
+    try:
+        sampled = share(len(text), sample)
+    finally:
+        stage_c.train(was_training)
+    sampled = latent_space(space).to_v2(sampled)
     return own_latent_ranks(sampled, candidates, own), sampled
 
 
@@ -294,7 +325,7 @@ def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: t
 
 def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe: tuple[torch.Tensor, torch.Tensor] | None,
                     captions: int, empty: torch.Tensor, steps: int, guidance: float, seed: int,
-                    space: str = "v2") -> dict[str, float]:
+                    space: str = "v2", share: Share = in_this_process) -> dict[str, float]:
     """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
     tokens encoded by the caller), as training validation and `evaluate` measure it:
     held_out = (z_C (N, 16, h, w), text (N, L, c)) of the held-out rows, probe = the same of a few
@@ -303,7 +334,7 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
     latents and the probe's: retrieval_* for the held-out captions (does the prior generalise),
     train_retrieval_* for the training ones (has it learned its captions), each _top1, _top10 and
     _median_rank, and chance_median_rank ((N + 1) / 2 of those N candidates). `space`: the prior's
-    latent space (see `sampled_ranks`)."""
+    latent space, `share` who samples which captions (see `sampled_ranks`)."""
     import numpy as np
 
     held_z, held_text = held_out
@@ -315,7 +346,7 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
         candidates = torch.cat([held_z, probe_z])
     figures = {"chance_median_rank": (len(candidates) + 1) / 2}
     for name, (text, own) in sets.items():
-        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed, space=space)
+        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed, space=space, share=share)
         found = rank_figures(ranks, len(candidates))
         figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
     return figures

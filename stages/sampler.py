@@ -1,7 +1,7 @@
 """Text -> image: prompts -> Stage C latents -> Stage B latents -> Stage A image in [0, 1].
 
 The same computation, random draws included, as diffusers' Würstchen prior, decoder and combined
-pipelines: given the same generator, both produce the same images.
+pipelines: given the same generator (or list of them, one per sample), both produce the same images.
 """
 
 from collections.abc import Sequence
@@ -52,14 +52,26 @@ def _grid(steps: int | None, timesteps: Sequence[float] | None, default: Sequenc
     return torch.tensor(grid, dtype=torch.float32)
 
 
-def _generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+# What drives a sampler's random draws: a seed, a generator, or (as diffusers takes it) a list of
+# generators, one per sample, each drawing that sample's noise: a sample then depends only on its own
+# generator, not on the batch it is drawn in.
+Generators = torch.Generator | list[torch.Generator] | int | None
+
+
+def _generator(generator: Generators) -> torch.Generator | list[torch.Generator] | None:
     if isinstance(generator, int):
         return torch.Generator(device="cpu").manual_seed(generator)
-    return generator
+    return list(generator) if isinstance(generator, (list, tuple)) else generator
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _randn(shape, generator: torch.Generator | list[torch.Generator] | None, device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
     # Drawn on the generator's device (CPU for a seed), then moved: the same numbers on every device.
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} samples: give one per sample")
+        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator]) if generator else \
+            torch.empty(shape, device=device, dtype=dtype)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -126,7 +138,7 @@ class WuerstchenSampler:
         timesteps: Sequence[float] | None = None,
         guidance: float = PRIOR_GUIDANCE,
         negative_prompts: list[str] | None = None,
-        generator: torch.Generator | int | None = None,
+        generator: Generators = None,
         latents: torch.Tensor | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
@@ -152,7 +164,7 @@ class WuerstchenSampler:
         steps: int | None = None,
         timesteps: Sequence[float] | None = None,
         guidance: float = PRIOR_GUIDANCE,
-        generator: torch.Generator | int | None = None,
+        generator: Generators = None,
         latents: torch.Tensor | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
@@ -179,7 +191,7 @@ class WuerstchenSampler:
         timesteps: Sequence[float] | None = None,
         guidance: float = DECODER_GUIDANCE,
         negative_prompts: list[str] | None = None,
-        generator: torch.Generator | int | None = None,
+        generator: Generators = None,
         latents: torch.Tensor | None = None,
         progress: bool = True,
         size: tuple[int, int] | None = None,
@@ -231,13 +243,14 @@ class WuerstchenSampler:
         decoder_timesteps: Sequence[float] | None = None,
         decoder_guidance: float = DECODER_GUIDANCE,
         negative_prompts: list[str] | str | None = None,
-        generator: torch.Generator | int | None = None,
+        generator: Generators = None,
         prior_latents: torch.Tensor | None = None,
         output: str = "image",
         progress: bool = True,
     ) -> torch.Tensor:
         """`output`: "image" (B, 3, H, W) in [0, 1]; "semantic" stops after Stage C and returns e;
-        "stage_b" returns the Stage B latents. One generator (or seed) drives every random draw."""
+        "stage_b" returns the Stage B latents. One generator (or seed) drives every random draw; or
+        one generator per prompt drives each sample's."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if output != "semantic" and not self.has_decoder:

@@ -80,3 +80,21 @@ def test_only_the_held_out_rows_are_read(tmp_path):
 
 def test_a_cache_without_held_out_rows_gives_none(tmp_path):
     assert validation_batches(Cache(str(_cache(tmp_path, rows=3))), 0.0, 4) == ([], 0)
+
+
+def test_the_spec_id_covers_what_changes_the_figures_and_how_retrieval_samples(tmp_path, monkeypatch):
+    """Figures recorded under a spec id are reused by the gate: a spec that would give other figures
+    (a setting, the cache, a new way of sampling retrieval's latents) gets another id; the batch
+    size, which changes nothing, does not."""
+    from pipelines import quality
+    from pipelines.evaluate import EvalSpec
+
+    manifest = {**json.loads((_cache(tmp_path).joinpath("manifest.json")).read_text()), "shapes": {}}
+    spec = EvalSpec(cache=str(tmp_path))
+    first = spec.spec_id(manifest)
+    assert EvalSpec(cache=str(tmp_path), batch_size=8).spec_id(manifest) == first
+    assert EvalSpec(cache=str(tmp_path), retrieval_steps=20).spec_id(manifest) != first
+    grown = {**manifest, "files": manifest["files"] + [{"path": "data/part-2.parquet", "rows": 30}]}
+    assert spec.spec_id(grown) != first
+    monkeypatch.setattr(quality, "RETRIEVAL_SAMPLING", quality.RETRIEVAL_SAMPLING + 1)
+    assert spec.spec_id(manifest) != first

@@ -179,3 +179,28 @@ def test_bad_arguments_are_named(sampler):
         sampler(["x"], height=128, width=128, output="png", progress=False)
     with pytest.raises(ValueError, match="width c_cond=32; its text encoder gives 24"):
         WuerstchenSampler(sampler.stage_c, sampler.text_encoder_b)
+
+
+def test_one_generator_per_sample_makes_each_sample_independent_of_its_batch_and_equals_diffusers(sampler, tmp_path):
+    """A list of generators (diffusers' convention) draws each sample's noise from its own: a prompt's
+    sample is the same alone or in any batch (what lets validation split its captions over workers),
+    and diffusers' prior pipeline given the same list makes the same latents."""
+    prompts, seeds = ["a cat", "a dog", "a boat"], [3, 4, 5]
+    kwargs = dict(height=128, width=128, prior_steps=4, prior_guidance=3.0, output="semantic", progress=False)
+    batch = sampler(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = sampler([prompt], generator=[torch.Generator().manual_seed(seed)], **kwargs)
+        assert (batch[i:i + 1] - alone).abs().max() <= 1e-5 * batch.abs().max()  # fp32 rounding at e's scale
+    # a single generator draws the batch's noise together, so its samples differ from the list's
+    assert (batch - sampler(prompts, generator=3, **kwargs)).abs().max() > 0.1 * batch.abs().max()
+    reversed_ = sampler(prompts[::-1], generator=[torch.Generator().manual_seed(s) for s in seeds[::-1]], **kwargs)
+    assert (reversed_.flip(0) - batch).abs().max() <= 1e-5 * batch.abs().max()
+
+    write_prior_pipeline(tmp_path, sampler.stage_c, sampler.text_encoder_c)
+    pipe = WuerstchenPriorPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, height=128, width=128, num_inference_steps=4, guidance_scale=3.0,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt").image_embeddings
+    assert (batch - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    with pytest.raises(ValueError, match="2 generators for a batch of 3 samples"):
+        sampler(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds[:2]], **kwargs)

@@ -439,6 +439,58 @@ def test_a_full_checkpoint_loads_into_an_fsdp2_sharded_model():
     assert results == ["True True True 3"] * 2
 
 
+def _retrieval_inputs():
+    gen = torch.Generator().manual_seed(4)
+    text, empty = torch.randn(5, 8, 32, generator=gen), torch.randn(1, 8, 32, generator=gen)
+    return text, torch.randn(9, 16, 3, 3, generator=gen), empty  # 5 captions, their own latents among 9
+
+
+def _retrieval(model, share=None, batch_size=64):
+    from pipelines.quality import in_this_process, sampled_ranks
+
+    text, candidates, empty = _retrieval_inputs()
+    return sampled_ranks(model, text, [4, 3, 2, 1, 0], candidates, empty, steps=2, guidance=3.0, seed=5,
+                         batch_size=batch_size, share=share or in_this_process)
+
+
+def _spread_retrieval_worker(rank: int, world: int, port: int, out: str) -> None:
+    from pipelines.training.parallel import parallelize, spread_over_ranks
+    from stages import StageC
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = randomize_(StageC.from_flavor("tiny"), seed=1, std=0.1)
+    # every unit gathers its parameters at each forward: a rank running fewer forwards would hang the rest
+    model = parallelize(model, "fsdp2", torch.device("cpu"), reshard_after_forward=True)
+    worked = []
+
+    def share(count, work):
+        return spread_over_ranks(count, lambda indices: (worked.append(list(indices)), work(indices))[1])
+
+    ranks, sampled = _retrieval(model, share, batch_size=1)  # a forward per caption
+    torch.save({"ranks": ranks, "sampled": sampled, "worked": worked, "training": model.training}, Path(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_retrieval_sampling_spread_over_the_ranks_gives_the_figures_of_one_process(tmp_path):
+    """Three FSDP2 ranks share five captions (two, two and one, padded to two so that every rank
+    runs the same forwards, one caption at a time): each samples only its own, and every rank ends
+    with the same latents and ranks as one process sampling all five in one batch (each caption's
+    noise is its own)."""
+    from stages import StageC
+
+    mp.start_processes(_spread_retrieval_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, start_method="spawn",
+                       join=True)
+    alone = randomize_(StageC.from_flavor("tiny"), seed=1, std=0.1)
+    ranks, sampled = _retrieval(alone)
+    assert alone.training  # given back in its mode
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert [r["worked"] for r in results] == [[[0, 3]], [[1, 4]], [[2, 2]]]
+    for r in results:
+        assert r["training"] and torch.equal(r["ranks"], ranks)
+        assert (r["sampled"] - sampled).abs().max() <= 1e-5 * sampled.abs().max()
+    assert sampled.abs().max() > 0 and len(set(sampled.flatten(1).sum(1).tolist())) == 5
+
+
 def test_the_plan_travels_to_the_workers_as_it_is():
     import pickle
 

@@ -72,6 +72,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def spread_over_ranks(count: int, work) -> torch.Tensor:
+    """work(indices) -> a tensor (len(indices), ...) for those of the items 0..count-1, computed with
+    the items spread over the ranks and gathered: the tensor of all `count` items, in order, on every
+    rank (every rank must call it, with the same count). Rank r works on items r, r + world, ...;
+    each rank on the same number of them (a short share repeats its last item, whose result is
+    dropped), so every rank runs the same forwards, which FSDP2's collectives need. Without a process
+    group, work(all of them)."""
+    if not is_distributed() or dist.get_world_size() == 1 or count == 0:
+        return work(list(range(count)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    each = -(-count // world)
+    mine = list(range(rank, count, world)) or [0]
+    done = work(mine + mine[-1:] * (each - len(mine))).contiguous()
+    gathered = [torch.empty_like(done) for _ in range(world)]
+    dist.all_gather(gathered, done)
+    items = torch.arange(count)
+    return torch.stack(gathered)[items % world, items // world]
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2 leaves parameters gathered after a forward that no backward follows (a validation pass):
     the root's, and every unit's that does not reshard after forward. Shards them all again, the

@@ -17,8 +17,9 @@ from torch import nn
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.reader import numpy_columns
 from latent_cache.spec import TEXT_COLUMNS
-from pipelines.quality import prior_retrieval, sampled_ranks, stage_a_reconstruction
+from pipelines.quality import Share, in_this_process, prior_retrieval, sampled_ranks, stage_a_reconstruction
 from pipelines.training.data import to_tensors
+from pipelines.training.parallel import spread_over_ranks
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
@@ -68,18 +69,20 @@ def probe_rows(cache, count: int, fraction: float, bucket: str | None = None) ->
 
 @torch.no_grad()
 def retrieval_figures(model: nn.Module, rows: list[tuple], probe: dict | None, captions: int, empty: torch.Tensor,
-                      steps: int, guidance: float, seed: int, text_encoder=None, space: str = "v2") -> dict[str, float]:
+                      steps: int, guidance: float, seed: int, text_encoder=None, space: str = "v2",
+                      share: Share = in_this_process) -> dict[str, float]:
     """`pipelines.quality.prior_retrieval` for `captions` held-out captions spread over `rows`
     (validation_inputs of the held-out rows, on the model's device) and the training captions of
     `probe` (a numpy batch of `probe_rows`, or None): what validation and evaluation report. `space`:
-    the prior's latent space (its samples are ranked among the cached latents after moving them back)."""
+    the prior's latent space (its samples are ranked among the cached latents after moving them back);
+    `share`: who samples which captions (the trainer spreads them over its ranks)."""
     held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
     device = held[0].device
     probe_inputs = None
     if probe is not None:
         _, probe_z, probe_text = next(validation_inputs([probe], device, text_encoder))
         probe_inputs = probe_z, probe_text
-    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed, space)
+    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed, space, share)
 
 
 def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], index: int) -> dict[str, float]:
@@ -180,7 +183,7 @@ class StageCTask(_Task):
         captions = [str(c) for c in probe["caption"]]
         _, z_c, text = next(validation_inputs([probe], self.device, self.text_encoder))
         _, sampled = sampled_ranks(model, text, list(range(count)), z_c, self.empty, v.retrieval_steps,
-                                   v.retrieval_guidance, v.seed, space=self.objective.latent_space)
+                                   v.retrieval_guidance, v.seed, space=self.objective.latent_space, share=spread_over_ranks)
         if self.picture_sampler is None:
             return None
         if self.reference_pictures is None:
@@ -212,10 +215,11 @@ class StageCTask(_Task):
         """Caption -> latent retrieval (see `pipelines.quality.prior_retrieval`) for
         validation.retrieval_captions held-out captions spread over `rows` (validation_inputs of the
         held-out rows) and the training captions of `train_probe`, with the validation's prior steps,
-        guidance and seed."""
+        guidance and seed: the captions spread over the ranks, each sampling its share."""
         v = self.validation
         figures = retrieval_figures(model, rows, self.train_probe, v.retrieval_captions, self.empty, v.retrieval_steps,
-                                    v.retrieval_guidance, v.seed, self.text_encoder, self.objective.latent_space)
+                                    v.retrieval_guidance, v.seed, self.text_encoder, self.objective.latent_space,
+                                    spread_over_ranks)
         figures.pop("chance_median_rank")
         return figures
 
