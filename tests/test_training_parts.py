@@ -453,6 +453,21 @@ def _retrieval(model, share=None, batch_size=64):
                          batch_size=batch_size, share=share or in_this_process)
 
 
+def _validation_figures(model, spread: bool = False) -> dict[str, float]:
+    """Stage C's validation loss and condition gap of 7 held-out rows in batches of 2 (the last of 1)."""
+    from pipelines.training.tasks import condition_gap, over_ranks
+    from stages.objectives import stage_c_validation_loss
+
+    gen = torch.Generator().manual_seed(6)
+    z_c, text = torch.randn(7, 16, 3, 3, generator=gen), torch.randn(7, 8, 32, generator=gen)
+    rows = [([f"row{j}" for j in range(i, min(i + 2, 7))], z_c[i:i + 2], text[i:i + 2]) for i in range(0, 7, 2)]
+
+    def loss(batches):
+        return stage_c_validation_loss(model, batches, (0.2, 0.7), seed=3)
+
+    return condition_gap(over_ranks(loss) if spread else loss, rows, 2)
+
+
 def _spread_retrieval_worker(rank: int, world: int, port: int, out: str) -> None:
     from pipelines.training.parallel import parallelize, spread_over_ranks
     from stages import StageC
@@ -467,15 +482,17 @@ def _spread_retrieval_worker(rank: int, world: int, port: int, out: str) -> None
         return spread_over_ranks(count, lambda indices: (worked.append(list(indices)), work(indices))[1])
 
     ranks, sampled = _retrieval(model, share, batch_size=1)  # a forward per caption
-    torch.save({"ranks": ranks, "sampled": sampled, "worked": worked, "training": model.training}, Path(out, f"rank{rank}.pt"))
+    figures = _validation_figures(model, spread=True)
+    torch.save({"ranks": ranks, "sampled": sampled, "worked": worked, "training": model.training, **figures},
+               Path(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_retrieval_sampling_spread_over_the_ranks_gives_the_figures_of_one_process(tmp_path):
-    """Three FSDP2 ranks share five captions (two, two and one, padded to two so that every rank
-    runs the same forwards, one caption at a time): each samples only its own, and every rank ends
-    with the same latents and ranks as one process sampling all five in one batch (each caption's
-    noise is its own)."""
+def test_validation_spread_over_the_ranks_gives_the_figures_of_one_process(tmp_path):
+    """Three FSDP2 ranks share five retrieval captions (two, two and one, padded to two so that every
+    rank runs the same forwards, one caption at a time): each samples only its own, and every rank
+    ends with the same latents and ranks as one process sampling all five in one batch (each
+    caption's noise is its own). So with the validation loss and condition gap of seven rows."""
     from stages import StageC
 
     mp.start_processes(_spread_retrieval_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, start_method="spawn",
@@ -485,8 +502,13 @@ def test_retrieval_sampling_spread_over_the_ranks_gives_the_figures_of_one_proce
     assert alone.training  # given back in its mode
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     assert [r["worked"] for r in results] == [[[0, 3]], [[1, 4]], [[2, 2]]]
+    figures = _validation_figures(alone)
+    assert figures["condition_gap"] != 0
     for r in results:
         assert r["training"] and torch.equal(r["ranks"], ranks)
+        # the rows split 3 / 3 / 1 over the ranks (in batches of 2: the last rank runs one batch again)
+        assert r["loss"] == pytest.approx(figures["loss"], rel=1e-6)
+        assert r["condition_gap"] == pytest.approx(figures["condition_gap"], rel=1e-4, abs=1e-7)
         assert (r["sampled"] - sampled).abs().max() <= 1e-5 * sampled.abs().max()
     assert sampled.abs().max() > 0 and len(set(sampled.flatten(1).sum(1).tolist())) == 5
 

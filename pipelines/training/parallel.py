@@ -91,6 +91,31 @@ def spread_over_ranks(count: int, work) -> torch.Tensor:
     return torch.stack(gathered)[items % world, items // world]
 
 
+def mean_over_ranks(rows: list[tuple], loss) -> float:
+    """loss(batches) -- a mean over the rows of `batches` (tuples of (keys, tensors...) per batch, like
+    `rows`) -- of all `rows`, computed with the rows spread over the ranks: each rank takes one
+    contiguous world-th of them, in batches of the rows' batch size, and the means are combined by
+    their row counts. Every rank must call it with the same rows; each runs the same number of
+    batches (a short share runs its first batch again and drops it), which FSDP2 needs. Without a
+    process group, loss(all rows)."""
+    count = sum(len(batch[0]) for batch in rows)
+    if not is_distributed() or dist.get_world_size() == 1 or count == 0:
+        return loss(iter(rows))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    size, each = max(len(batch[0]) for batch in rows), -(-count // world)
+    keys = [k for batch in rows for k in batch[0]]
+    columns = [torch.cat([batch[i] for batch in rows]) for i in range(1, len(rows[0]))]
+    start, stop = min(rank * each, count), min((rank + 1) * each, count)
+    mine = [(keys[i:min(i + size, stop)], *(c[i:min(i + size, stop)] for c in columns)) for i in range(start, stop, size)]
+    value = loss(iter(mine)) if mine else 0.0
+    padding = -(-each // size) - len(mine)
+    if padding:
+        loss(iter(rows[:1] * padding))  # dropped: only so that this rank runs the forwards the others do
+    total = torch.tensor([value * (stop - start), stop - start], dtype=torch.float64, device=columns[0].device)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2 leaves parameters gathered after a forward that no backward follows (a validation pass):
     the root's, and every unit's that does not reshard after forward. Shards them all again, the

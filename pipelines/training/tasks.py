@@ -19,7 +19,7 @@ from latent_cache.reader import numpy_columns
 from latent_cache.spec import TEXT_COLUMNS
 from pipelines.quality import Share, in_this_process, prior_retrieval, sampled_ranks, stage_a_reconstruction
 from pipelines.training.data import to_tensors
-from pipelines.training.parallel import spread_over_ranks
+from pipelines.training.parallel import mean_over_ranks, spread_over_ranks
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
@@ -97,6 +97,12 @@ def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], i
     others = torch.cat([row[index] for row in rows]).roll(-1, dims=0).split(sizes)
     shifted = (row[:index] + (other,) + row[index + 1:] for row, other in zip(rows, others))
     return {"loss": own, "condition_gap": loss(shifted) - own}
+
+
+def over_ranks(loss: Callable[[Iterator[tuple]], float]) -> Callable[[Iterator[tuple]], float]:
+    """`loss` (a mean over the rows of the batches it is given) with the rows spread over the ranks,
+    each computing its share (see `parallel.mean_over_ranks`): the same figure, a world-th of the work."""
+    return lambda batches: mean_over_ranks(list(batches), loss)
 
 
 def _rank() -> int:
@@ -202,12 +208,13 @@ class StageCTask(_Task):
         stage_c_validation_loss), whether the prior uses its text ("condition_gap": the same loss with
         each row given the next row's text, minus it; see `condition_gap`) and, with
         validation.retrieval_captions, the caption -> latent retrieval figures (see `retrieval`). The
-        loss also falls for a prior that ignores its text; the gap and retrieval do not."""
+        loss also falls for a prior that ignores its text; the gap and retrieval do not. The rows and
+        the captions are spread over the ranks (each computes its share; the figures are the same)."""
         v = self.validation
         batches = list(batches)
         rows = list(validation_inputs(batches, self.device, self.text_encoder))
-        figures = condition_gap(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting,
-                                                                          self.objective.latent_space), rows, 2)
+        figures = condition_gap(over_ranks(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting,
+                                                                                     self.objective.latent_space)), rows, 2)
         return {**figures, **self.retrieval(model, rows)} if v.retrieval_captions else figures
 
     @torch.no_grad()
@@ -254,11 +261,12 @@ class StageBTask(_Task):
     def validation_loss(self, model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         """The fixed-grid loss ("loss") and whether the decoder uses its semantic condition
         ("condition_gap", see `condition_gap`: each row given the next held-out row's semantic latent,
-        or compressor input, instead of its own)."""
+        or compressor input, instead of its own), with the rows spread over the ranks."""
         v = self.validation
         rows = [(b["key"], b[STAGE_A_LATENTS], self.condition(b), b[DECODER_TEXT])
                 for b in (to_tensors(raw, self.device) for raw in batches)]
-        return condition_gap(lambda it: stage_b_validation_loss(model, it, v.t_grid, v.seed, self.objective), rows, 2)
+        return condition_gap(over_ranks(lambda it: stage_b_validation_loss(model, it, v.t_grid, v.seed, self.objective)),
+                             rows, 2)
 
 
 @dataclasses.dataclass
