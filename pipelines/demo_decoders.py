@@ -174,7 +174,7 @@ def save_grid(images, path: Path, columns: int) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from pipelines.pyfunc_models import to_uint8_images
+    from pipelines.pictures import to_uint8_images
 
     Image.fromarray(to_uint8_images(make_grid(images, nrow=columns, padding=2, pad_value=1.0)[None])[0]).save(path)
 

@@ -1,7 +1,8 @@
 """Pictures a person looks at, rather than figures: generated images beside the real ones, with captions.
 
-Used by the demo (runs/demo/samples.png) and by Stage C's validation during training (a sample grid
-in MLflow at every validation, when the run has decoders)."""
+Used by the demo (runs/demo/samples.png), by the registered decoders' images and by Stage C's
+validation during training (a sample grid in MLflow at every validation, when the run has decoders;
+importing this module does not import MLflow on the workers)."""
 
 import textwrap
 
@@ -9,6 +10,13 @@ import numpy as np
 
 CELL = 96  # px a side for each picture in a grid
 CAPTION_LINES = 2
+
+
+def to_uint8_images(images) -> np.ndarray:
+    """(N, 3, H, W) tensor in [0, 1] -> uint8 (N, H, W, 3)."""
+    import torch
+
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def captioned_grid(captions: list[str], columns: list[np.ndarray], headers: list[str] | None = None,

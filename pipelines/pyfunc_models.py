@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object
 
 from latent_cache.spec import EncoderWeights
+from pipelines.pictures import to_uint8_images
 from stages import StageA, StageB
 from stages.latents import stage_c_latent_size
 from stages.sampler import DECODER_GUIDANCE, DECODER_STEPS, PRIOR_GUIDANCE, WuerstchenSampler
@@ -119,11 +120,6 @@ def prompts_of(model_input) -> list[str]:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # -- the models -----------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class StageCTask(_Task):
 
     @torch.no_grad()
     def _decode(self, semantic: torch.Tensor, captions: list[str]) -> np.ndarray:
-        from pipelines.pyfunc_models import to_uint8_images
+        from pipelines.pictures import to_uint8_images
 
         sampler = self.picture_sampler
         z_b = sampler.sample_stage_b(semantic, captions, generator=self.validation.seed, progress=False)
