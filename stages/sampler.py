@@ -70,8 +70,10 @@ def _randn(shape, generator: torch.Generator | list[torch.Generator] | None, dev
     if isinstance(generator, list):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} samples: give one per sample")
-        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator]) if generator else \
-            torch.empty(shape, device=device, dtype=dtype)
+        if not generator:
+            return torch.empty(shape, device=device, dtype=dtype)
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat([d.to(draws[0].device) for d in draws]).to(device)  # one copy to the device, not one a sample
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
