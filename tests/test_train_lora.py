@@ -133,3 +133,54 @@ def test_a_lora_fine_tune_recovers_keeps_its_base_registers_pinned_to_it_and_res
     assert [s for s, _ in metric_history(uri, run_id, "loss")] == list(range(1, 10))
     tags = client.get_run(run_id).data.tags
     assert tags["resume.step_6.weights_sha256"] == state_digest(lora.model_keys(trained))  # the adapter it resumed from
+
+
+def _register_adapter(cache: str, uri: str, folder: Path, name: str, base: str, seed: int) -> tuple[str, dict]:
+    """A seeded random rank-2 adapter on the registered `base` (models:/NAME/VERSION), registered as a
+    version of `name` through a checkpoint folder written as a LoRA run writes one; (its version, the
+    adapter under the file's names)."""
+    spec = lora.LoraSpec(rank=2)
+    adapted = lora.add_lora(StageC.from_flavor("tiny"), spec)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for key, p in adapted.named_parameters():
+            if lora.is_adapter_key(key):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    cfg = train_config(cache, str(folder.parent), uri, folder.name, **{"model.init": base, "model.lora.rank": 2})
+    sha = state_digest(registry.load_stage_c(base, uri).state_dict())
+    state = {"step": 0, "data_position": {}, "mlflow_run_id": None, "cache_fingerprints": Cache(cache).fingerprints(),
+             "config": dataclasses.asdict(cfg), "validation": {},
+             "lora_base": {"init": base, "sha256": sha, "version": base}}
+    ckpt_io.write(folder, adapted.config, None, adapted.state_dict(), None, state, lora_spec=spec)
+    return register_stage_c(uri, name, checkpoint=str(folder))["version"], lora.adapter_state(adapted.state_dict())
+
+
+def test_an_adapter_on_a_lora_version_loads_serves_and_exports_as_the_whole_chain_merged(tiny_cache, mlflow_server,
+                                                                                         tmp_path):
+    """A fine-tune of a champion that is itself a LoRA version (the retraining workflow's second LoRA
+    round): the new version pins the LoRA version it was trained on, and loading, serving and
+    exporting it merge the whole chain: the base with both adapters."""
+    uri, name = mlflow_server, "lora-chain"
+    first = _register_base(tiny_cache, uri, tmp_path / "base", seed=6)
+    v1, a1 = _register_adapter(tiny_cache, uri, tmp_path / "adapter-1", name, f"models:/{BASE}/{first}", seed=7)
+    v2, a2 = _register_adapter(tiny_cache, uri, tmp_path / "adapter-2", name, f"models:/{name}/{v1}", seed=8)
+    assert registry.model_config_of(f"models:/{name}/{v2}")["lora_base"] == f"models:/{name}/{v1}"
+    spec = lora.LoraSpec(rank=2)
+    base = registry.load_stage_c(f"models:/{BASE}/{first}", uri)
+    chain = lora.merge_into(lora.merge_into(base, a1, spec), a2, spec)
+    loaded = registry.load_stage_c(f"models:/{name}/{v2}", uri)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), chain.state_dict().values()))
+    one_adapter = lora.merge_into(registry.load_stage_c(f"models:/{BASE}/{first}", uri), a2, spec)
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), one_adapter.state_dict().values()))
+
+    from pipelines.pyfunc_models import TextEncoderRef
+    from stages.sampler import WuerstchenSampler
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{v2}").predict(["a red apple"], params={"steps": 3, "seed": 7})
+    text = TextEncoderRef.from_dict(registry.model_config_of(f"models:/{name}/{v2}")["text_encoder"]).load()
+    ours = WuerstchenSampler(chain.eval(), text)(["a red apple"], height=128, width=128, prior_steps=3, generator=7,
+                                                 output="semantic", progress=False)
+    torch.testing.assert_close(torch.as_tensor(served), ours, rtol=1e-5, atol=1e-5)
+    out = export(f"models:/{name}/{v2}", tmp_path / "merged", uri)
+    assert all(torch.equal(a, b) for a, b in zip(StageC.from_pretrained(out / "prior").state_dict().values(),
+                                                 chain.state_dict().values()))
