@@ -263,8 +263,7 @@ def consume(uri: str, cache_url: str, out_dir: Path, model_uri: str, pictures: i
     from PIL import Image
 
     from latent_cache.reader import Cache, is_validation, tensor_column
-    from pipelines.pictures import captioned_grid
-    from pipelines.pictures import to_uint8_images
+    from pipelines.pictures import captioned_grid, to_uint8_images
     from pipelines.quality import own_image_ranks, own_latent_ranks, rank_figures, split_rank_figures
     from stages.latents import semantic_to_stage_c
 
