@@ -14,7 +14,7 @@ Used by the trainers' validation, by the demo decoders' build, by the demo's con
 benchmarks."""
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -259,27 +259,19 @@ def caption_generators(seed: int, indices: Iterable[int]) -> list[torch.Generato
     return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:caption:{i}".encode())) for i in indices]
 
 
-# How sampled_ranks' work is shared out: share(count, work) -> work's (count, ...) tensor for the items
-# 0..count-1, work(indices) computing it for a list of them. The trainer's spreads them over its ranks
-# (pipelines.training.parallel.spread_over_ranks); this one does them all here.
-Share = Callable[[int, Callable[[list[int]], torch.Tensor]], torch.Tensor]
-
-
-def in_this_process(count: int, work: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    return work(list(range(count)))
-
-
 @torch.no_grad()
 def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch.Tensor, empty: torch.Tensor,
                   steps: int | None, guidance: float, seed: int, batch_size: int = 64,
-                  space: str = "v2", share: Share = in_this_process) -> tuple[torch.Tensor, torch.Tensor]:
+                  space: str = "v2") -> tuple[torch.Tensor, torch.Tensor]:
     """A latent z_C sampled from each text (K, L, c) (seeded per caption, see `caption_generators`;
     CFG against `empty`, the encoded "" prompt (1, L, c)) at the candidates' shape, and the rank of its
     own latent candidates[own[i]] among all of them (see `own_latent_ranks`): (ranks (K,), sampled
     (K, 16, h, w)). The candidates are cached z_C (the v2 space); the prior samples in its latent
     space `space`, and its samples are moved back to the candidates' before ranking. `stage_c` may be
-    wrapped for data parallelism; it is sampled in eval mode and given back in its mode. `share`: who
-    samples which captions (see `Share`); the figures are the same whoever does."""
+    wrapped for data parallelism; it is sampled in eval mode and given back in its mode. Under a
+    process group (the trainer's validation), each rank samples a share of the captions
+    (`parallel.spread_over_ranks`); the figures are the same whoever samples which."""
+    from pipelines.training import parallel
     from stages.diffusion import uses_guidance
     from stages.latents import latent_space
 
@@ -297,7 +289,7 @@ def sampled_ranks(stage_c, text: torch.Tensor, own: list[int], candidates: torch
     was_training = stage_c.training
     stage_c.eval()
     try:
-        sampled = share(len(text), sample)
+        sampled = parallel.spread_over_ranks(len(text), sample)
     finally:
         stage_c.train(was_training)
     sampled = latent_space(space).to_v2(sampled)
@@ -325,7 +317,7 @@ def caption_retrieval(sampler: WuerstchenSampler, captions: list[str], cached: t
 
 def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe: tuple[torch.Tensor, torch.Tensor] | None,
                     captions: int, empty: torch.Tensor, steps: int, guidance: float, seed: int,
-                    space: str = "v2", share: Share = in_this_process) -> dict[str, float]:
+                    space: str = "v2") -> dict[str, float]:
     """Caption -> latent retrieval from text conditioning already encoded (cached embeddings, or
     tokens encoded by the caller), as training validation and `evaluate` measure it:
     held_out = (z_C (N, 16, h, w), text (N, L, c)) of the held-out rows, probe = the same of a few
@@ -334,7 +326,7 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
     latents and the probe's: retrieval_* for the held-out captions (does the prior generalise),
     train_retrieval_* for the training ones (has it learned its captions), each _top1, _top10 and
     _median_rank, and chance_median_rank ((N + 1) / 2 of those N candidates). `space`: the prior's
-    latent space, `share` who samples which captions (see `sampled_ranks`)."""
+    latent space (see `sampled_ranks`)."""
     import numpy as np
 
     held_z, held_text = held_out
@@ -346,7 +338,7 @@ def prior_retrieval(stage_c, held_out: tuple[torch.Tensor, torch.Tensor], probe:
         candidates = torch.cat([held_z, probe_z])
     figures = {"chance_median_rank": (len(candidates) + 1) / 2}
     for name, (text, own) in sets.items():
-        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed, space=space, share=share)
+        ranks, _ = sampled_ranks(stage_c, text, own, candidates, empty, steps, guidance, seed, space=space)
         found = rank_figures(ranks, len(candidates))
         figures.update({f"{name}_{k}": found[k] for k in ("top1", f"top{TOP_K}", "median_rank")})
     return figures

@@ -72,8 +72,8 @@ def _randn(shape, generator: torch.Generator | list[torch.Generator] | None, dev
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} samples: give one per sample")
         if not generator:
             return torch.empty(shape, device=device, dtype=dtype)
-        draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat([d.to(draws[0].device) for d in draws]).to(device)  # one copy to the device, not one a sample
+        # drawn on the generators' device, then copied to `device` once, not once a sample
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 

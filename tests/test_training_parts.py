@@ -445,17 +445,17 @@ def _retrieval_inputs():
     return text, torch.randn(9, 16, 3, 3, generator=gen), empty  # 5 captions, their own latents among 9
 
 
-def _retrieval(model, share=None, batch_size=64):
-    from pipelines.quality import in_this_process, sampled_ranks
+def _retrieval(model, batch_size=64):
+    from pipelines.quality import sampled_ranks
 
     text, candidates, empty = _retrieval_inputs()
     return sampled_ranks(model, text, [4, 3, 2, 1, 0], candidates, empty, steps=2, guidance=3.0, seed=5,
-                         batch_size=batch_size, share=share or in_this_process)
+                         batch_size=batch_size)
 
 
-def _validation_figures(model, spread: bool = False) -> dict[str, float]:
+def _validation_figures(model) -> dict[str, float]:
     """Stage C's validation loss and condition gap of 7 held-out rows in batches of 2 (the last of 1)."""
-    from pipelines.training.tasks import condition_gap, over_ranks
+    from pipelines.training.tasks import condition_gap
     from stages.objectives import stage_c_validation_loss
 
     gen = torch.Generator().manual_seed(6)
@@ -465,24 +465,27 @@ def _validation_figures(model, spread: bool = False) -> dict[str, float]:
     def loss(batches):
         return stage_c_validation_loss(model, batches, (0.2, 0.7), seed=3)
 
-    return condition_gap(over_ranks(loss) if spread else loss, rows, 2)
+    return condition_gap(loss, rows, 2)  # spread over the ranks under a process group
 
 
 def _spread_retrieval_worker(rank: int, world: int, port: int, out: str) -> None:
-    from pipelines.training.parallel import parallelize, spread_over_ranks
+    from pipelines.training import parallel
+    from pipelines.training.parallel import parallelize
     from stages import StageC
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = randomize_(StageC.from_flavor("tiny"), seed=1, std=0.1)
     # every unit gathers its parameters at each forward: a rank running fewer forwards would hang the rest
     model = parallelize(model, "fsdp2", torch.device("cpu"), reshard_after_forward=True)
-    worked = []
+    worked, spread = [], parallel.spread_over_ranks
 
-    def share(count, work):
-        return spread_over_ranks(count, lambda indices: (worked.append(list(indices)), work(indices))[1])
+    def recording(count, work):  # which captions this rank samples
+        return spread(count, lambda indices: (worked.append(list(indices)), work(indices))[1])
 
-    ranks, sampled = _retrieval(model, share, batch_size=1)  # a forward per caption
-    figures = _validation_figures(model, spread=True)
+    parallel.spread_over_ranks = recording
+    ranks, sampled = _retrieval(model, batch_size=1)  # a forward per caption
+    parallel.spread_over_ranks = spread
+    figures = _validation_figures(model)
     torch.save({"ranks": ranks, "sampled": sampled, "worked": worked, "training": model.training, **figures},
                Path(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

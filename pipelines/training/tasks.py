@@ -17,9 +17,9 @@ from torch import nn
 from pipelines.training.config import EncodersConfig, ModelConfig, ValidationConfig
 from latent_cache.reader import numpy_columns
 from latent_cache.spec import TEXT_COLUMNS
-from pipelines.quality import Share, in_this_process, prior_retrieval, sampled_ranks, stage_a_reconstruction
+from pipelines.quality import prior_retrieval, sampled_ranks, stage_a_reconstruction
 from pipelines.training.data import to_tensors
-from pipelines.training.parallel import mean_over_ranks, spread_over_ranks
+from pipelines.training.parallel import mean_over_ranks
 from stages.latents import stage_c_to_semantic
 from stages.objectives import (StageAObjective, StageBObjective, StageCObjective, stage_a_loss, stage_b_loss,
                                stage_b_validation_loss, stage_c_loss, stage_c_validation_loss)
@@ -69,40 +69,34 @@ def probe_rows(cache, count: int, fraction: float, bucket: str | None = None) ->
 
 @torch.no_grad()
 def retrieval_figures(model: nn.Module, rows: list[tuple], probe: dict | None, captions: int, empty: torch.Tensor,
-                      steps: int, guidance: float, seed: int, text_encoder=None, space: str = "v2",
-                      share: Share = in_this_process) -> dict[str, float]:
+                      steps: int, guidance: float, seed: int, text_encoder=None, space: str = "v2") -> dict[str, float]:
     """`pipelines.quality.prior_retrieval` for `captions` held-out captions spread over `rows`
     (validation_inputs of the held-out rows, on the model's device) and the training captions of
     `probe` (a numpy batch of `probe_rows`, or None): what validation and evaluation report. `space`:
-    the prior's latent space (its samples are ranked among the cached latents after moving them back);
-    `share`: who samples which captions (the trainer spreads them over its ranks)."""
+    the prior's latent space (its samples are ranked among the cached latents after moving them back)."""
     held = torch.cat([z for _, z, _ in rows]), torch.cat([t for *_, t in rows])
     device = held[0].device
     probe_inputs = None
     if probe is not None:
         _, probe_z, probe_text = next(validation_inputs([probe], device, text_encoder))
         probe_inputs = probe_z, probe_text
-    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed, space, share)
+    return prior_retrieval(model, held, probe_inputs, captions, empty, steps, guidance, seed, space)
 
 
 def condition_gap(loss: Callable[[Iterator[tuple]], float], rows: list[tuple], index: int) -> dict[str, float]:
     """Whether a model uses a condition: loss(rows) ("loss"), and the same fixed-noise loss with
     element `index` of each row tuple (the condition) taken from the next row, over all rows, minus
     it ("condition_gap"). About zero while the model ignores the condition (a falling loss alone does
-    not show that it uses it); positive once the condition tells it what to predict."""
-    own = loss(iter(rows))
+    not show that it uses it); positive once the condition tells it what to predict. `loss` is a mean
+    over the rows it is given; under a process group each rank computes it on a share of the rows
+    (`parallel.mean_over_ranks`), the shifted rows being made over all of them first."""
+    own = mean_over_ranks(rows, loss)
     if sum(len(row[0]) for row in rows) < 2:
         return {"loss": own}
     sizes = [len(row[index]) for row in rows]
     others = torch.cat([row[index] for row in rows]).roll(-1, dims=0).split(sizes)
-    shifted = (row[:index] + (other,) + row[index + 1:] for row, other in zip(rows, others))
-    return {"loss": own, "condition_gap": loss(shifted) - own}
-
-
-def over_ranks(loss: Callable[[Iterator[tuple]], float]) -> Callable[[Iterator[tuple]], float]:
-    """`loss` (a mean over the rows of the batches it is given) with the rows spread over the ranks,
-    each computing its share (see `parallel.mean_over_ranks`): the same figure, a world-th of the work."""
-    return lambda batches: mean_over_ranks(list(batches), loss)
+    shifted = [row[:index] + (other,) + row[index + 1:] for row, other in zip(rows, others)]
+    return {"loss": own, "condition_gap": mean_over_ranks(shifted, loss) - own}
 
 
 def _rank() -> int:
@@ -189,7 +183,7 @@ class StageCTask(_Task):
         captions = [str(c) for c in probe["caption"]]
         _, z_c, text = next(validation_inputs([probe], self.device, self.text_encoder))
         _, sampled = sampled_ranks(model, text, list(range(count)), z_c, self.empty, v.retrieval_steps,
-                                   v.retrieval_guidance, v.seed, space=self.objective.latent_space, share=spread_over_ranks)
+                                   v.retrieval_guidance, v.seed, space=self.objective.latent_space)
         if self.picture_sampler is None:
             return None
         if self.reference_pictures is None:
@@ -213,8 +207,8 @@ class StageCTask(_Task):
         v = self.validation
         batches = list(batches)
         rows = list(validation_inputs(batches, self.device, self.text_encoder))
-        figures = condition_gap(over_ranks(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting,
-                                                                                     self.objective.latent_space)), rows, 2)
+        figures = condition_gap(lambda it: stage_c_validation_loss(model, it, v.t_grid, v.seed, self.objective.p2_weighting,
+                                                                          self.objective.latent_space), rows, 2)
         return {**figures, **self.retrieval(model, rows)} if v.retrieval_captions else figures
 
     @torch.no_grad()
@@ -225,8 +219,7 @@ class StageCTask(_Task):
         guidance and seed: the captions spread over the ranks, each sampling its share."""
         v = self.validation
         figures = retrieval_figures(model, rows, self.train_probe, v.retrieval_captions, self.empty, v.retrieval_steps,
-                                    v.retrieval_guidance, v.seed, self.text_encoder, self.objective.latent_space,
-                                    spread_over_ranks)
+                                    v.retrieval_guidance, v.seed, self.text_encoder, self.objective.latent_space)
         figures.pop("chance_median_rank")
         return figures
 
@@ -265,8 +258,7 @@ class StageBTask(_Task):
         v = self.validation
         rows = [(b["key"], b[STAGE_A_LATENTS], self.condition(b), b[DECODER_TEXT])
                 for b in (to_tensors(raw, self.device) for raw in batches)]
-        return condition_gap(over_ranks(lambda it: stage_b_validation_loss(model, it, v.t_grid, v.seed, self.objective)),
-                             rows, 2)
+        return condition_gap(lambda it: stage_b_validation_loss(model, it, v.t_grid, v.seed, self.objective), rows, 2)
 
 
 @dataclasses.dataclass
